@@ -1,0 +1,1 @@
+"""Actuator side: the interface the edge loop drives and its implementations."""

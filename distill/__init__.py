@@ -1,0 +1,1 @@
+"""Distillation, ONNX export, quantization and engine build for the edge."""

@@ -1,0 +1,87 @@
+"""Frames and frame sources: what cameras hand to the run loop.
+
+A source is opened from a URI (``csi://0``, ``/dev/video0``, ``v4l2://0``, a video
+file, a folder of images, ``synthetic://...``). Schemes are looked up in a
+registry, so tiers that must not be imported here (the synthetic renderer lives
+in ``cloud_train``) register their own source at start-up.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from types import TracebackType
+
+import numpy as np
+
+from roadshield.errors import CameraError
+
+
+@dataclass(frozen=True)
+class SignTruth:
+    """Ground truth a synthetic frame carries: where the sign is and what it is.
+
+    box: (x0, y0, x1, y1) in pixels, x1/y1 exclusive.
+    """
+
+    class_name: str
+    box: tuple[int, int, int, int]
+    stickered: bool = False
+
+
+@dataclass
+class Frame:
+    """One camera frame.
+
+    image: H x W x 3 uint8, BGR (OpenCV's order).
+    index: 0-based position in the stream.
+    timestamp: seconds since the source opened.
+    truth: known sign, for synthetic sources only.
+    """
+
+    image: np.ndarray
+    index: int
+    timestamp: float
+    truth: SignTruth | None = None
+
+
+class FrameSource(abc.ABC):
+    """An iterable of frames that must be closed; a context manager."""
+
+    uri: str = ""
+
+    @abc.abstractmethod
+    def __iter__(self) -> Iterator[Frame]: ...
+
+    def close(self) -> None:
+        """Release the device or file; the default holds nothing."""
+
+    def __enter__(self) -> FrameSource:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+SourceFactory = Callable[[str], FrameSource]
+_SOURCES: dict[str, SourceFactory] = {}
+
+
+def register_source(scheme: str, factory: SourceFactory) -> None:
+    """Make ``scheme://...`` URIs open through ``factory(uri)``."""
+    _SOURCES[scheme] = factory
+
+
+def registered_schemes() -> list[str]:
+    return sorted(_SOURCES)
+
+
+def source_factory(scheme: str) -> SourceFactory:
+    try:
+        return _SOURCES[scheme]
+    except KeyError:
+        known = ", ".join(f"{s}://" for s in registered_schemes()) or "none"
+        raise CameraError(f"no camera source handles '{scheme}://'",
+                          f"use one of: {known}, /dev/videoN, a video file or a folder") from None

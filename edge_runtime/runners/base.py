@@ -1,0 +1,85 @@
+"""The one runner contract every inference backend follows.
+
+Modelled on Polygraphy's ``BaseRunner``: ``activate`` loads the model and
+allocates what inference needs, ``infer`` maps input names to arrays and back,
+``deactivate`` releases everything. A runner is a context manager and refuses
+to infer while inactive, so a test harness can drive every backend the same way.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from types import TracebackType
+
+import numpy as np
+
+from roadshield.errors import RoadshieldError
+
+log = logging.getLogger(__name__)
+
+
+class RunnerStateError(RoadshieldError):
+    """A runner was used while inactive, or activated twice."""
+
+
+class BaseRunner(abc.ABC):
+    """Backend-independent inference: ``dict[str, ndarray] -> dict[str, ndarray]``."""
+
+    #: short backend name as it appears in logs and summaries, e.g. ``"onnxruntime:CPU"``
+    name: str = "base"
+
+    def __init__(self) -> None:
+        self._active = False
+
+    @property
+    def is_active(self) -> bool:
+        return self._active
+
+    def activate(self) -> None:
+        if self._active:
+            raise RunnerStateError(f"runner {self.name} is already active",
+                                   "call deactivate() before activating it again")
+        self.activate_impl()
+        self._active = True
+
+    def deactivate(self) -> None:
+        if not self._active:
+            return
+        try:
+            self.deactivate_impl()
+        finally:
+            self._active = False
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self._active:
+            raise RunnerStateError(f"runner {self.name} is not active",
+                                   "use it as a context manager or call activate() first")
+        return self.infer_impl(feed)
+
+    @property
+    @abc.abstractmethod
+    def input_names(self) -> list[str]:
+        """Names of the model's inputs (valid once active)."""
+
+    @property
+    @abc.abstractmethod
+    def output_names(self) -> list[str]:
+        """Names of the model's outputs (valid once active)."""
+
+    @abc.abstractmethod
+    def activate_impl(self) -> None: ...
+
+    @abc.abstractmethod
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    @abc.abstractmethod
+    def deactivate_impl(self) -> None: ...
+
+    def __enter__(self) -> BaseRunner:
+        self.activate()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.deactivate()

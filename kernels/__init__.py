@@ -1,0 +1,1 @@
+"""CUDA sanitization and preprocessing kernels with their NumPy references."""
