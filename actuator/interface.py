@@ -61,7 +61,7 @@ class Actuator(abc.ABC):
     def safe_stop(self, reason: str) -> None:
         """Bring the vehicle to its safe state: brake on, steering neutral."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release the link; the default holds nothing."""
 
     def __enter__(self) -> Actuator:
@@ -96,5 +96,5 @@ class RecordingActuator(Actuator):
         self.commands.append(RecordedCommand(
             time.monotonic(), ActuatorCommand(0.0, 1.0, 0.0, 1000, f"safe stop: {reason}")))
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         self.closed = True

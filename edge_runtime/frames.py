@@ -54,7 +54,7 @@ class FrameSource(abc.ABC):
     @abc.abstractmethod
     def __iter__(self) -> Iterator[Frame]: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, not abstract
         """Release the device or file; the default holds nothing."""
 
     def __enter__(self) -> FrameSource:

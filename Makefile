@@ -1,0 +1,33 @@
+# Two commands do the whole set-up on a fresh machine:
+#   make demo   - builds .venv on first use, then runs the whole chain on the CPU
+#   make test   - builds .venv on first use, then runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# pinned so every machine trains with the same kernels; override for another platform,
+# e.g. make TORCH_SPEC="torch torchvision --index-url <your CPU wheel index>"
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench lint clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[cpu,cloud,dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/roadshield demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(PY) scripts/bench_edge.py
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

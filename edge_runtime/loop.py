@@ -1,0 +1,425 @@
+"""The edge run loop: camera -> locator -> classifier -> policy -> actuator.
+
+Every part arrives through the constructor, so the same loop runs a Jetson CSI camera with
+TensorRT and a serial actuator, or a list of drawn frames with a fake runner in a test.
+``build_loop`` wires the defaults by name. Per frame it times each stage, logs every
+decision as one JSON line (append-only), and, when frames carry ground truth, scores the
+locator, the classifier and the actions taken per sign encounter. Any error, and Ctrl-C,
+first puts the actuator into its safe state, then propagates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import numpy as np
+
+from actuator.interface import Actuator, ActuatorCommand
+from roadshield.errors import ConfigError, RoadshieldError
+
+from .annotate import annotate
+from .frames import Frame, FrameSource
+from .locate import Candidate, box_iou
+from .policy import Decision, Observation, Policy, Prediction
+from .runners.base import BaseRunner
+
+log = logging.getLogger(__name__)
+
+#: (frame_bgr H x W x 3 uint8 BGR, boxes, size) -> float32 (N, 3, size, size) RGB in [0, 1]
+Preprocess = Callable[[np.ndarray, list[tuple[int, int, int, int]], int], np.ndarray]
+Locator = Callable[[np.ndarray], list[Candidate]]
+STAGES = ("read", "locate", "preprocess", "infer", "decide", "actuate", "annotate", "frame")
+
+
+class FrameWriter(Protocol):
+    def write(self, frame_bgr: np.ndarray) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (N, C) logits, float32, stable for large values."""
+    z = logits.astype(np.float32) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _stats(samples: list[float]) -> dict[str, float]:
+    arr = np.asarray(samples, dtype=np.float64)
+    return {"count": int(arr.size), "median_ms": round(float(np.median(arr)), 4),
+            "p95_ms": round(float(np.percentile(arr, 95)), 4),
+            "mean_ms": round(float(arr.mean()), 4)}
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+class TruthScorer:
+    """Scores a run against the ground truth that synthetic frames carry.
+
+    Locator recall: a candidate overlaps the truth box with IoU >= ``iou``. Accuracy: the
+    prediction for that candidate names the truth class (only when it was classified),
+    split clean vs stickered. Encounter: consecutive frames showing the same truth class;
+    it ended with the right action when the policy sent a command whose voted class has
+    the truth class's rule (stop sign -> a full-brake command), or, for a class whose rule
+    changes nothing, when no command was sent.
+    """
+
+    def __init__(self, rule_for: Callable[[str], Any] | None, iou: float = 0.5) -> None:
+        self.rule_for = rule_for
+        self.iou = iou
+        self.counts = {"frames_with_truth": 0, "located": 0, "frames_without_truth": 0,
+                       "false_detection_frames": 0}
+        self.split = {k: {"classified": 0, "correct": 0} for k in ("clean", "stickered")}
+        self._done: list[dict[str, Any]] = []
+        self._open: dict[str, Any] | None = None
+
+    def add(self, frame: Frame, candidates: Sequence[Candidate],
+            predictions: Sequence[Prediction], decision: Decision) -> None:
+        truth = frame.truth
+        if self._open is not None and (truth is None
+                                       or truth.class_name != self._open["class_name"]):
+            self._close()
+        if truth is None:
+            self.counts["frames_without_truth"] += 1
+            self.counts["false_detection_frames"] += bool(candidates)
+            return
+        self.counts["frames_with_truth"] += 1
+        hits = [i for i, c in enumerate(candidates) if box_iou(c.box, truth.box) >= self.iou]
+        if hits:
+            self.counts["located"] += 1
+            if hits[0] < len(predictions):
+                part = self.split["stickered" if truth.stickered else "clean"]
+                part["classified"] += 1
+                part["correct"] += predictions[hits[0]].class_name == truth.class_name
+        if self._open is None:
+            self._open = {"class_name": truth.class_name, "stickered": truth.stickered,
+                          "first_frame": frame.index, "last_frame": frame.index, "frames": 0,
+                          "commands": []}
+        enc = self._open
+        enc["last_frame"] = frame.index
+        enc["frames"] += 1
+        enc["stickered"] = enc["stickered"] or truth.stickered
+        if decision.command is not None:
+            enc["commands"].append({"action": decision.action, "class_name": decision.class_name,
+                                    "speed_cap_kmh": decision.command.speed_cap_kmh,
+                                    "brake": decision.command.brake})
+
+    def _close(self) -> None:
+        enc, self._open = self._open, None
+        if enc is None or self.rule_for is None:
+            return
+        want = self.rule_for(enc["class_name"])
+        enc["expected"] = want.action
+        if want.action == "keep":
+            enc["right"] = not enc["commands"]
+        else:
+            enc["right"] = any(c["class_name"] is not None
+                               and self.rule_for(c["class_name"]) == want
+                               for c in enc["commands"])
+        self._done.append(enc)
+
+    def encounters(self) -> list[dict[str, Any]]:
+        self._close()
+        return list(self._done)
+
+    def summary(self) -> dict[str, Any] | None:
+        if self.counts["frames_with_truth"] == 0:
+            return None
+        encs = self.encounters()
+        classified = sum(p["classified"] for p in self.split.values())
+        correct = sum(p["correct"] for p in self.split.values())
+        out: dict[str, Any] = dict(self.counts)
+        out["locator_recall"] = _ratio(self.counts["located"], self.counts["frames_with_truth"])
+        out.update(classified=classified, correct=correct, accuracy=_ratio(correct, classified))
+        for key, part in self.split.items():
+            out[key] = {**part, "accuracy": _ratio(part["correct"], part["classified"])}
+        right = sum(bool(e.get("right")) for e in encs)
+        out.update(encounters=len(encs), encounters_right=right,
+                   encounter_accuracy=_ratio(right, len(encs)))
+        return out
+
+
+@dataclass
+class LoopReport:
+    """What one ``EdgeLoop.run`` did; ``to_dict()`` is the run's summary.json."""
+
+    frames: int = 0
+    frames_with_detection: int = 0
+    decisions: int = 0  # decisions logged: frames with a located sign, or with an action
+    commands_sent: int = 0
+    keepalives_sent: int = 0
+    wall_s: float = 0.0
+    fps: float = 0.0
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    truth: dict[str, Any] | None = None
+    encounters: list[dict[str, Any]] = field(default_factory=list)
+    source: str = ""
+    runner: str = ""
+    interrupted: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def write_json(self, path: str | os.PathLike[str]) -> None:
+        """Write ``to_dict()`` as JSON atomically (temp file, fsync, rename)."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+
+
+class EdgeLoop:
+    """Runs frames from ``source`` through locate -> classify -> decide -> actuate.
+
+    locator: frame_bgr -> candidates, best first. preprocess: see ``Preprocess``.
+    runner: a BaseRunner taking {input_name: (N, 3, S, S)} and returning
+        {output_name: (N, len(class_names)) logits}; activated here if it is not already.
+    input_size: S, the classifier's square input side in pixels.
+    annotator: optional frame writer (e.g. ``VideoAnnotator``) for annotated frames.
+    decision_log: JSON-lines file, opened in append mode, one line per decision.
+    max_rois: how many of the best candidates are classified per frame (one batch).
+    keepalive_s: when set, re-send the policy's standing command if nothing was sent for
+        this many seconds of wall time, so a device with a command TTL stays in its state.
+    """
+
+    def __init__(self, source: FrameSource, locator: Locator, preprocess: Preprocess,
+                 runner: BaseRunner, class_names: Sequence[str], input_size: int,
+                 policy: Policy, actuator: Actuator, annotator: FrameWriter | None = None,
+                 decision_log: str | os.PathLike[str] | None = None, *,
+                 input_name: str = "input", output_name: str = "logits", max_rois: int = 3,
+                 keepalive_s: float | None = None) -> None:
+        if not class_names:
+            raise ConfigError("the edge loop got no class names",
+                              "read them from the model's metadata (read_model_info)")
+        if input_size <= 0 or max_rois < 1:
+            raise ConfigError(f"input_size={input_size} / max_rois={max_rois} must be positive",
+                              "use the model's input size and max_rois >= 1")
+        if keepalive_s is not None and not keepalive_s > 0:
+            raise ConfigError(f"keepalive_s={keepalive_s} must be > 0 or None",
+                              "use about half the command TTL, e.g. 0.2")
+        self.source = source
+        self.locator = locator
+        self.preprocess = preprocess
+        self.runner = runner
+        self.class_names = list(class_names)
+        self.input_size = int(input_size)
+        self.policy = policy
+        self.actuator = actuator
+        self.annotator = annotator
+        self.decision_log = Path(decision_log) if decision_log is not None else None
+        self.input_name = input_name
+        self.output_name = output_name
+        self.max_rois = max_rois
+        self.keepalive_s = keepalive_s
+        self.current_command: ActuatorCommand | None = None
+        self.last_report: LoopReport | None = None
+        self._last_send = float("-inf")
+
+    # -- one frame's parts -------------------------------------------------------------
+    def classify(self, image: np.ndarray, candidates: Sequence[Candidate],
+                 times: dict[str, list[float]]) -> list[Prediction]:
+        """Classify the best ``max_rois`` candidates; predictions in candidate order."""
+        chosen = list(candidates[: self.max_rois])
+        t0 = time.perf_counter()
+        batch = self.preprocess(image, [c.box for c in chosen], self.input_size)
+        t1 = time.perf_counter()
+        expected = (len(chosen), 3, self.input_size, self.input_size)
+        if batch.shape != expected or batch.dtype != np.float32:
+            raise ConfigError(f"preprocess returned {batch.dtype} {batch.shape}, expected "
+                              f"float32 {expected}", "fix the preprocess callable")
+        outputs = self.runner.infer({self.input_name: batch})
+        logits = outputs.get(self.output_name)
+        if logits is None and len(outputs) == 1:
+            logits = next(iter(outputs.values()))
+        if logits is None:
+            raise ConfigError(f"runner {self.runner.name} returned {sorted(outputs)}, not "
+                              f"'{self.output_name}'", "pass output_name= to the loop")
+        logits = np.asarray(logits).reshape(len(chosen), -1)
+        if logits.shape[1] != len(self.class_names):
+            raise ConfigError(f"model gives {logits.shape[1]} scores but {len(self.class_names)}"
+                              " class names were given", "use the model's own class names")
+        if not np.isfinite(logits).all():
+            raise RoadshieldError(f"runner {self.runner.name} returned non-finite logits",
+                                  "check the engine / model file and the input range [0, 1]")
+        probs = softmax(logits)
+        t2 = time.perf_counter()
+        times["preprocess"].append((t1 - t0) * 1e3)
+        times["infer"].append((t2 - t1) * 1e3)
+        best = probs.argmax(axis=1)
+        return [Prediction(c.box, int(k), self.class_names[int(k)], float(probs[i, k]), c.score)
+                for i, (c, k) in enumerate(zip(chosen, best, strict=True))]
+
+    def _send(self, command: ActuatorCommand, report: LoopReport, keepalive: bool) -> None:
+        self.actuator.send(command)
+        self.current_command = command
+        self._last_send = time.monotonic()
+        if keepalive:
+            report.keepalives_sent += 1
+        else:
+            report.commands_sent += 1
+
+    def _step(self, frame: Frame, t0: float, times: dict[str, list[float]],
+              report: LoopReport, scorer: TruthScorer, log_fh: IO[str] | None) -> None:
+        """One frame: locate, classify, decide, actuate, log, score, annotate."""
+        candidates = self.locator(frame.image)
+        t1 = time.perf_counter()
+        times["locate"].append((t1 - t0) * 1e3)
+        predictions = self.classify(frame.image, candidates, times) if candidates else []
+        t2 = time.perf_counter()
+        decision = self.policy.decide(Observation(tuple(predictions), frame.timestamp,
+                                                  frame.index))
+        t3 = time.perf_counter()
+        times["decide"].append((t3 - t2) * 1e3)
+        standing = getattr(self.policy, "standing_command", None)
+        if decision.command is not None:
+            self._send(decision.command, report, keepalive=False)
+        elif (self.keepalive_s is not None and standing is not None
+              and time.monotonic() - self._last_send >= self.keepalive_s):
+            self._send(standing(), report, keepalive=True)
+        t4 = time.perf_counter()
+        times["actuate"].append((t4 - t3) * 1e3)
+        report.frames += 1
+        report.frames_with_detection += bool(candidates)
+        if predictions or decision.action != "none":
+            report.decisions += 1
+            if log_fh is not None:
+                line = {"frame": frame.index, "t": round(frame.timestamp, 6),
+                        "wall_time": time.time(), **decision.to_dict(),
+                        "sent": decision.command is not None,
+                        "predictions": [p.to_dict() for p in predictions]}
+                log_fh.write(json.dumps(line, sort_keys=True) + "\n")
+                log_fh.flush()  # one line per decision survives a crash
+        scorer.add(frame, candidates, predictions, decision)
+        if self.annotator is not None:
+            self.annotator.write(annotate(frame.image, candidates, predictions, decision,
+                                          frame.truth, self.current_command))
+            times["annotate"].append((time.perf_counter() - t4) * 1e3)
+
+    def run(self, max_frames: int | None = None, progress: bool = True) -> LoopReport:
+        """Run until the source ends or ``max_frames`` frames; returns the report.
+
+        On any exception (Ctrl-C included) the actuator gets ``safe_stop`` first and the
+        exception propagates; the report so far stays in ``self.last_report``.
+        """
+        from tqdm import tqdm  # type: ignore[import-untyped]
+
+        report = LoopReport(source=getattr(self.source, "uri", ""), runner=self.runner.name)
+        self.last_report = report
+        times: dict[str, list[float]] = {name: [] for name in STAGES}
+        scorer = TruthScorer(getattr(self.policy, "rule_for", None))
+        self._last_send = float("-inf")
+        activated = False
+        log_fh: IO[str] | None = None
+        total = getattr(self.source, "frame_count", None)
+        if max_frames is not None:
+            total = min(total, max_frames) if total else max_frames
+        bar = tqdm(total=total, disable=not progress, unit="frame", desc="edge loop")
+        start = time.perf_counter()
+        try:
+            if not self.runner.is_active:
+                self.runner.activate()
+                activated = True
+            if self.decision_log is not None:
+                self.decision_log.parent.mkdir(parents=True, exist_ok=True)
+                log_fh = open(self.decision_log, "a", encoding="utf-8")  # noqa: SIM115
+            frames = iter(self.source)
+            while max_frames is None or report.frames < max_frames:
+                t_read = time.perf_counter()
+                frame = next(frames, None)
+                if frame is None:
+                    break
+                t0 = time.perf_counter()
+                times["read"].append((t0 - t_read) * 1e3)
+                self._step(frame, t0, times, report, scorer, log_fh)
+                times["frame"].append((time.perf_counter() - t0) * 1e3)
+                bar.update(1)
+        except BaseException as exc:  # KeyboardInterrupt too: brake first, then propagate
+            first_line = (str(exc).splitlines() or [""])[0]
+            report.interrupted = f"{type(exc).__name__}: {first_line}".rstrip(": ")
+            try:
+                self.actuator.safe_stop(f"edge loop stopped by {report.interrupted}")
+            except Exception:  # keep the original error; the failed stop goes to the log
+                log.exception("safe_stop failed after %s", report.interrupted)
+            raise
+        finally:
+            bar.close()
+            if log_fh is not None:
+                log_fh.close()
+            if activated:
+                self.runner.deactivate()
+            self._finish(report, times, scorer, time.perf_counter() - start)
+        return report
+
+    @staticmethod
+    def _finish(report: LoopReport, times: dict[str, list[float]], scorer: TruthScorer,
+                wall_s: float) -> None:
+        report.wall_s = round(wall_s, 4)
+        report.fps = round(report.frames / wall_s, 3) if wall_s > 0 else 0.0
+        report.stages = {name: _stats(v) for name, v in times.items() if v}
+        report.truth = scorer.summary()
+        report.encounters = scorer.encounters()
+
+    def close(self) -> None:
+        """Close the source and the annotator; the actuator stays open for the caller."""
+        try:
+            self.source.close()
+        finally:
+            if self.annotator is not None:
+                self.annotator.close()
+
+    def __enter__(self) -> EdgeLoop:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def build_loop(source: str | FrameSource, model_path: str | os.PathLike[str], *,
+               backend: str = "auto", policy: str | Policy = "sign_rules",
+               policy_options: dict[str, Any] | None = None, actuator: Actuator | None = None,
+               locator: str | Locator = "hsv", locator_options: dict[str, Any] | None = None,
+               annotate_video: str | os.PathLike[str] | None = None, video_fps: float = 15.0,
+               decision_log: str | os.PathLike[str] | None = None, max_rois: int = 3,
+               keepalive_s: float | None = None) -> EdgeLoop:
+    """Wire the default parts by name: a camera URI, a model file and a backend name.
+
+    The model's class names, input size and tensor names come from its metadata
+    (``read_model_info``); the actuator defaults to an in-process RecordingActuator.
+    """
+    from actuator.interface import RecordingActuator
+
+    from .locate import create_locator
+    from .model_info import read_model_info
+    from .policy import create_policy
+    from .preprocess import preprocess_batch
+    from .runners.registry import create_runner
+    from .sources import open_source
+
+    info = read_model_info(model_path)
+    runner = create_runner(backend, model_path)
+    pol = create_policy(policy, **(policy_options or {})) if isinstance(policy, str) else policy
+    loc = create_locator(locator, **(locator_options or {})) if isinstance(locator, str) \
+        else locator
+    annotator = None
+    if annotate_video is not None:
+        from .annotate import VideoAnnotator
+
+        annotator = VideoAnnotator(annotate_video, video_fps)
+    src = open_source(source) if isinstance(source, str) else source
+    return EdgeLoop(src, loc, preprocess_batch, runner, info.class_names, info.input_size, pol,
+                    actuator if actuator is not None else RecordingActuator(), annotator,
+                    decision_log, input_name=info.input_name, output_name=info.output_name,
+                    max_rois=max_rois, keepalive_s=keepalive_s)

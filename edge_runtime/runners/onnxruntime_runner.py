@@ -1,0 +1,220 @@
+"""ONNX Runtime backend: TensorRT > CUDA > CPU execution providers.
+
+onnxruntime is imported when a runner is built, never at module level, so this
+module loads on machines without it. On a Jetson, onnxruntime-gpu comes from
+NVIDIA's Jetson wheels (PyPI has no aarch64 GPU build).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.model_info import EXPORT_HINT, TensorSpec, check_feed
+from edge_runtime.runners.base import BaseRunner, RunnerStateError
+from roadshield.errors import BackendUnavailableError, ConfigError, ModelLoadError
+
+log = logging.getLogger(__name__)
+
+TENSORRT_EP = "TensorrtExecutionProvider"
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
+#: preferred order; anything else onnxruntime offers is used only when asked for by name
+PROVIDER_ORDER = (TENSORRT_EP, CUDA_EP, CPU_EP)
+_ALIASES = {"tensorrt": TENSORRT_EP, "trt": TENSORRT_EP, "cuda": CUDA_EP, "cpu": CPU_EP}
+INSTALL_HINT = ("pip install onnxruntime (CPU) or onnxruntime-gpu (x86-64 with CUDA); on a "
+                "Jetson install NVIDIA's onnxruntime-gpu wheel for your JetPack from the Jetson "
+                "Zoo / jetson-ai-lab pip index")
+_ORT_DTYPES: dict[str, np.dtype] = {
+    "tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16),
+    "tensor(double)": np.dtype(np.float64), "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(int32)": np.dtype(np.int32), "tensor(int64)": np.dtype(np.int64),
+}
+
+ProviderEntry = tuple[str, dict[str, Any]]
+
+
+def import_onnxruntime() -> ModuleType:
+    """Import onnxruntime or raise ``BackendUnavailableError`` saying what to install."""
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise BackendUnavailableError(f"onnxruntime is not installed ({err})",
+                                      INSTALL_HINT) from err
+    return onnxruntime
+
+
+def select_providers(requested: Sequence[str] | None, available: Sequence[str]) -> list[str]:
+    """Execution providers to ask for, best first.
+
+    requested: provider names ("CUDAExecutionProvider") or aliases ("tensorrt",
+    "trt", "cuda", "cpu"); ``None`` means every provider of ``PROVIDER_ORDER``
+    that ``available`` lists. Raises ``BackendUnavailableError`` for a requested
+    provider this onnxruntime build lacks, ``ConfigError`` for an empty request.
+    """
+    if requested is None:
+        chosen = [p for p in PROVIDER_ORDER if p in available]
+        if not chosen:
+            raise BackendUnavailableError(
+                f"onnxruntime offers none of {list(PROVIDER_ORDER)} (it has {list(available)})",
+                INSTALL_HINT)
+        return chosen
+    if not requested:
+        raise ConfigError("providers=[] asks for no execution provider",
+                          f"pass None for the default order or some of {list(PROVIDER_ORDER)}")
+    chosen = []
+    for name in requested:
+        full = _ALIASES.get(name.lower(), name)
+        if full not in available:
+            raise BackendUnavailableError(
+                f"execution provider {name!r} is not in this onnxruntime build "
+                f"(available: {list(available)})",
+                "drop it from providers, or install onnxruntime-gpu (NVIDIA's Jetson wheel on "
+                "a Jetson) for CUDA / TensorRT")
+        if full not in chosen:
+            chosen.append(full)
+    return chosen
+
+
+def trt_cache_dir(model_path: str | os.PathLike[str]) -> Path:
+    """Where the TensorRT EP keeps engines and timing caches: beside the model."""
+    path = Path(model_path)
+    return path.parent / f"{path.stem}.ort_trt_cache"
+
+
+def provider_options(provider: str, model_path: str | os.PathLike[str], device_id: int = 0,
+                     fp16: bool = True) -> dict[str, Any]:
+    """onnxruntime options for one execution provider (empty for CPU and others).
+
+    TensorRT: FP16 kernels allowed, engine and timing caches beside the model so a
+    restart does not rebuild the engine (minutes on a Jetson), 1 GiB workspace
+    (the Orin Nano shares 8 GB between CPU and GPU). CUDA: the device id.
+    """
+    if provider == TENSORRT_EP:
+        cache = str(trt_cache_dir(model_path))
+        return {"device_id": device_id, "trt_fp16_enable": fp16,
+                "trt_max_workspace_size": 1 << 30,
+                "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
+                "trt_timing_cache_enable": True, "trt_timing_cache_path": cache}
+    if provider == CUDA_EP:
+        return {"device_id": device_id}
+    return {}
+
+
+def _prepare_trt_cache(entries: list[ProviderEntry], model_path: Path) -> list[ProviderEntry]:
+    """Create the TensorRT cache folder, or run without caches when it cannot exist."""
+    prepared: list[ProviderEntry] = []
+    for name, options in entries:
+        if name == TENSORRT_EP and options.get("trt_engine_cache_enable"):
+            try:
+                trt_cache_dir(model_path).mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                log.warning("cannot create TensorRT cache %s (%s); engines will be rebuilt "
+                            "on every start", trt_cache_dir(model_path), err)
+                options = {k: v for k, v in options.items()
+                           if not k.startswith(("trt_engine_cache", "trt_timing_cache"))}
+        prepared.append((name, options))
+    return prepared
+
+
+class OnnxRuntimeRunner(BaseRunner):
+    """Run an ONNX model with onnxruntime.
+
+    model_path: ``.onnx`` file; input float32 N x 3 x S x S RGB in [0, 1], output logits.
+    providers: execution providers or aliases, best first; ``None`` picks
+        TensorRT > CUDA > CPU among those this onnxruntime build offers.
+    intra_op_threads: CPU threads per operator (``None``: onnxruntime's default).
+    device_id: GPU for the CUDA / TensorRT providers.
+    fp16: let the TensorRT provider use FP16 kernels.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, model_path: str | os.PathLike[str], providers: list[str] | None = None,
+                 intra_op_threads: int | None = None, *, device_id: int = 0,
+                 fp16: bool = True) -> None:
+        super().__init__()
+        self.model_path = Path(model_path)
+        self._ort = import_onnxruntime()
+        if not self.model_path.is_file():
+            raise ModelLoadError(f"ONNX model {self.model_path} does not exist",
+                                 f"check the path, or {EXPORT_HINT}")
+        if intra_op_threads is not None and intra_op_threads < 1:
+            raise ConfigError(f"intra_op_threads={intra_op_threads} must be >= 1",
+                              "pass None for onnxruntime's default")
+        self.providers = select_providers(providers, self._ort.get_available_providers())
+        self.intra_op_threads = intra_op_threads
+        self.device_id = device_id
+        self.fp16 = fp16
+        self._session: Any = None
+        self._specs: list[TensorSpec] = []
+        self._outputs: list[str] = []
+
+    def provider_entries(self) -> list[ProviderEntry]:
+        """``(provider, options)`` pairs handed to ``InferenceSession``."""
+        return [(p, provider_options(p, self.model_path, self.device_id, self.fp16))
+                for p in self.providers]
+
+    @property
+    def input_names(self) -> list[str]:
+        self._require_loaded()
+        return [spec.name for spec in self._specs]
+
+    @property
+    def output_names(self) -> list[str]:
+        self._require_loaded()
+        return list(self._outputs)
+
+    @property
+    def input_specs(self) -> list[TensorSpec]:
+        """Shape (``None`` = dynamic) and dtype of every input (valid once active)."""
+        self._require_loaded()
+        return list(self._specs)
+
+    def _require_loaded(self) -> None:
+        if not self._specs:
+            raise RunnerStateError(f"runner {self.name} has not loaded {self.model_path} yet",
+                                   "activate it (or enter its context) first")
+
+    def activate_impl(self) -> None:
+        ort = self._ort
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.intra_op_threads is not None:
+            options.intra_op_num_threads = self.intra_op_threads
+        entries = _prepare_trt_cache(self.provider_entries(), self.model_path)
+        try:
+            session = ort.InferenceSession(str(self.model_path), sess_options=options,
+                                           providers=[name for name, _ in entries],
+                                           provider_options=[opts for _, opts in entries])
+        except Exception as err:  # onnxruntime raises its own pybind types for bad files
+            raise ModelLoadError(f"cannot load ONNX model {self.model_path}: {err}",
+                                 f"the file is corrupt or not ONNX; {EXPORT_HINT} "
+                                 "(and re-sign the bundle)") from err
+        used = session.get_providers()
+        self.name = f"onnxruntime:{used[0]}"
+        log.info("onnxruntime session for %s uses %s (asked for %s)",
+                 self.model_path.name, used, self.providers)
+        if used[0] != self.providers[0]:
+            log.warning("onnxruntime could not start %s for %s and fell back to %s; check the "
+                        "CUDA / TensorRT libraries", self.providers[0], self.model_path.name,
+                        used[0])
+        self._specs = [TensorSpec(i.name, tuple(d if isinstance(d, int) else None
+                                                for d in i.shape), _ORT_DTYPES.get(i.type))
+                       for i in session.get_inputs()]
+        self._outputs = [o.name for o in session.get_outputs()]
+        self._session = session
+
+    def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        checked = check_feed(feed, self._specs, self.name)
+        results = self._session.run(self._outputs, checked)
+        return dict(zip(self._outputs, results, strict=True))
+
+    def deactivate_impl(self) -> None:
+        self._session = None

@@ -1,0 +1,139 @@
+"""The ``roadshield`` command: one subcommand per stage, each tier imported lazily.
+
+``roadshield edge ...`` therefore runs on a device with no torch, and ``--help``
+stays fast. Every RoadshieldError ends as one clear message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from roadshield import __version__
+from roadshield.errors import RoadshieldError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _handler(module: str, func: str) -> Handler:
+    """Import ``module`` only when its subcommand runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return int(getattr(importlib.import_module(module), func)(args) or 0)
+
+    return run
+
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    data = sub.add_parser("data", help="synthetic road-sign data and GTSRB datasets")
+    dsub = data.add_subparsers(dest="data_cmd", required=True)
+    synth = dsub.add_parser("synth", help="render a synthetic dataset in the GTSRB layout")
+    synth.add_argument("--out", required=True, help="folder to write (gets a gtsrb/ inside)")
+    synth.add_argument("--train-per-class", type=int, default=300)
+    synth.add_argument("--test-per-class", type=int, default=60)
+    synth.add_argument("--size", type=int, default=32, help="crop side in pixels")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=_handler("roadshield.commands", "data_synth"))
+    scenes = dsub.add_parser("scenes", help="render camera frames (images or a video file)")
+    scenes.add_argument("--out", required=True, help="a folder for PNGs, or a .mp4/.avi file")
+    scenes.add_argument("--frames", type=int, default=120)
+    scenes.add_argument("--sticker-rate", type=float, default=0.3)
+    scenes.add_argument("--seed", type=int, default=0)
+    scenes.set_defaults(func=_handler("roadshield.commands", "data_scenes"))
+    info = dsub.add_parser("info", help="count images and classes of a GTSRB-layout dataset")
+    info.add_argument("root")
+    info.set_defaults(func=_handler("roadshield.commands", "data_info"))
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="train a classifier (standard or fast adversarial)")
+    train.add_argument("--data", required=True, help="GTSRB-layout dataset root")
+    train.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
+    train.add_argument("--arch", default="signnet")
+    train.add_argument("--trainer", default="fast_at", help="standard | fast_at")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--lr", type=float, default=0.01)
+    train.add_argument("--eps", type=float, default=8 / 255, help="L-inf radius in [0,1] units")
+    train.add_argument("--size", type=int, default=32)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=_handler("roadshield.commands", "train"))
+
+    ev = sub.add_parser("eval", help="clean, FGSM and PGD accuracy of a checkpoint")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--data", required=True, help="GTSRB-layout dataset root (its test split)")
+    ev.add_argument("--eps", type=float, default=8 / 255)
+    ev.add_argument("--pgd-steps", type=int, default=10)
+    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    ev.set_defaults(func=_handler("roadshield.commands", "evaluate"))
+
+
+def _add_distill(sub: argparse._SubParsersAction) -> None:
+    distill = sub.add_parser("distill", help="export a checkpoint for the edge")
+    dsub = distill.add_subparsers(dest="distill_cmd", required=True)
+    exp = dsub.add_parser("export", help="ONNX (and optionally .pt2) with metadata")
+    exp.add_argument("--checkpoint", required=True)
+    exp.add_argument("--out", required=True, help="path of the .onnx file to write")
+    exp.add_argument("--opset", type=int, default=17)
+    exp.add_argument("--pt2", action="store_true", help="also write a torch.export program")
+    exp.set_defaults(func=_handler("roadshield.commands", "distill_export"))
+
+
+def _add_edge(sub: argparse._SubParsersAction) -> None:
+    edge = sub.add_parser("edge", help="the on-device runtime")
+    esub = edge.add_subparsers(dest="edge_cmd", required=True)
+    run = esub.add_parser("run", help="camera -> locate -> infer -> decide -> actuator")
+    run.add_argument("--model", required=True, help=".onnx (or .pt2 for the torch backend)")
+    run.add_argument("--source", default="synthetic://?frames=120",
+                     help="csi://N, /dev/videoN, v4l2://N, a video file, a folder, synthetic://")
+    run.add_argument("--backend", default="auto", help="auto | onnxruntime | torch")
+    run.add_argument("--max-frames", type=int, default=None)
+    run.add_argument("--video", default=None, help="write an annotated video here (.mp4/.avi)")
+    run.add_argument("--decision-log", default=None, help="append decisions here (JSON lines)")
+    run.add_argument("--max-speed", type=float, default=50.0, help="km/h the policy never exceeds")
+    run.add_argument("--json", action="store_true", help="print the loop report as JSON")
+    run.set_defaults(func=_handler("roadshield.commands", "edge_run"))
+    backends = esub.add_parser("backends", help="list the inference backends usable here")
+    backends.set_defaults(func=_handler("roadshield.commands", "edge_backends"))
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    demo = sub.add_parser("demo", help="the whole chain on this machine's CPU")
+    demo.add_argument("--profile", default="quick", help="quick (default) or tiny")
+    demo.add_argument("--runs-dir", default="runs")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_handler("roadshield.demo", "main"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="roadshield",
+        description="Road-sign classifier from robust cloud training to a Jetson and its actuator.")
+    parser.add_argument("--version", action="version", version=f"roadshield {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_data, _add_train, _add_distill, _add_edge, _add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except RoadshieldError as err:
+        print(f"roadshield: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("roadshield: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Run folders: ``runs/<id>/`` holds everything one run wrote; ``runs/latest`` points at the newest.
+
+A run is built in a hidden ``runs/.<id>.partial`` folder and renamed into place
+only once it has finished, and ``latest`` is swapped atomically after that, so a
+crash or an error never leaves a half-written run behind ``runs/latest``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from roadshield.errors import ConfigError
+
+
+def new_run_id() -> str:
+    """Sortable, collision-resistant id such as ``20261129-081502-3fa2``."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see either the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def point_latest(runs_dir: Path, run_dir: Path) -> None:
+    """Make ``runs_dir/latest`` a relative symlink to ``run_dir``, replacing it atomically."""
+    link = runs_dir / "latest"
+    tmp = runs_dir / f".latest.{secrets.token_hex(4)}"
+    tmp.symlink_to(run_dir.name, target_is_directory=True)
+    os.replace(tmp, link)
+
+
+@contextmanager
+def staged_run(runs_dir: str | Path, run_id: str | None = None) -> Iterator[Path]:
+    """Yield a partial run folder; publish it as ``runs/<id>`` and ``runs/latest`` on success.
+
+    On any exception the partial folder is kept as ``runs/.<id>.failed`` for
+    inspection (nothing is deleted) and ``latest`` still points at the old run.
+    """
+    runs = Path(runs_dir)
+    runs.mkdir(parents=True, exist_ok=True)
+    rid = run_id or new_run_id()
+    final = runs / rid
+    if final.exists():
+        raise ConfigError(f"run folder {final} already exists", "pick another run id")
+    partial = runs / f".{rid}.partial"
+    partial.mkdir()
+    try:
+        yield partial
+    except BaseException:
+        failed = runs / f".{rid}.failed"
+        shutil.rmtree(failed, ignore_errors=True)
+        os.replace(partial, failed)
+        raise
+    os.replace(partial, final)
+    point_latest(runs, final)

@@ -1,0 +1,172 @@
+"""FGSM / PGD on a small trained model, the attack registry, and evaluate()."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cloud_train.attacks import create_attack, fgsm, list_attacks, pgd_linf
+from cloud_train.evaluate import evaluate, format_table
+from cloud_train.models import create_model
+from cloud_train.tensors import make_loader, to_tensor
+from cloud_train.train import TrainConfig, train
+from roadshield.errors import ConfigError, DatasetError
+
+#: on this toy set a standardly trained model is robust at 8/255 but not at 32/255
+EPS = 32 / 255
+COLOURS = np.array([[220, 40, 40], [40, 40, 220], [40, 200, 40], [230, 200, 30]])
+
+
+def toy_shapes(n: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """n uint8 RGB images of 4 classes (red disc, blue square, green triangle, yellow cross)
+    on a random grey background with Gaussian pixel noise; labels are int64."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    yy, xx = np.mgrid[:size, :size]
+    images = np.empty((n, size, size, 3), np.uint8)
+    for i, k in enumerate(labels):
+        img = np.empty((size, size, 3), np.float32)
+        img[:] = rng.integers(60, 160, 3)
+        cy, cx = size / 2 + rng.uniform(-3, 3, 2)
+        r = size * rng.uniform(0.28, 0.38)
+        dy, dx = yy - cy, xx - cx
+        mask = [dy**2 + dx**2 < r**2,
+                (abs(dy) < 0.8 * r) & (abs(dx) < 0.8 * r),
+                (dy < 0.7 * r) & (dy > -r) & (abs(dx) < 0.6 * (dy + r)),
+                ((abs(dy) < 0.3 * r) | (abs(dx) < 0.3 * r)) & (abs(dy) < r) & (abs(dx) < r)][k]
+        img[mask] = COLOURS[k]
+        images[i] = (img + rng.normal(0, 20, img.shape)).clip(0, 255)
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """signnet_tiny trained (standard) to ~100% clean accuracy, with a held-out set."""
+    torch.manual_seed(0)
+    xtr, ytr = toy_shapes(600, seed=10)
+    xte, yte = toy_shapes(200, seed=11)
+    model = create_model("signnet_tiny", 4)
+    cfg = TrainConfig(trainer="standard", epochs=4, batch_size=64, device="cpu")
+    train(model, make_loader(xtr, ytr, 64, shuffle=True, augment=True), cfg, progress=False)
+    return model, to_tensor(xte), torch.as_tensor(yte)
+
+
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def test_attacks_lower_accuracy_and_pgd_is_at_least_as_strong(trained) -> None:
+    model, x, y = trained
+    torch.manual_seed(0)
+    clean = accuracy(model, x, y)
+    acc_fgsm = accuracy(model, fgsm(model, x, y, EPS), y)
+    acc_pgd = accuracy(model, pgd_linf(model, x, y, EPS, alpha=EPS / 4, steps=10), y)
+    assert clean >= 0.95
+    assert acc_fgsm < clean - 0.1
+    assert acc_pgd <= acc_fgsm
+    assert acc_pgd < clean - 0.3
+
+
+@pytest.mark.parametrize("attack", ["fgsm", "pgd"])
+def test_adversarial_examples_stay_in_the_ball_and_the_image_range(trained, attack) -> None:
+    model, x, y = trained
+    eps = 16 / 255
+    x_adv = fgsm(model, x, y, eps) if attack == "fgsm" else pgd_linf(model, x, y, eps)
+    assert x_adv.shape == x.shape and x_adv.dtype == torch.float32
+    assert not x_adv.requires_grad
+    assert float((x_adv - x).abs().max()) <= eps + 1e-6
+    assert float(x_adv.min()) >= 0.0 and float(x_adv.max()) <= 1.0
+    assert float((x_adv - x).abs().max()) > eps / 2  # it did move
+
+
+def test_eps_zero_returns_the_input(trained) -> None:
+    model, x, y = trained
+    assert torch.equal(fgsm(model, x[:8], y[:8], 0.0), x[:8])
+    assert torch.equal(pgd_linf(model, x[:8], y[:8], 0.0), x[:8])
+
+
+def test_every_module_gets_its_own_mode_back(trained) -> None:
+    model, x, y = trained
+    model.train()
+    model.head.eval()  # a mixed state must survive too
+    try:
+        fgsm(model, x[:8], y[:8], EPS)
+        pgd_linf(model, x[:8], y[:8], EPS, steps=2)
+        assert model.training and model.features.training and not model.head.training
+    finally:
+        model.eval()
+
+
+def test_more_restarts_fool_a_superset_of_examples(trained) -> None:
+    # the first restart draws the same random start as a single run with the same seed,
+    # and the best-of-restarts choice keeps any run that fools the model
+    model, x, y = trained
+    torch.manual_seed(5)
+    one = pgd_linf(model, x, y, EPS, alpha=EPS / 4, steps=3, restarts=1)
+    torch.manual_seed(5)
+    three = pgd_linf(model, x, y, EPS, alpha=EPS / 4, steps=3, restarts=3)
+    with torch.no_grad():
+        fooled_one = model(one).argmax(1) != y
+        fooled_three = model(three).argmax(1) != y
+    assert bool((fooled_three | ~fooled_one).all())
+
+
+@pytest.mark.parametrize("kw", [{"eps": -0.1}, {"eps": 1.5}, {"eps": 0.1, "steps": 0},
+                                {"eps": 0.1, "alpha": 0.0}, {"eps": 0.1, "restarts": 0}])
+def test_invalid_parameters_are_config_errors(trained, kw) -> None:
+    model, x, y = trained
+    with pytest.raises(ConfigError):
+        pgd_linf(model, x[:2], y[:2], **kw)
+    with pytest.raises(ConfigError):
+        create_attack("pgd_linf", **kw)
+
+
+def test_registry() -> None:
+    assert {"fgsm", "pgd_linf"} <= set(list_attacks())
+    with pytest.raises(ConfigError) as info:
+        create_attack("cw_l2", eps=0.1)
+    assert "fgsm" in info.value.hint
+    with pytest.raises(ConfigError, match="no parameter"):
+        create_attack("fgsm", eps=0.1, steps=3)
+    with pytest.raises(ConfigError, match="needs"):
+        create_attack("fgsm")
+
+
+def test_created_attack_equals_the_direct_call(trained) -> None:
+    model, x, y = trained
+    attack = create_attack("pgd_linf", eps=EPS, alpha=EPS / 4, steps=3)
+    torch.manual_seed(1)
+    a = attack(model, x[:32], y[:32])
+    torch.manual_seed(1)
+    b = pgd_linf(model, x[:32], y[:32], EPS, EPS / 4, 3)
+    assert torch.equal(a, b)
+
+
+def test_evaluate_matches_direct_measurement(trained) -> None:
+    model, x, y = trained
+    images = (x.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    result = evaluate(model, images, y.numpy(), eps=EPS, pgd_steps=5, pgd_alpha=EPS / 4,
+                      batch_size=64)
+    assert result["n"] == len(y) and result["eps"] == pytest.approx(EPS)
+    assert result["clean_acc"] == pytest.approx(accuracy(model, x, y))
+    assert result["pgd_acc"] <= result["fgsm_acc"] < result["clean_acc"]
+    assert result["seconds"] == pytest.approx(
+        result["seconds_clean"] + result["seconds_fgsm"] + result["seconds_pgd"])
+    # float tensors are accepted, and a fixed seed repeats the PGD result
+    again = evaluate(model, x, y, eps=EPS, pgd_steps=5, pgd_alpha=EPS / 4, batch_size=64)
+    assert again["pgd_acc"] == result["pgd_acc"]
+    table = format_table({"toy": result}, title="toy set")
+    assert "toy set" in table and f"{100 * result['pgd_acc']:.1f}" in table
+    assert "32.0/255" in table
+
+
+def test_evaluate_rejects_bad_inputs(trained) -> None:
+    model, x, y = trained
+    with pytest.raises(DatasetError):
+        evaluate(model, x[:4], y[:3])
+    with pytest.raises(DatasetError):
+        evaluate(model, x * 255, y)
+    with pytest.raises(ConfigError):
+        evaluate(model, x[:4], y[:4], eps=2.0)
