@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +39,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from cloud_train.attacks import eval_mode, pgd_linf
+from cloud_train.tensors import to_tensor
 from roadshield.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 #: step(model, x, y, cfg) -> logits the training loss is taken on (of clean or attacked x)
 StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, "TrainConfig"], torch.Tensor]
@@ -221,8 +225,6 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 5
 
 
 def _as_xy(val: tuple[Any, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    from cloud_train.tensors import to_tensor
-
     x, y = val
     return to_tensor(x).to(device), torch.as_tensor(np.asarray(y), dtype=torch.int64).to(device)
 
@@ -245,8 +247,8 @@ def train(model: nn.Module, train_loader: DataLoader, cfg: TrainConfig,
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model.to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True,
-                          weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _one_cycle(cfg.epochs * steps_per_epoch))
     val_xy = _as_xy(val, device) if val is not None else None
     guard = _guard_batch(cfg, trainer, train_loader, val_xy, device)
@@ -288,7 +290,14 @@ def train(model: nn.Module, train_loader: DataLoader, cfg: TrainConfig,
             best_guard = max(best_guard, stats.guard_pgd_acc)
         stats.eval_seconds = time.perf_counter() - t1
         history.epochs.append(stats)
+        log.info("%s epoch %d/%d: loss %.4f, train acc %.3f, val acc %s, guard PGD acc %s, "
+                 "%.1f s", cfg.trainer, epoch, cfg.epochs, stats.loss, stats.train_acc,
+                 "-" if stats.val_acc is None else f"{stats.val_acc:.3f}",
+                 "-" if stats.guard_pgd_acc is None else f"{stats.guard_pgd_acc:.3f}",
+                 stats.seconds)
     if kept_state is not None and history.kept_epoch != cfg.epochs:
+        log.info("restoring the weights of epoch %d (best guard PGD accuracy)",
+                 history.kept_epoch)
         model.load_state_dict(kept_state)
     if history.kept_epoch is None:
         history.kept_epoch = cfg.epochs

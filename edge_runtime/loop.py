@@ -332,6 +332,7 @@ class EdgeLoop:
             if not self.runner.is_active:
                 self.runner.activate()
                 activated = True
+            report.runner = self.runner.name  # backends name their provider once active
             if self.decision_log is not None:
                 self.decision_log.parent.mkdir(parents=True, exist_ok=True)
                 log_fh = open(self.decision_log, "a", encoding="utf-8")  # noqa: SIM115

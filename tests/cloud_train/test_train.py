@@ -96,6 +96,11 @@ def test_guard_runs_only_for_the_adversarial_trainer(both) -> None:
     assert all(0.0 <= e.guard_pgd_acc <= 1.0 for e in both["fast_at"][1].epochs)
 
 
+def test_plain_sgd_without_momentum_also_trains(data) -> None:
+    _, history = fit(data, "standard", epochs=2, n=128, momentum=0.0)
+    assert history.epochs[-1].loss < history.epochs[0].loss
+
+
 def test_training_repeats_exactly_with_the_same_seed(data) -> None:
     a, ha = fit(data, "fast_at", epochs=2, n=192, seed=3)
     b, hb = fit(data, "fast_at", epochs=2, n=192, seed=3)

@@ -1,0 +1,103 @@
+"""Handlers of the ``roadshield`` subcommands: parse nothing, print results, return exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from roadshield import pipeline
+from roadshield.errors import ConfigError
+
+
+def data_synth(args: argparse.Namespace) -> int:
+    summary = pipeline.synth_dataset(args.out, args.train_per_class, args.test_per_class,
+                                     size=args.size, seed=args.seed)
+    print(f"wrote {summary.train_images} train + {summary.test_images} test images of "
+          f"{len(summary.class_names)} classes to {summary.root} "
+          f"({summary.images_per_second:.0f} images/s)")
+    return 0
+
+
+def data_scenes(args: argparse.Namespace) -> int:
+    import cv2
+
+    from cloud_train.scenes import write_video
+    from cloud_train.synthetic_camera import SyntheticCamera
+
+    uri = f"synthetic://?seed={args.seed}&frames={args.frames}&sticker_rate={args.sticker_rate}"
+    out = Path(args.out)
+    with SyntheticCamera(uri) as cam:
+        if out.suffix.lower() in (".mp4", ".avi"):
+            n = write_video((f.image for f in cam), out, fps=cam.fps)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            n = 0
+            for frame in cam:
+                if not cv2.imwrite(str(out / f"{frame.index:05d}.png"), frame.image):
+                    raise ConfigError(f"could not write {out / f'{frame.index:05d}.png'}",
+                                      "check the folder is writable and has space")
+                n += 1
+    print(f"wrote {n} frames to {out}")
+    return 0
+
+
+def data_info(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from cloud_train.gtsrb import load_gtsrb
+
+    for split in ("train", "test"):
+        ds = load_gtsrb(args.root, split)
+        counts = np.bincount(ds.labels, minlength=len(ds.class_names))
+        print(f"{split}: {len(ds.labels)} images, {int((counts > 0).sum())} of "
+              f"{len(ds.class_names)} classes present, {int(counts.min())}-{int(counts.max())} "
+              "per class")
+    return 0
+
+
+def train(args: argparse.Namespace) -> int:
+    result = pipeline.train_checkpoint(
+        args.data, args.out, arch=args.arch, trainer=args.trainer, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, eps=args.eps, size=args.size, seed=args.seed)
+    print(f"checkpoint {result.checkpoint} sha256={result.sha256} "
+          f"({result.history['seconds_per_epoch']:.1f} s/epoch)")
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from cloud_train.evaluate import format_table
+
+    metrics = pipeline.evaluate_checkpoint(args.checkpoint, args.data, eps=args.eps,
+                                           pgd_steps=args.pgd_steps)
+    print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
+    return 0
+
+
+def distill_export(args: argparse.Namespace) -> int:
+    result = pipeline.export_checkpoint(args.checkpoint, args.out, opset=args.opset, pt2=args.pt2)
+    print(f"wrote {result.onnx} (ONNX Runtime vs torch max abs diff {result.parity_max_abs:.2e})"
+          + (f" and {result.pt2}" if result.pt2 else ""))
+    return 0
+
+
+def edge_run(args: argparse.Namespace) -> int:
+    report = pipeline.run_edge(args.model, args.source, backend=args.backend,
+                               max_frames=args.max_frames, video=args.video,
+                               decision_log=args.decision_log, max_speed_kmh=args.max_speed)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        from roadshield.report import format_loop_report
+
+        print(format_loop_report(report.to_dict()))
+    return 0
+
+
+def edge_backends(args: argparse.Namespace) -> int:
+    from edge_runtime.runners.registry import available_runners, list_runners
+
+    usable = available_runners()
+    for name in list_runners():
+        print(f"{name:12s} {'available' if name in usable else 'not installed'}")
+    return 0

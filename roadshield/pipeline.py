@@ -1,0 +1,149 @@
+"""The chain's steps as plain functions, shared by the CLI subcommands and the demo.
+
+Each function imports its tier when called, so importing this module is cheap and
+``roadshield edge`` never pulls in torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from roadshield.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def synth_dataset(out: str | Path, train_per_class: int, test_per_class: int, size: int = 32,
+                  seed: int = 0, progress: bool = True) -> Any:
+    """Render the synthetic sign dataset in GTSRB layout under ``out/gtsrb``."""
+    from cloud_train.render import render_dataset
+
+    if train_per_class < 1 or test_per_class < 1:
+        raise ConfigError(f"per-class counts must be >= 1 (got train={train_per_class}, "
+                          f"test={test_per_class})", "use e.g. --train-per-class 300")
+    return render_dataset(out, train_per_class, test_per_class, seed=seed, size=size,
+                          progress=progress)
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    sha256: str
+    class_names: tuple[str, ...]
+    history: dict[str, Any]
+    train_images: int
+
+
+def train_checkpoint(data: str | Path, out: str | Path, *, arch: str = "signnet",
+                     trainer: str = "fast_at", epochs: int = 10, batch_size: int = 128,
+                     lr: float = 0.05, eps: float = 8 / 255, size: int = 32, seed: int = 0,
+                     progress: bool = True) -> TrainResult:
+    """Train ``arch`` on the train split of a GTSRB-layout dataset; save a safetensors file."""
+    import torch
+
+    from cloud_train.checkpoint import save_checkpoint
+    from cloud_train.gtsrb import load_gtsrb
+    from cloud_train.models import create_model
+    from cloud_train.tensors import make_loader
+    from cloud_train.train import TrainConfig, train
+
+    cfg = TrainConfig(trainer=trainer, epochs=epochs, batch_size=batch_size, lr=lr, eps=eps,
+                      seed=seed)  # validates before any long work
+    ds = load_gtsrb(data, "train", size=size)
+    torch.manual_seed(seed)
+    model = create_model(arch, num_classes=len(ds.class_names), input_size=size)
+    # hold out a small, fixed slice of the training split for per-epoch validation
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(ds.labels))
+    n_val = min(512, len(order) // 10)
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    loader = make_loader(ds.images[train_idx], ds.labels[train_idx], batch_size=batch_size,
+                         shuffle=True, augment=True, seed=seed)
+    val = (ds.images[val_idx], ds.labels[val_idx]) if n_val else None
+    history = train(model, loader, cfg, val=val, progress=progress)
+    sha = save_checkpoint(model, out, {"class_names": list(ds.class_names),
+                                       "train_config": cfg, "dataset": str(Path(data))})
+    log.info("checkpoint %s sha256=%s", out, sha)
+    return TrainResult(Path(out), sha, tuple(ds.class_names), history.to_dict(),
+                       int(len(train_idx)))
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, eps: float = 8 / 255,
+                        pgd_steps: int = 10, expected_sha256: str | None = None) -> dict[str, Any]:
+    """Clean, FGSM and PGD accuracy of a checkpoint on a dataset's test split."""
+    from cloud_train.checkpoint import load_checkpoint
+    from cloud_train.evaluate import evaluate
+    from cloud_train.gtsrb import load_gtsrb
+
+    model, meta = load_checkpoint(checkpoint, expected_sha256=expected_sha256)
+    size = int(meta["input_size"][-1])
+    ds = load_gtsrb(data, "test", size=size)
+    if tuple(ds.class_names) != tuple(meta["class_names"]):
+        raise ConfigError(f"dataset {data} has classes {list(ds.class_names)[:4]}... but "
+                          f"checkpoint {checkpoint} was trained on {meta['class_names'][:4]}...",
+                          "evaluate on a dataset with the same class list")
+    metrics = evaluate(model, ds.images, ds.labels, eps=eps, pgd_steps=pgd_steps)
+    metrics["checkpoint_sha256"] = meta["sha256"]
+    return metrics
+
+
+@dataclass
+class ExportResult:
+    onnx: Path
+    parity_max_abs: float
+    pt2: Path | None = None
+    class_names: tuple[str, ...] = field(default_factory=tuple)
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, opset: int = 17,
+                      pt2: bool = False, expected_sha256: str | None = None,
+                      seed: int = 0) -> ExportResult:
+    """Export a checkpoint to ONNX (and .pt2) and check ONNX Runtime agrees with torch."""
+    from cloud_train.checkpoint import load_checkpoint
+    from distill.export import check_parity, export_onnx, export_torch_program
+
+    model, meta = load_checkpoint(checkpoint, expected_sha256=expected_sha256)
+    size = int(meta["input_size"][-1])
+    onnx_path = export_onnx(model, meta["class_names"], out, opset=opset,
+                            source_sha256=meta["sha256"])
+    # a fixed batch: the parity figure is reproducible run to run
+    batch = np.random.default_rng(seed).random((8, 3, size, size), dtype=np.float32)
+    parity = check_parity(model, onnx_path, batch)
+    pt2_path = None
+    if pt2:
+        pt2_path = export_torch_program(model, Path(out).with_suffix(".pt2"), size,
+                                        class_names=meta["class_names"],
+                                        source_sha256=meta["sha256"])
+    return ExportResult(Path(onnx_path), parity, pt2_path, tuple(meta["class_names"]))
+
+
+def register_synthetic_camera() -> bool:
+    """Make ``synthetic://`` available if the renderer (numpy + OpenCV only) imports."""
+    try:
+        from cloud_train.synthetic_camera import register
+    except ImportError as err:  # a lean device install may lack the cloud tier
+        log.debug("synthetic:// unavailable: %s", err)
+        return False
+    register()
+    return True
+
+
+def run_edge(model: str | Path, source: str, *, backend: str = "auto",
+             max_frames: int | None = None, video: str | Path | None = None,
+             decision_log: str | Path | None = None, max_speed_kmh: float = 50.0,
+             actuator: Any = None, progress: bool = True) -> Any:
+    """Run the edge loop once over ``source``; return its LoopReport."""
+    from edge_runtime.loop import build_loop
+
+    if source.startswith("synthetic:"):
+        register_synthetic_camera()
+    loop = build_loop(source, model, backend=backend,
+                      policy_options={"max_speed_kmh": max_speed_kmh}, actuator=actuator,
+                      annotate_video=video, decision_log=decision_log)
+    with loop:
+        return loop.run(max_frames=max_frames, progress=progress)

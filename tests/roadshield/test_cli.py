@@ -1,0 +1,76 @@
+"""The command line: fast help, lazy tiers, and one clear message per bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from roadshield.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "roadshield.cli", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_help_does_not_import_torch_or_the_cloud_tier():
+    code = ("import sys; from roadshield.cli import build_parser; build_parser(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'cloud_train', 'distill', 'onnxruntime')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("stage", ["data", "train", "eval", "distill", "edge", "demo"])
+def test_every_stage_has_help(stage, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([stage, "--help"])
+    assert exc.value.code == 0
+    assert "usage: roadshield" in capsys.readouterr().out
+
+
+def test_missing_dataset_is_one_clear_error(tmp_path):
+    missing = tmp_path / "no-such-data"
+    res = run_cli("data", "info", str(missing))
+    assert res.returncode == 2
+    assert str(missing) in res.stderr and "Traceback" not in res.stderr
+    assert "roadshield data synth" in res.stderr
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    assert run_cli("data", "synth", "--out", str(tmp_path), "--train-per-class", "1",
+                   "--test-per-class", "1").returncode == 0
+    victim = sorted((tmp_path / "gtsrb").rglob("*.ppm"))[0]
+    victim.write_bytes(b"not an image")
+    res = run_cli("data", "info", str(tmp_path))
+    assert res.returncode == 2 and victim.name in res.stderr and "Traceback" not in res.stderr
+
+
+def test_corrupt_onnx_is_one_clear_error(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(np.random.default_rng(0).bytes(256))
+    res = run_cli("edge", "run", "--model", str(bad), "--source", "synthetic://?frames=2")
+    assert res.returncode == 2
+    assert str(bad) in res.stderr and "Traceback" not in res.stderr
+
+
+def test_camera_that_cannot_open_is_one_clear_error(tiny_onnx):
+    res = run_cli("edge", "run", "--model", str(tiny_onnx), "--source", "/dev/video99")
+    assert res.returncode == 2
+    assert "/dev/video99" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_out_of_range_epsilon_fails_before_training(tmp_path):
+    res = run_cli("train", "--data", str(tmp_path), "--out", str(tmp_path / "m.safetensors"),
+                  "--eps", "3")
+    assert res.returncode == 2 and "eps" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_edge_backends_lists_onnxruntime_as_available():
+    res = run_cli("edge", "backends")
+    assert res.returncode == 0
+    assert any(line.startswith("onnxruntime") and "available" in line
+               for line in res.stdout.splitlines())

@@ -1,0 +1,72 @@
+"""End to end: the demo's tiny profile runs the whole chain, and its claims re-check."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from roadshield import pipeline
+from roadshield.demo import run_demo
+from roadshield.errors import ModelLoadError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    summary = run_demo("tiny", runs, seed=0, progress=False)
+    return runs, summary
+
+
+def test_demo_writes_a_complete_run_behind_latest(demo_run):
+    runs, summary = demo_run
+    latest = runs / "latest"
+    assert latest.is_symlink()
+    for name in ("summary.json", "summary.png", "model.onnx", "teacher.safetensors",
+                 "edge.mp4", "decisions.jsonl", "data/gtsrb/GT-final_test.csv"):
+        assert (latest / name).is_file(), name
+    on_disk = json.loads((latest / "summary.json").read_text())
+    for key in ("clean_acc", "fgsm_acc", "pgd_acc", "backend", "fps", "commands_sent"):
+        assert on_disk[key] == summary[key]
+    assert on_disk["backend"].startswith("onnxruntime:")
+    assert on_disk["export"]["parity_max_abs"] <= 1e-4
+    assert on_disk["edge"]["frames"] == 40
+
+
+def test_clean_accuracy_recomputes_from_the_onnx_model_and_the_gtsrb_test_set(demo_run):
+    from cloud_train.gtsrb import load_gtsrb
+    from edge_runtime.runners.onnxruntime_runner import OnnxRuntimeRunner
+
+    runs, summary = demo_run
+    test = load_gtsrb(runs / "latest" / "data", "test", size=32)
+    x = test.images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    with OnnxRuntimeRunner(runs / "latest" / "model.onnx") as runner:
+        logits = runner.infer({"input": x})["logits"]
+    acc = float((logits.argmax(1) == test.labels).mean())
+    assert acc == pytest.approx(summary["clean_acc"], abs=1.5 / len(test.labels))
+
+
+def test_decision_log_agrees_with_the_commands_counted(demo_run):
+    runs, summary = demo_run
+    lines = [json.loads(line) for line in
+             (runs / "latest" / "decisions.jsonl").read_text().splitlines()]
+    assert len(lines) == summary["edge"]["decisions"]
+    assert sum(1 for d in lines if d["sent"]) == summary["commands_sent"]
+
+
+def test_a_failing_stage_leaves_latest_untouched(demo_run, monkeypatch):
+    runs, _ = demo_run
+    before = os.readlink(runs / "latest")
+
+    def broken_export(*args, **kwargs):
+        raise ModelLoadError("simulated export failure", "none")
+
+    monkeypatch.setattr(pipeline, "export_checkpoint", broken_export)
+    with pytest.raises(ModelLoadError):
+        run_demo("tiny", runs, seed=1, progress=False)
+    assert os.readlink(runs / "latest") == before
+    assert any(p.name.endswith(".failed") for p in runs.iterdir())
