@@ -3,7 +3,7 @@
 URI: ``synthetic://?seed=0&frames=120&sticker_rate=0.3&width=640&height=480&fps=15
 &classes=stop,yield&sticker=PATH&max_frames=N`` (every key optional).
 
-The stream is a sequence of encounters. Each starts with a few frames of empty road, then
+The stream is a sequence of encounters. Each starts with about a second of empty road, then
 one sign approaches for 8-20 frames, growing from ~24 px to ~120 px (its size follows
 1 / distance at constant speed) and moving out from the vanishing point. Each encounter
 picks a class from ``classes`` and, with probability ``sticker_rate``, puts a sticker on the
@@ -126,7 +126,7 @@ class SyntheticCamera(FrameSource):
         while True:
             yield Encounter(
                 class_index=int(self.classes[int(rng.integers(0, len(self.classes)))]),
-                gap=int(rng.integers(2, 7)),
+                gap=int(rng.integers(12, 25)),  # 0.8-1.6 s of empty road at 15 fps
                 length=int(rng.integers(8, 21)),
                 start_px=float(lo * rng.uniform(0.9, 1.15)),
                 end_px=float(hi * rng.uniform(0.85, 1.0)),

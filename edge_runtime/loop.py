@@ -67,10 +67,11 @@ class TruthScorer:
 
     Locator recall: a candidate overlaps the truth box with IoU >= ``iou``. Accuracy: the
     prediction for that candidate names the truth class (only when it was classified),
-    split clean vs stickered. Encounter: consecutive frames showing the same truth class;
-    it ended with the right action when the policy sent a command whose voted class has
-    the truth class's rule (stop sign -> a full-brake command), or, for a class whose rule
-    changes nothing, when no command was sent.
+    split clean vs stickered. Encounter: consecutive frames showing the same truth class.
+    It is right when the policy's voted decisions include a class with the truth class's
+    rule (a stop sign voted "stop" or "no_entry") and no command went out under another
+    rule; for a class whose rule changes nothing, when no command went out under a rule.
+    Voted, not sent: a speed limit already in force is a right decision with no command.
     """
 
     def __init__(self, rule_for: Callable[[str], Any] | None, iou: float = 0.5) -> None:
@@ -103,11 +104,13 @@ class TruthScorer:
         if self._open is None:
             self._open = {"class_name": truth.class_name, "stickered": truth.stickered,
                           "first_frame": frame.index, "last_frame": frame.index, "frames": 0,
-                          "commands": []}
+                          "commands": [], "voted": []}
         enc = self._open
         enc["last_frame"] = frame.index
         enc["frames"] += 1
         enc["stickered"] = enc["stickered"] or truth.stickered
+        if decision.action not in ("none", "hold", "relax") and decision.class_name:
+            enc["voted"].append(decision.class_name)
         if decision.command is not None:
             enc["commands"].append({"action": decision.action, "class_name": decision.class_name,
                                     "speed_cap_kmh": decision.command.speed_cap_kmh,
@@ -119,12 +122,12 @@ class TruthScorer:
             return
         want = self.rule_for(enc["class_name"])
         enc["expected"] = want.action
-        if want.action == "keep":
-            enc["right"] = not enc["commands"]
-        else:
-            enc["right"] = any(c["class_name"] is not None
-                               and self.rule_for(c["class_name"]) == want
-                               for c in enc["commands"])
+        wrong_command = any(c["class_name"] is not None and self.rule_for(c["class_name"]) != want
+                            for c in enc["commands"])
+        voted_right = want.action == "keep" or any(self.rule_for(name) == want
+                                                   for name in enc["voted"])
+        enc["right"] = voted_right and not wrong_command
+        enc["voted"] = sorted(set(enc["voted"]))
         self._done.append(enc)
 
     def encounters(self) -> list[dict[str, Any]]:

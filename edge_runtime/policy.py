@@ -2,10 +2,14 @@
 
 The classifier is the part an attacker targets (a sticker on a stop sign), so the policy
 does not trust a single frame: a class must win ``votes_needed`` of the last ``window``
-confident sightings before anything moves, the policy only ever tightens the speed cap
-while signs keep being seen (one encounter), and it relaxes to ``max_speed_kmh`` only after
-``clear_after_s`` seconds without any sign. Among the confident predictions of one frame it
-votes for the most restrictive, so a decoy next to a stop sign cannot hide it.
+confident sightings before anything moves. An encounter is the run of frames while signs
+keep being seen; it ends after ``clear_after_s`` seconds without any sign. Its first voted
+decision sets the command, later ones may only tighten it, so flipping the last frames of
+an encounter cannot loosen a stop. A speed-limit sign's limit outlives its encounter (it
+is the road's new limit, never above ``max_speed_kmh``); stop and slow signs last for
+their encounter, after which the vehicle returns to the standing limit. Among the
+confident predictions of one frame it votes for the most restrictive, so a decoy next to
+a stop sign cannot hide it.
 
 Policies are chosen by name: ``create_policy("sign_rules", max_speed_kmh=40)``.
 """
@@ -113,7 +117,7 @@ class Policy(Protocol):
 class SignRulesPolicy:
     """Rules by class name with confidence gating, temporal voting and tighten-only encounters.
 
-    max_speed_kmh: the highest cap ever commanded (km/h); also the cap after an encounter.
+    max_speed_kmh: the highest cap ever commanded (km/h); the standing limit at start.
     confidence: minimum softmax probability for a prediction to vote.
     votes_needed / window: act when one class won ``votes_needed`` of the last ``window``
         frames with a confident sighting.
@@ -126,7 +130,7 @@ class SignRulesPolicy:
     name = "sign_rules"
 
     def __init__(self, max_speed_kmh: float = 50.0, confidence: float = 0.6,
-                 votes_needed: int = 3, window: int = 5, clear_after_s: float = 2.0,
+                 votes_needed: int = 3, window: int = 5, clear_after_s: float = 0.6,
                  slow_kmh: float = 20.0, slow_brake: float = 0.3, ttl_ms: int = 500,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not max_speed_kmh > 0:
@@ -178,15 +182,21 @@ class SignRulesPolicy:
 
     # -- state -------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget votes and the encounter: cap back to max speed, no brake."""
+        """Forget everything: standing limit back to max speed, no brake, no encounter."""
+        self.limit_kmh = self.max_speed_kmh
+        self._end_encounter()
+
+    def _end_encounter(self) -> None:
         self._votes.clear()
-        self.cap_kmh = self.max_speed_kmh
+        self.cap_kmh = self.limit_kmh
         self.brake = 0.0
+        self._encounter_rule: Rule | None = None  # the first voted rule of this encounter
         self._last_seen: float | None = None
 
     @property
     def tightened(self) -> bool:
-        return self.cap_kmh < self.max_speed_kmh or self.brake > 0.0
+        """True while the command in force is stricter than the standing limit."""
+        return self.cap_kmh < self.limit_kmh or self.brake > 0.0
 
     def standing_command(self, reason: str = "keepalive") -> ActuatorCommand:
         """The command that holds the current state (to refresh before its TTL runs out)."""
@@ -218,9 +228,17 @@ class SignRulesPolicy:
         if rule.speed_cap_kmh is None:
             return Decision("keep", winner, conf, None,
                             f"{votes}; no rule for it, cap stays {self.cap_kmh:g} km/h")
-        cap = min(self.cap_kmh, rule.speed_cap_kmh)
-        brake = max(self.brake, rule.brake)
-        if cap >= self.cap_kmh and brake <= self.brake:
+        if self._encounter_rule is None:
+            # First decision of the encounter. A speed-limit sign is the road's new limit,
+            # looser or not; a stop or slow sign tightens the standing limit.
+            self._encounter_rule = rule
+            cap = rule.speed_cap_kmh if rule.action == "limit" \
+                else min(self.limit_kmh, rule.speed_cap_kmh)
+            brake = rule.brake
+        else:
+            cap = min(self.cap_kmh, rule.speed_cap_kmh)
+            brake = max(self.brake, rule.brake)
+        if cap == self.cap_kmh and brake == self.brake:
             return Decision("keep", winner, conf, None,
                             f"{votes}; already at {self.cap_kmh:g} km/h, brake "
                             f"{self.brake:.2f} (only tightens within an encounter)")
@@ -232,14 +250,17 @@ class SignRulesPolicy:
     def _no_sign(self, now: float) -> Decision:
         if self._last_seen is None or now - self._last_seen < self.clear_after_s:
             return Decision("none", None, 0.0, None, "no sign")
+        rule = self._encounter_rule
+        if rule is not None and rule.action == "limit" and rule.speed_cap_kmh is not None:
+            self.limit_kmh = rule.speed_cap_kmh  # the limit stays after its sign is passed
         was_tight = self.tightened
-        self.reset()
+        self._end_encounter()
         if not was_tight:
             return Decision("none", None, 0.0, None, "no sign; votes cleared")
-        reason = f"no sign for {self.clear_after_s:g} s: cap back to {self.max_speed_kmh:g} km/h"
+        reason = (f"no sign for {self.clear_after_s:g} s: back to the standing limit "
+                  f"{self.limit_kmh:g} km/h")
         return Decision("relax", None, 0.0,
-                        ActuatorCommand(self.max_speed_kmh, 0.0, 0.0, self.ttl_ms, reason),
-                        reason)
+                        ActuatorCommand(self.limit_kmh, 0.0, 0.0, self.ttl_ms, reason), reason)
 
 
 class MonitorPolicy(SignRulesPolicy):

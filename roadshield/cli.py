@@ -57,7 +57,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--trainer", default="fast_at", help="standard | fast_at")
     train.add_argument("--epochs", type=int, default=10)
     train.add_argument("--batch-size", type=int, default=128)
-    train.add_argument("--lr", type=float, default=0.01)
+    train.add_argument("--lr", type=float, default=0.05, help="peak of the one-cycle schedule")
     train.add_argument("--eps", type=float, default=8 / 255, help="L-inf radius in [0,1] units")
     train.add_argument("--size", type=int, default=32)
     train.add_argument("--seed", type=int, default=0)

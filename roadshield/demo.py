@@ -35,7 +35,7 @@ class Profile:
 PROFILES = {
     # the README's demo: a few minutes on two CPU cores
     "quick": Profile(train_per_class=300, test_per_class=60, epochs=8, pgd_steps=10,
-                     edge_frames=300),
+                     edge_frames=450),
     # the end-to-end test: the same chain, small enough for seconds
     "tiny": Profile(train_per_class=24, test_per_class=6, epochs=2, pgd_steps=3,
                     edge_frames=40),

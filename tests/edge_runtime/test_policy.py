@@ -191,3 +191,38 @@ def test_monitor_never_sends() -> None:
 def test_bad_settings(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         SignRulesPolicy(**kwargs)
+
+
+def encounter(p: SignRulesPolicy, name: str, t0: float, frames: int = 4) -> list[Decision]:
+    """``frames`` sightings of ``name`` 0.1 s apart, then 1.5 s of empty road."""
+    seen = run(p, [obs((name, 0.9), t=t0 + 0.1 * i) for i in range(frames)])
+    return seen + [p.decide(obs(t=t0 + 0.1 * frames + 1.5))]
+
+
+def test_speed_limit_outlives_its_encounter_and_stop_returns_to_it() -> None:
+    p = SignRulesPolicy(max_speed_kmh=80, clear_after_s=1.0)
+    limit = encounter(p, "speed_limit_50", 0.0)
+    # the limit is commanded once and stays: passing the sign sends no relax command
+    assert commands(limit) == [("limit", 50.0, 0.0)]
+    assert p.limit_kmh == 50.0
+    stop = encounter(p, "stop", 10.0)
+    # after the stop sign, the car resumes at the standing 50 km/h, not at max speed
+    assert commands(stop) == [("stop", 0.0, 1.0), ("relax", 50.0, 0.0)]
+    slow = encounter(p, "pedestrians", 20.0)
+    assert commands(slow) == [("slow", 20.0, 0.3), ("relax", 50.0, 0.0)]
+
+
+def test_a_new_speed_limit_sign_may_loosen_but_never_past_max_speed() -> None:
+    p = SignRulesPolicy(max_speed_kmh=60, clear_after_s=1.0)
+    assert commands(encounter(p, "speed_limit_30", 0.0)) == [("limit", 30.0, 0.0)]
+    assert commands(encounter(p, "speed_limit_100", 10.0)) == [("limit", 60.0, 0.0)]
+    assert p.limit_kmh == 60.0
+
+
+def test_late_votes_in_an_encounter_cannot_loosen_a_stop() -> None:
+    p = SignRulesPolicy(votes_needed=3, window=5)
+    first = run(p, [obs(("stop", 0.9), t=0.1 * i) for i in range(3)])
+    # an attacker flips every later frame of the same encounter to a speed limit
+    later = run(p, [obs(("speed_limit_50", 0.99), t=0.3 + 0.1 * i) for i in range(10)])
+    assert commands(first + later) == [("stop", 0.0, 1.0)]
+    assert (p.cap_kmh, p.brake) == (0.0, 1.0)
