@@ -13,9 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import struct
-import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,37 +26,11 @@ from torch import nn
 
 from cloud_train.models import create_model
 from roadshield.errors import ConfigError, ModelLoadError, RoadshieldError
+from roadshield.fileio import atomic_write_bytes
 
 FORMAT = "roadshield-checkpoint/1"
 #: header values stored as plain strings; every other value is JSON, so it decodes exactly
 _TEXT_KEYS = ("arch", "format", "created")
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    except OSError as err:
-        raise ModelLoadError(f"cannot read {path}: {err.strerror or err}",
-                             "check the path and its permissions") from err
-    return h.hexdigest()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _jsonable(value: Any) -> Any:
@@ -106,7 +78,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, meta: dict[str, Any]) ->
                               "pass plain numbers, strings, lists and dicts") from err
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     data = st_save(tensors, metadata=header)
-    _atomic_write(path, data)
+    atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 

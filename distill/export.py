@@ -22,8 +22,6 @@ from __future__ import annotations
 import copy
 import io
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,26 +33,13 @@ import torch
 from torch import nn
 
 from roadshield.errors import BackendUnavailableError, ConfigError, ModelLoadError
+from roadshield.fileio import atomic_write_bytes
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 INPUT_FORMAT = "float32 NCHW RGB [0,1]"
 NORMALIZATION = "inside graph"
 PT2_META_FILE = "roadshield_meta.json"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _side(model: nn.Module, input_size: int | Sequence[int] | None) -> int:
@@ -144,7 +129,7 @@ def export_onnx(model: nn.Module, class_names: Sequence[str], out_path: str | Pa
     except onnx.checker.ValidationError as err:
         raise ModelLoadError(f"the exported graph for {out} fails onnx.checker: {err}",
                              "the model uses an op the exporter cannot express") from err
-    _atomic_write(out, proto.SerializeToString())
+    atomic_write_bytes(out, proto.SerializeToString())
     return out
 
 
@@ -239,5 +224,5 @@ def export_torch_program(model: nn.Module, out_path: str | Path,
             "source_sha256": source_sha256 or ""}
     buf = io.BytesIO()
     torch.export.save(program, buf, extra_files={PT2_META_FILE: json.dumps(meta)})
-    _atomic_write(out, buf.getvalue())
+    atomic_write_bytes(out, buf.getvalue())
     return out

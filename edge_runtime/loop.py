@@ -23,6 +23,7 @@ import numpy as np
 
 from actuator.interface import Actuator, ActuatorCommand
 from roadshield.errors import ConfigError, RoadshieldError
+from roadshield.fileio import atomic_write_json
 
 from .annotate import annotate
 from .frames import Frame, FrameSource
@@ -174,14 +175,7 @@ class LoopReport:
 
     def write_json(self, path: str | os.PathLike[str]) -> None:
         """Write ``to_dict()`` as JSON atomically (temp file, fsync, rename)."""
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
+        atomic_write_json(path, self.to_dict())
 
 
 class EdgeLoop:

@@ -9,7 +9,6 @@ them with the ``onnx`` package, or with onnxruntime's model metadata where
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from roadshield.errors import ConfigError, ModelLoadError
+from roadshield.fileio import file_sha256
 
 EXPORT_HINT = "re-export the checkpoint with `roadshield distill export`"
 REQUIRED_KEYS = ("class_names", "input_size", "arch")
@@ -48,15 +48,6 @@ class ModelInfo:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _read_with_onnx(path: Path) -> tuple[dict[str, str], str, str, int | None]:

@@ -16,8 +16,9 @@ from typing import Any
 
 from roadshield import pipeline
 from roadshield.errors import ConfigError
+from roadshield.fileio import atomic_write_json
 from roadshield.report import format_demo_summary, plot_demo
-from roadshield.runs import atomic_write_json, staged_run
+from roadshield.runs import staged_run
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Profile:
 
 PROFILES = {
     # the README's demo: a few minutes on two CPU cores
-    "quick": Profile(train_per_class=300, test_per_class=60, epochs=8, pgd_steps=10,
+    "quick": Profile(train_per_class=500, test_per_class=60, epochs=10, pgd_steps=10,
                      edge_frames=450),
     # the end-to-end test: the same chain, small enough for seconds
     "tiny": Profile(train_per_class=24, test_per_class=6, epochs=2, pgd_steps=3,

@@ -10,24 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import toy_data
 from safetensors.torch import save_file
 
-from cloud_train.checkpoint import file_sha256, load_checkpoint, save_checkpoint
-from cloud_train.models import create_model
+from cloud_train.checkpoint import load_checkpoint, save_checkpoint
 from cloud_train.train import TrainConfig
 from roadshield.errors import ConfigError, ModelLoadError
+from roadshield.fileio import file_sha256
 
 NAMES = ["stop", "yield", "no_entry", "priority_road", "speed_limit_30"]
 
 
 def used_model(arch: str = "signnet", size: int = 32) -> torch.nn.Module:
-    """A model whose BN running statistics moved away from their defaults."""
-    torch.manual_seed(0)
-    model = create_model(arch, len(NAMES), input_size=size)
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(4, 3, size, size))
-    return model.eval()
+    return toy_data.used_model(arch, NAMES, size)
 
 
 @pytest.fixture(scope="module")

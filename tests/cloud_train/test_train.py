@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from toy_data import toy_shapes
 
 from cloud_train import train as train_mod
 from cloud_train.attacks import pgd_linf
@@ -14,31 +15,8 @@ from cloud_train.tensors import Augment, make_loader, to_tensor
 from cloud_train.train import TrainConfig, TrainHistory, list_trainers, train
 from roadshield.errors import ConfigError, DatasetError
 
-COLOURS = np.array([[220, 40, 40], [40, 40, 220], [40, 200, 40], [230, 200, 30]])
 #: on this toy set standard training is robust at 8/255 but not at 32/255 (measured)
 EPS = 32 / 255
-
-
-def toy_shapes(n: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """n uint8 RGB images of 4 classes (red disc, blue square, green triangle, yellow cross)
-    on a random grey background with Gaussian pixel noise; labels are int64."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 4, n)
-    yy, xx = np.mgrid[:size, :size]
-    images = np.empty((n, size, size, 3), np.uint8)
-    for i, k in enumerate(labels):
-        img = np.empty((size, size, 3), np.float32)
-        img[:] = rng.integers(60, 160, 3)
-        cy, cx = size / 2 + rng.uniform(-3, 3, 2)
-        r = size * rng.uniform(0.28, 0.38)
-        dy, dx = yy - cy, xx - cx
-        mask = [dy**2 + dx**2 < r**2,
-                (abs(dy) < 0.8 * r) & (abs(dx) < 0.8 * r),
-                (dy < 0.7 * r) & (dy > -r) & (abs(dx) < 0.6 * (dy + r)),
-                ((abs(dy) < 0.3 * r) | (abs(dx) < 0.3 * r)) & (abs(dy) < r) & (abs(dx) < r)][k]
-        img[mask] = COLOURS[k]
-        images[i] = (img + rng.normal(0, 20, img.shape)).clip(0, 255)
-    return images, labels
 
 
 @pytest.fixture(scope="module")

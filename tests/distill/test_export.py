@@ -11,9 +11,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import toy_data
 
 from cloud_train.checkpoint import load_checkpoint, save_checkpoint
-from cloud_train.models import create_model
 from distill.export import (
     INPUT_FORMAT,
     PT2_META_FILE,
@@ -30,13 +30,7 @@ NAMES = ["stop", "yield", "no_entry", "priority_road", "speed_limit_30", "turn_l
 
 
 def used_model(arch: str, size: int, seed: int = 0) -> torch.nn.Module:
-    """A model whose BN running statistics moved away from their defaults, in eval mode."""
-    torch.manual_seed(seed)
-    model = create_model(arch, len(NAMES), input_size=size)
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(4, 3, size, size))
-    return model.eval()
+    return toy_data.used_model(arch, NAMES, size, seed)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,8 @@ import os
 import pytest
 
 from roadshield.errors import ConfigError
-from roadshield.runs import atomic_write_json, staged_run
+from roadshield.fileio import atomic_write_json
+from roadshield.runs import staged_run
 
 
 def test_successful_run_is_published_and_latest_points_at_it(tmp_path):

@@ -1,0 +1,33 @@
+"""The layers of ARCHITECTURE.md hold: the edge core imports neither torch nor the cloud tier."""
+
+from __future__ import annotations
+
+import pkgutil
+import subprocess
+import sys
+
+import edge_runtime
+
+
+def _edge_modules() -> list[str]:
+    return sorted(m.name for m in pkgutil.walk_packages(edge_runtime.__path__, "edge_runtime."))
+
+
+def test_edge_runtime_imports_without_torch_or_cloud_tiers():
+    mods = _edge_modules() + ["actuator.interface", "kernels.reference"]
+    assert "edge_runtime.loop" in mods and "edge_runtime.runners.torch_runner" in mods
+    code = (f"import importlib, sys\nfor m in {mods!r}: importlib.import_module(m)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'torch', 'torchvision', 'cloud_train', 'distill'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_leaf_packages_import_only_leaves():
+    code = ("import sys, actuator.interface, kernels.reference\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'edge_runtime', 'cloud_train', 'distill', 'torch'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,46 @@
+"""Small, learnable data and models shared by the cloud-tier and export tests."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+COLOURS = np.array([[220, 40, 40], [40, 40, 220], [40, 200, 40], [230, 200, 30]])
+
+
+def toy_shapes(n: int, seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """n uint8 RGB images of 4 classes (red disc, blue square, green triangle, yellow cross)
+    on a random grey background with Gaussian pixel noise; labels are int64."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    yy, xx = np.mgrid[:size, :size]
+    images = np.empty((n, size, size, 3), np.uint8)
+    for i, k in enumerate(labels):
+        img = np.empty((size, size, 3), np.float32)
+        img[:] = rng.integers(60, 160, 3)
+        cy, cx = size / 2 + rng.uniform(-3, 3, 2)
+        r = size * rng.uniform(0.28, 0.38)
+        dy, dx = yy - cy, xx - cx
+        mask = [dy**2 + dx**2 < r**2,
+                (abs(dy) < 0.8 * r) & (abs(dx) < 0.8 * r),
+                (dy < 0.7 * r) & (dy > -r) & (abs(dx) < 0.6 * (dy + r)),
+                ((abs(dy) < 0.3 * r) | (abs(dx) < 0.3 * r)) & (abs(dy) < r) & (abs(dx) < r)][k]
+        img[mask] = COLOURS[k]
+        images[i] = (img + rng.normal(0, 20, img.shape)).clip(0, 255)
+    return images, labels
+
+
+def used_model(arch: str, names: Sequence[str], size: int = 32, seed: int = 0):
+    """A registry model whose BN running statistics moved away from their defaults, in eval
+    mode, so a save/load or export round trip that drops buffers shows up."""
+    import torch
+
+    from cloud_train.models import create_model
+
+    torch.manual_seed(seed)
+    model = create_model(arch, len(names), input_size=size)
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(4, 3, size, size))
+    return model.eval()
