@@ -45,8 +45,8 @@ def main() -> int:
         source = args.source or f"synthetic://?seed=7&frames={args.frames}&sticker_rate=0.3"
         rep = run_edge(model, source, backend=args.backend, progress=False).to_dict()
     stages = rep["stages"]
-    work = sum(stages[s]["mean_ms"] for s in stages if s not in ("read", "frame"))
-    rep["pipeline_fps_excluding_read"] = 1000.0 / work if work else None
+    # "frame" times everything after the frame was read: locate .. annotate
+    rep["pipeline_fps_excluding_read"] = 1000.0 / stages["frame"]["mean_ms"]
     if args.json:
         print(json.dumps(rep, indent=2))
         return 0
@@ -55,7 +55,7 @@ def main() -> int:
     for name, s in stages.items():
         print(f"{name:12s} {s['median_ms']:10.3f} {s['p95_ms']:10.3f} {s['mean_ms']:10.3f}")
     print(f"loop fps (with rendering): {rep['fps']:.1f}")
-    print(f"pipeline fps (locate..actuate, excluding frame read): "
+    print(f"pipeline fps (locate..actuate, excluding the frame read): "
           f"{rep['pipeline_fps_excluding_read']:.1f}")
     return 0
 
