@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint clean kernels bench-kernels
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) scripts/bench_edge.py
+
+# CUDA kernels for the Jetson (sm_87) and sm_90, plus the host build of their shared math
+kernels: $(VENV)/.installed
+	$(PY) -m kernels.build
+
+bench-kernels: $(VENV)/.installed kernels
+	$(PY) scripts/bench_kernels.py
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -30,13 +30,15 @@ from .frames import Frame, FrameSource
 from .locate import Candidate, box_iou
 from .policy import Decision, Observation, Policy, Prediction
 from .runners.base import BaseRunner
+from .sanitize import SanitizeChain
 
 log = logging.getLogger(__name__)
 
 #: (frame_bgr H x W x 3 uint8 BGR, boxes, size) -> float32 (N, 3, size, size) RGB in [0, 1]
 Preprocess = Callable[[np.ndarray, list[tuple[int, int, int, int]], int], np.ndarray]
 Locator = Callable[[np.ndarray], list[Candidate]]
-STAGES = ("read", "locate", "preprocess", "infer", "decide", "actuate", "annotate", "frame")
+STAGES = ("read", "locate", "sanitize", "preprocess", "infer", "decide", "actuate", "annotate",
+          "frame")
 
 
 class FrameWriter(Protocol):
@@ -168,6 +170,7 @@ class LoopReport:
     encounters: list[dict[str, Any]] = field(default_factory=list)
     source: str = ""
     runner: str = ""
+    sanitize: str = ""  # the sanitizer chain's spec; "" when none ran
     interrupted: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -190,6 +193,10 @@ class EdgeLoop:
     max_rois: how many of the best candidates are classified per frame (one batch).
     keepalive_s: when set, re-send the policy's standing command if nothing was sent for
         this many seconds of wall time, so a device with a command TTL stays in its state.
+    sanitizers: optional ``edge_runtime.sanitize.SanitizeChain`` run between locate and
+        the model: its crop steps on each clamped box (before ``preprocess``), its batch
+        steps on the model input. The "preprocess" stage time includes it; the time spent
+        in the sanitizers alone is also reported as the "sanitize" stage.
     """
 
     def __init__(self, source: FrameSource, locator: Locator, preprocess: Preprocess,
@@ -197,7 +204,8 @@ class EdgeLoop:
                  policy: Policy, actuator: Actuator, annotator: FrameWriter | None = None,
                  decision_log: str | os.PathLike[str] | None = None, *,
                  input_name: str = "input", output_name: str = "logits", max_rois: int = 3,
-                 keepalive_s: float | None = None) -> None:
+                 keepalive_s: float | None = None, sanitizers: SanitizeChain | None = None
+                 ) -> None:
         if not class_names:
             raise ConfigError("the edge loop got no class names",
                               "read them from the model's metadata (read_model_info)")
@@ -221,17 +229,27 @@ class EdgeLoop:
         self.output_name = output_name
         self.max_rois = max_rois
         self.keepalive_s = keepalive_s
+        self.sanitizers = sanitizers
         self.current_command: ActuatorCommand | None = None
         self.last_report: LoopReport | None = None
         self._last_send = float("-inf")
 
     # -- one frame's parts -------------------------------------------------------------
     def classify(self, image: np.ndarray, candidates: Sequence[Candidate],
-                 times: dict[str, list[float]]) -> list[Prediction]:
-        """Classify the best ``max_rois`` candidates; predictions in candidate order."""
+                 times: dict[str, list[float]], frame_index: int = 0) -> list[Prediction]:
+        """Classify the best ``max_rois`` candidates; predictions in candidate order.
+
+        frame_index seeds the randomized sanitizers (a run replays frame for frame).
+        """
         chosen = list(candidates[: self.max_rois])
+        boxes = [c.box for c in chosen]
         t0 = time.perf_counter()
-        batch = self.preprocess(image, [c.box for c in chosen], self.input_size)
+        if self.sanitizers is None:
+            batch = self.preprocess(image, boxes, self.input_size)
+        else:
+            batch = self.sanitizers(image, boxes, self.input_size, frame_index=frame_index,
+                                    preprocess=self.preprocess)
+            times["sanitize"].append(self.sanitizers.last_sanitize_ms)
         t1 = time.perf_counter()
         expected = (len(chosen), 3, self.input_size, self.input_size)
         if batch.shape != expected or batch.dtype != np.float32:
@@ -274,7 +292,8 @@ class EdgeLoop:
         candidates = self.locator(frame.image)
         t1 = time.perf_counter()
         times["locate"].append((t1 - t0) * 1e3)
-        predictions = self.classify(frame.image, candidates, times) if candidates else []
+        predictions = (self.classify(frame.image, candidates, times, frame.index)
+                       if candidates else [])
         t2 = time.perf_counter()
         decision = self.policy.decide(Observation(tuple(predictions), frame.timestamp,
                                                   frame.index))
@@ -313,7 +332,8 @@ class EdgeLoop:
         """
         from tqdm import tqdm  # type: ignore[import-untyped]
 
-        report = LoopReport(source=getattr(self.source, "uri", ""), runner=self.runner.name)
+        report = LoopReport(source=getattr(self.source, "uri", ""), runner=self.runner.name,
+                            sanitize=self.sanitizers.spec if self.sanitizers else "")
         self.last_report = report
         times: dict[str, list[float]] = {name: [] for name in STAGES}
         scorer = TruthScorer(getattr(self.policy, "rule_for", None))
@@ -391,8 +411,13 @@ def build_loop(source: str | FrameSource, model_path: str | os.PathLike[str], *,
                locator: str | Locator = "hsv", locator_options: dict[str, Any] | None = None,
                annotate_video: str | os.PathLike[str] | None = None, video_fps: float = 15.0,
                decision_log: str | os.PathLike[str] | None = None, max_rois: int = 3,
-               keepalive_s: float | None = None) -> EdgeLoop:
+               keepalive_s: float | None = None,
+               sanitize: str | Sequence[str] | None = None) -> EdgeLoop:
     """Wire the default parts by name: a camera URI, a model file and a backend name.
+
+    sanitize: a sanitizer chain spec (``edge_runtime.sanitize``), e.g.
+    ``"bitdepth:bits=5,median:k=3"``; None or "" runs none. It is checked before the
+    model or the camera is opened.
 
     The model's class names, input size and tensor names come from its metadata
     (``read_model_info``); the actuator defaults to an in-process RecordingActuator.
@@ -404,8 +429,10 @@ def build_loop(source: str | FrameSource, model_path: str | os.PathLike[str], *,
     from .policy import create_policy
     from .preprocess import preprocess_batch
     from .runners.registry import create_runner
+    from .sanitize import build_chain
     from .sources import open_source
 
+    chain = build_chain(sanitize)
     info = read_model_info(model_path)
     runner = create_runner(backend, model_path)
     pol = create_policy(policy, **(policy_options or {})) if isinstance(policy, str) else policy
@@ -420,4 +447,4 @@ def build_loop(source: str | FrameSource, model_path: str | os.PathLike[str], *,
     return EdgeLoop(src, loc, preprocess_batch, runner, info.class_names, info.input_size, pol,
                     actuator if actuator is not None else RecordingActuator(), annotator,
                     decision_log, input_name=info.input_name, output_name=info.output_name,
-                    max_rois=max_rois, keepalive_s=keepalive_s)
+                    max_rois=max_rois, keepalive_s=keepalive_s, sanitizers=chain)

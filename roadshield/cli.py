@@ -95,6 +95,9 @@ def _add_edge(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--video", default=None, help="write an annotated video here (.mp4/.avi)")
     run.add_argument("--decision-log", default=None, help="append decisions here (JSON lines)")
     run.add_argument("--max-speed", type=float, default=50.0, help="km/h the policy never exceeds")
+    run.add_argument("--sanitize", default=None, metavar="CHAIN",
+                     help='input sanitizers run on each crop, e.g. "bitdepth:bits=5,median:k=3"'
+                          " (bitdepth, median, jpeg, resize_pad; preprocess splits crop/batch)")
     run.add_argument("--json", action="store_true", help="print the loop report as JSON")
     run.set_defaults(func=_handler("roadshield.commands", "edge_run"))
     backends = esub.add_parser("backends", help="list the inference backends usable here")

@@ -84,7 +84,8 @@ def distill_export(args: argparse.Namespace) -> int:
 def edge_run(args: argparse.Namespace) -> int:
     report = pipeline.run_edge(args.model, args.source, backend=args.backend,
                                max_frames=args.max_frames, video=args.video,
-                               decision_log=args.decision_log, max_speed_kmh=args.max_speed)
+                               decision_log=args.decision_log, max_speed_kmh=args.max_speed,
+                               sanitize=getattr(args, "sanitize", None))
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

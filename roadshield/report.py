@@ -21,11 +21,12 @@ def _pct(x: float | None) -> str:
 def loop_rows(rep: dict[str, Any]) -> list[tuple[str, str]]:
     stages = rep.get("stages", {})
     rows = [("backend", rep.get("runner", "")),
+            ("input sanitizers", rep.get("sanitize") or "none"),
             ("frames", str(rep["frames"])),
             ("frames per second", f"{rep['fps']:.1f}"),
             ("frames with a sign located", str(rep["frames_with_detection"])),
             ("commands sent to the actuator", str(rep["commands_sent"]))]
-    for stage in ("locate", "preprocess", "infer", "frame"):
+    for stage in ("locate", "sanitize", "preprocess", "infer", "frame"):
         if stage in stages:
             s = stages[stage]
             rows.append((f"{stage} ms (median / p95)", f"{s['median_ms']:.2f} / {s['p95_ms']:.2f}"))
