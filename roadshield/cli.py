@@ -98,10 +98,21 @@ def _add_edge(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--sanitize", default=None, metavar="CHAIN",
                      help='input sanitizers run on each crop, e.g. "bitdepth:bits=5,median:k=3"'
                           " (bitdepth, median, jpeg, resize_pad; preprocess splits crop/batch)")
+    run.add_argument("--serial", default=None,
+                     help="drive a serial actuator: /dev/ttyACM0, /dev/roadshield-actuator, "
+                          "or a simulator's pty")
+    run.add_argument("--serial-key", default=None,
+                     help="the board's key file (written by `roadshield actuator provision`)")
     run.add_argument("--json", action="store_true", help="print the loop report as JSON")
     run.set_defaults(func=_handler("roadshield.commands", "edge_run"))
     backends = esub.add_parser("backends", help="list the inference backends usable here")
     backends.set_defaults(func=_handler("roadshield.commands", "edge_backends"))
+
+
+def _add_actuator(sub: argparse._SubParsersAction) -> None:
+    from actuator.cli import add_actuator_parser  # argparse and json only: stays fast
+
+    add_actuator_parser(sub)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -109,6 +120,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--profile", default="quick", help="quick (default) or tiny")
     demo.add_argument("--runs-dir", default="runs")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--actuator", default="recording",
+                      help="recording (in-process) or simulator (the serial link to the "
+                           "device simulator on a pseudo-terminal)")
     demo.set_defaults(func=_handler("roadshield.demo", "main"))
 
 
@@ -119,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"roadshield {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_data, _add_train, _add_distill, _add_edge, _add_demo):
+    for add in (_add_data, _add_train, _add_distill, _add_edge, _add_actuator, _add_demo):
         add(sub)
     return parser
 

@@ -82,10 +82,25 @@ def distill_export(args: argparse.Namespace) -> int:
 
 
 def edge_run(args: argparse.Namespace) -> int:
-    report = pipeline.run_edge(args.model, args.source, backend=args.backend,
-                               max_frames=args.max_frames, video=args.video,
-                               decision_log=args.decision_log, max_speed_kmh=args.max_speed,
-                               sanitize=getattr(args, "sanitize", None))
+    actuator = None
+    if args.serial:
+        if not args.serial_key:
+            raise ConfigError("--serial needs --serial-key",
+                              "pass the key file written by `roadshield actuator provision`")
+        from actuator.serial_actuator import SerialActuator
+
+        actuator = SerialActuator(args.serial, args.serial_key, max_speed_kmh=args.max_speed)
+    try:
+        # commands on the serial link expire after their TTL (500 ms): refresh well before
+        report = pipeline.run_edge(args.model, args.source, backend=args.backend,
+                                   max_frames=args.max_frames, video=args.video,
+                                   decision_log=args.decision_log,
+                                   max_speed_kmh=args.max_speed, sanitize=args.sanitize,
+                                   actuator=actuator,
+                                   keepalive_s=0.2 if actuator is not None else None)
+    finally:
+        if actuator is not None:
+            actuator.close()
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

@@ -9,7 +9,10 @@ run only once everything has succeeded.
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,8 +50,31 @@ def _step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
+@contextmanager
+def demo_actuator(kind: str) -> Iterator[tuple[object, float | None]]:
+    """Yield (actuator, keepalive seconds): in-process recording, or the serial link to the
+    device simulator on a real pseudo-terminal (authenticated frames, watchdog, TTLs)."""
+    from actuator.interface import RecordingActuator
+
+    if kind == "recording":
+        yield RecordingActuator(), None
+        return
+    if kind != "simulator":
+        raise ConfigError(f"unknown demo actuator {kind!r}", "use recording or simulator")
+    from actuator.serial_actuator import SerialActuator
+    from actuator.simulator import PtySimulator
+
+    key = os.urandom(32)  # a fresh board key for this run only
+    with PtySimulator(key) as sim:
+        act = SerialActuator(sim.port, key)
+        try:
+            yield act, 0.2  # commands expire after their 500 ms TTL: refresh well before
+        finally:
+            act.close()
+
+
 def run_demo(profile_name: str = "quick", runs_dir: str | Path = "runs", seed: int = 0,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, actuator: str = "recording") -> dict[str, Any]:
     """Run every stage into a new run folder; return the summary also saved as summary.json."""
     if profile_name not in PROFILES:
         raise ConfigError(f"unknown demo profile {profile_name!r}",
@@ -74,11 +100,13 @@ def run_demo(profile_name: str = "quick", runs_dir: str | Path = "runs", seed: i
         exported = pipeline.export_checkpoint(trained.checkpoint, run / "model.onnx",
                                               expected_sha256=trained.sha256, seed=seed)
 
-        _step("5/5 edge loop on a synthetic camera with stickered signs")
+        _step(f"5/5 edge loop on a synthetic camera with stickered signs ({actuator} actuator)")
         source = (f"synthetic://?seed={seed + 1}&frames={prof.edge_frames}"
                   f"&sticker_rate={prof.sticker_rate}")
-        edge = pipeline.run_edge(exported.onnx, source, video=run / "edge.mp4",
-                                 decision_log=run / "decisions.jsonl", progress=progress)
+        with demo_actuator(actuator) as (act, keepalive_s):
+            edge = pipeline.run_edge(exported.onnx, source, video=run / "edge.mp4",
+                                     decision_log=run / "decisions.jsonl", actuator=act,
+                                     keepalive_s=keepalive_s, progress=progress)
 
         summary = {
             "run_dir": str(Path(runs_dir) / run.name.removeprefix(".").removesuffix(".partial")),
@@ -96,6 +124,7 @@ def run_demo(profile_name: str = "quick", runs_dir: str | Path = "runs", seed: i
             "fgsm_acc": evaluation["fgsm_acc"],
             "pgd_acc": evaluation["pgd_acc"],
             "backend": edge.runner,
+            "actuator": actuator,
             "fps": edge.fps,
             "commands_sent": edge.commands_sent,
             "edge": edge.to_dict(),
@@ -111,5 +140,5 @@ def run_demo(profile_name: str = "quick", runs_dir: str | Path = "runs", seed: i
 
 
 def main(args: argparse.Namespace) -> int:
-    run_demo(args.profile, args.runs_dir, args.seed)
+    run_demo(args.profile, args.runs_dir, args.seed, actuator=args.actuator)
     return 0

@@ -57,6 +57,7 @@ def format_demo_summary(summary: dict[str, Any]) -> str:
             (f"FGSM accuracy (eps {eps:.0f}/255)", _pct(ev["fgsm_acc"])),
             (f"PGD-{ev['pgd_steps']} accuracy (eps {eps:.0f}/255)", _pct(ev["pgd_acc"])),
             ("ONNX vs torch max abs diff", f"{summary['export']['parity_max_abs']:.2e}")]
+    rows.append(("actuator", summary.get("actuator", "recording")))
     rows += loop_rows(summary["edge"])
     rows.append(("wall time", f"{summary['wall_s']:.0f} s"))
     return _table(rows, "roadshield demo summary")

@@ -70,3 +70,12 @@ def test_a_failing_stage_leaves_latest_untouched(demo_run, monkeypatch):
         run_demo("tiny", runs, seed=1, progress=False)
     assert os.readlink(runs / "latest") == before
     assert any(p.name.endswith(".failed") for p in runs.iterdir())
+
+
+def test_demo_drives_the_device_simulator_over_a_pty(tmp_path):
+    summary = run_demo("tiny", tmp_path, seed=0, progress=False, actuator="simulator")
+    assert summary["actuator"] == "simulator"
+    sent = summary["commands_sent"]
+    lines = [json.loads(line) for line in
+             (tmp_path / "latest" / "decisions.jsonl").read_text().splitlines()]
+    assert sum(1 for d in lines if d["sent"]) == sent

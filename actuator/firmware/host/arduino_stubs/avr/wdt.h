@@ -1,0 +1,7 @@
+#ifndef RS_WDT_STUB_H
+#define RS_WDT_STUB_H
+#define WDTO_250MS 4
+void wdt_enable(int timeout);
+void wdt_disable();
+void wdt_reset();
+#endif

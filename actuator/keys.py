@@ -1,0 +1,61 @@
+"""Per-device link keys: 32 random bytes, stored as one line of hex, readable by owner only."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+from pathlib import Path
+
+from roadshield.errors import ActuatorError
+
+from .protocol import FACTORY_KEY, KEY_LEN
+
+
+def generate_key() -> bytes:
+    """32 bytes from the OS's CSPRNG, never the all-zero factory key."""
+    while True:
+        key = secrets.token_bytes(KEY_LEN)
+        if key != FACTORY_KEY:
+            return key
+
+
+def load_key(path: str | os.PathLike[str]) -> bytes:
+    """Read a key file (64 hex characters); raises ActuatorError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError as err:
+        raise ActuatorError(f"key file {path} does not exist",
+                            "create one with `roadshield actuator provision --generate "
+                            f"--key-file {path} --port <port>`") from err
+    except OSError as err:
+        raise ActuatorError(f"cannot read key file {path}: {err}",
+                            "check the file's permissions (it should be mode 600)") from err
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != KEY_LEN or key == FACTORY_KEY:
+        raise ActuatorError(f"key file {path} does not hold a 32-byte key in hex",
+                            "the file must hold 64 hex characters, as `provision` writes it")
+    return key
+
+
+def save_key(path: str | os.PathLike[str], key: bytes) -> None:
+    """Write ``key`` as hex atomically (temp file, fsync, rename), mode 600."""
+    if len(key) != KEY_LEN:
+        raise ActuatorError(f"a key is {KEY_LEN} bytes, got {len(key)}", "use generate_key()")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(key.hex() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
