@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import secrets
-import tempfile
 from pathlib import Path
 
 from roadshield.errors import ActuatorError
+from roadshield.fileio import atomic_write_bytes
 
 from .protocol import FACTORY_KEY, KEY_LEN
 
@@ -46,16 +46,4 @@ def save_key(path: str | os.PathLike[str], key: bytes) -> None:
     """Write ``key`` as hex atomically (temp file, fsync, rename), mode 600."""
     if len(key) != KEY_LEN:
         raise ActuatorError(f"a key is {KEY_LEN} bytes, got {len(key)}", "use generate_key()")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(key.hex() + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, (key.hex() + "\n").encode(), mode=0o600)

@@ -45,7 +45,8 @@ from roadshield.errors import ConfigError
 log = logging.getLogger(__name__)
 
 #: step(model, x, y, cfg) -> logits the training loss is taken on (of clean or attacked x)
-StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, "TrainConfig"], torch.Tensor]
+#: (model, x, y, config, eps in force at this step) -> logits to train on
+StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, "TrainConfig", float], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class TrainConfig:
     guard_size: int = 256
     guard_steps: int = 5
     guard_tolerance: float = 0.05
+    eps_warmup_epochs: int = 0
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str, hint: str) -> None:
@@ -129,6 +131,9 @@ class TrainConfig:
              f"guard_steps={self.guard_steps!r}", "use >= 1")
         need(0 <= self.guard_tolerance <= 1, f"guard_tolerance={self.guard_tolerance!r}",
              "use a fraction in [0, 1]")
+        need(is_int(self.eps_warmup_epochs) and 0 <= self.eps_warmup_epochs <= self.epochs,
+             f"eps_warmup_epochs={self.eps_warmup_epochs!r}",
+             f"use 0 (no warm-up) up to epochs={self.epochs}")
         if _TRAINERS[self.trainer].adversarial:
             need(self.eps > 0, f"trainer {self.trainer!r} with eps=0",
                  "adversarial training needs eps > 0; use trainer='standard' instead")
@@ -193,14 +198,14 @@ def resolve_device(name: str) -> torch.device:
 
 @register_trainer("standard", adversarial=False)
 def _standard_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                   cfg: TrainConfig) -> torch.Tensor:
+                   cfg: TrainConfig, eps: float) -> torch.Tensor:
     return model(x)
 
 
 @register_trainer("fast_at", adversarial=True)
 def _fast_at_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                  cfg: TrainConfig) -> torch.Tensor:
-    eps, alpha = cfg.eps, cfg.step_size
+                  cfg: TrainConfig, eps: float) -> torch.Tensor:
+    alpha = cfg.step_size * eps / cfg.eps  # the step keeps its ratio to eps during warm-up
     # uniform start inside the ball, kept so that x + delta stays in [0, 1]
     delta = torch.empty_like(x).uniform_(-eps, eps)
     delta = ((x + delta).clamp(0.0, 1.0) - x).requires_grad_(True)
@@ -209,6 +214,14 @@ def _fast_at_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     delta = (delta.detach() + alpha * grad.sign()).clamp(-eps, eps)
     x_adv = (x + delta).clamp(0.0, 1.0)
     return model(x_adv)
+
+
+def eps_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The eps of training step ``step`` (0-based): a linear ramp from 0 to ``cfg.eps`` over
+    ``eps_warmup_epochs``, then ``cfg.eps``. Starting small lets the model learn the
+    fine details (numerals, glyphs) before the full budget makes them hard to see."""
+    warm = cfg.eps_warmup_epochs * steps_per_epoch
+    return cfg.eps if warm == 0 else cfg.eps * min(1.0, (step + 1) / warm)
 
 
 def _one_cycle(total_steps: int) -> Callable[[int], float]:
@@ -263,7 +276,8 @@ def train(model: nn.Module, train_loader: DataLoader, cfg: TrainConfig,
                    disable=not progress, leave=True, dynamic_ncols=True)
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = trainer.step(model, x, y, cfg)
+            logits = trainer.step(model, x, y, cfg, eps_at(cfg, sched.last_epoch,
+                                                           steps_per_epoch))
             loss = F.cross_entropy(logits, y)
             if not torch.isfinite(loss):
                 raise ConfigError(f"training diverged at epoch {epoch} (loss {float(loss)})",

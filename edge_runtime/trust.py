@@ -71,8 +71,7 @@ def save_private_key(key: Any, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    atomic_write_bytes(path, pem)
-    os.chmod(path, 0o600)
+    atomic_write_bytes(path, pem, mode=0o600)
     save_public_key(key.public_key(), path.with_suffix(path.suffix + ".pub"))
     return path
 

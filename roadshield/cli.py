@@ -59,6 +59,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--batch-size", type=int, default=128)
     train.add_argument("--lr", type=float, default=0.05, help="peak of the one-cycle schedule")
     train.add_argument("--eps", type=float, default=8 / 255, help="L-inf radius in [0,1] units")
+    train.add_argument("--eps-warmup", type=int, default=0,
+                       help="epochs over which eps ramps up from 0 (adversarial trainers)")
     train.add_argument("--size", type=int, default=32)
     train.add_argument("--seed", type=int, default=0)
     train.set_defaults(func=_handler("roadshield.commands", "train"))

@@ -59,7 +59,8 @@ def data_info(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace) -> int:
     result = pipeline.train_checkpoint(
         args.data, args.out, arch=args.arch, trainer=args.trainer, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, eps=args.eps, size=args.size, seed=args.seed)
+        batch_size=args.batch_size, lr=args.lr, eps=args.eps, eps_warmup_epochs=args.eps_warmup,
+        size=args.size, seed=args.seed)
     print(f"checkpoint {result.checkpoint} sha256={result.sha256} "
           f"({result.history['seconds_per_epoch']:.1f} s/epoch)")
     return 0

@@ -16,12 +16,19 @@ from typing import Any
 from roadshield.errors import ModelLoadError
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file, fsync, rename)."""
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None
+                       ) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename).
+
+    mode: file permissions, set before any byte is written (0o600 for secrets), so no
+    reader ever sees the content under looser permissions.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

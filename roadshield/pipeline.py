@@ -41,8 +41,8 @@ class TrainResult:
 
 def train_checkpoint(data: str | Path, out: str | Path, *, arch: str = "signnet",
                      trainer: str = "fast_at", epochs: int = 10, batch_size: int = 128,
-                     lr: float = 0.05, eps: float = 8 / 255, size: int = 32, seed: int = 0,
-                     progress: bool = True) -> TrainResult:
+                     lr: float = 0.05, eps: float = 8 / 255, eps_warmup_epochs: int = 0,
+                     size: int = 32, seed: int = 0, progress: bool = True) -> TrainResult:
     """Train ``arch`` on the train split of a GTSRB-layout dataset; save a safetensors file."""
     import torch
 
@@ -53,7 +53,7 @@ def train_checkpoint(data: str | Path, out: str | Path, *, arch: str = "signnet"
     from cloud_train.train import TrainConfig, train
 
     cfg = TrainConfig(trainer=trainer, epochs=epochs, batch_size=batch_size, lr=lr, eps=eps,
-                      seed=seed)  # validates before any long work
+                      eps_warmup_epochs=eps_warmup_epochs, seed=seed)  # validates first
     ds = load_gtsrb(data, "train", size=size)
     torch.manual_seed(seed)
     model = create_model(arch, num_classes=len(ds.class_names), input_size=size)

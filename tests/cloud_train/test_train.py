@@ -176,3 +176,17 @@ def test_loader_rejects_bad_arrays() -> None:
         make_loader(np.zeros((4, 3, 8, 8), np.uint8), np.zeros(4))
     with pytest.raises(ConfigError):
         make_loader(np.zeros((4, 8, 8, 3), np.uint8), np.zeros(4), batch_size=0)
+
+
+def test_eps_warm_up_ramps_linearly_then_holds():
+    cfg = TrainConfig(trainer="fast_at", epochs=4, eps=8 / 255, eps_warmup_epochs=2)
+    steps = 10
+    ramp = [train_mod.eps_at(cfg, t, steps) for t in range(40)]
+    assert ramp[0] == pytest.approx(cfg.eps / 20)
+    assert ramp[9] == pytest.approx(cfg.eps / 2)
+    assert all(a < b for a, b in zip(ramp[:20], ramp[1:20], strict=False))
+    assert ramp[19:] == [pytest.approx(cfg.eps)] * 21
+    no_warm = TrainConfig(trainer="fast_at", epochs=4)
+    assert train_mod.eps_at(no_warm, 0, steps) == no_warm.eps
+    with pytest.raises(ConfigError, match="eps_warmup_epochs"):
+        TrainConfig(trainer="fast_at", epochs=4, eps_warmup_epochs=5)
