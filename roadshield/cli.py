@@ -47,6 +47,14 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     info = dsub.add_parser("info", help="count images and classes of a GTSRB-layout dataset")
     info.add_argument("root")
     info.set_defaults(func=_handler("roadshield.commands", "data_info"))
+    # stage 1 (ingest gate), stage 2 (attestations), stage 4 (dedup, splits, sealed set);
+    # each module imports only argparse at this point
+    from cloud_train.attest.cli import add_attest_parsers
+    from cloud_train.ingest.cli import add_ingest_parsers
+    from cloud_train.splits.cli import add_split_parsers
+
+    for add in (add_ingest_parsers, add_attest_parsers, add_split_parsers):
+        add(dsub)
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:

@@ -1,0 +1,263 @@
+"""The four preprocessing stages; each writes its outputs and a signed attestation.
+
+Layout of a pipeline folder (every array file is NumPy ``.npy``/``.npz``, no pickles)::
+
+    decode/     images.npy (N x S x S x 3 uint8 RGB), labels.npy (int64 ClassIds),
+                classes.json, decode.intoto.jsonl
+    normalise/  images.npy, labels.npy, classes.json (passed on unchanged),
+                stats.json (per-channel RGB mean/std of pixels in [0, 1]), normalise.intoto.jsonl
+    augment/    images.npy, labels.npy (originals then ``copies`` seeded variants of each),
+                classes.json, stats.json, augment.intoto.jsonl
+    shard/      shard-00000.npz ... (images, labels, index into augment's rows; seeded
+                shuffle), classes.json, stats.json, shard.intoto.jsonl
+
+Normalisation itself happens inside the model (project convention: model input is float32
+RGB in [0, 1]); the normalise stage computes the constants the model embeds and passes the
+pixels on, so every stage's inputs are exactly the previous stage's outputs. A stage hashes
+the bytes it reads and records them as its inputs; its outputs are its subjects.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cloud_train.attest.policy import STAGES, load_stage_key
+from cloud_train.attest.statement import sign_statement, stage_statement, write_attestation
+from edge_runtime.trust import canonical_json, key_id, sha256_hex
+from roadshield.errors import ConfigError, DatasetError
+
+ATTESTATION_SUFFIX = ".intoto.jsonl"
+
+
+def attestation_path(out_dir: str | os.PathLike[str], stage: str) -> Path:
+    return Path(out_dir) / stage / f"{stage}{ATTESTATION_SUFFIX}"
+
+
+def npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.ascontiguousarray(v) for k, v in arrays.items()})
+    return buf.getvalue()
+
+
+def load_npy(data: bytes, what: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DatasetError(f"{what} is not a readable .npy array: {err}",
+                           "re-run the pipeline") from err
+
+
+def load_npz(data: bytes, what: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (ValueError, OSError, EOFError, KeyError) as err:
+        raise DatasetError(f"{what} is not a readable .npz archive: {err}",
+                           "re-run the pipeline") from err
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What one stage wrote: outputs (name -> sha256, names relative to the pipeline folder)."""
+
+    stage: str
+    outputs: dict[str, str]
+    inputs: dict[str, str]
+    attestation: Path
+    keyid: str
+
+
+def _read_stage(out_dir: Path, stage: str) -> tuple[dict[str, bytes], dict[str, str]]:
+    """Every output file of ``stage`` (attestation excluded) as bytes, and their digests."""
+    folder = out_dir / stage
+    if not folder.is_dir():
+        raise DatasetError(f"stage folder {folder} is missing", "run the earlier stages first")
+    files = {f"{stage}/{p.name}": p.read_bytes() for p in sorted(folder.iterdir())
+             if p.is_file() and not p.name.endswith(ATTESTATION_SUFFIX)}
+    return files, {n: sha256_hex(b) for n, b in files.items()}
+
+
+def _write_stage(out_dir: Path, stage: str, files: Mapping[str, bytes],
+                 inputs: Mapping[str, str], parameters: Mapping[str, Any], key: Any,
+                 summary: Mapping[str, Any] | None = None) -> StageResult:
+    """Write ``files`` (bare names) and the signed statement into a fresh folder, then swap it
+    in for ``out_dir/stage`` so a crash leaves the old folder or the new one."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{stage}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        outputs = {}
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+            outputs[f"{stage}/{name}"] = sha256_hex(data)
+        env = sign_statement(stage_statement(stage, outputs, inputs, parameters, summary), [key])
+        att = write_attestation(tmp / f"{stage}{ATTESTATION_SUFFIX}", [env])
+        os.chmod(att, 0o644)  # public evidence, readable like the outputs it covers
+        if hasattr(os, "sync"):
+            os.sync()  # one sync for the whole folder before it is renamed into place
+        final = out_dir / stage
+        old = out_dir / f".{stage}.old-{uuid.uuid4().hex[:8]}"
+        if final.exists():
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return StageResult(stage, outputs, dict(inputs), attestation_path(out_dir, stage),
+                       key_id(key))
+
+
+def _bare(files: Mapping[str, bytes]) -> dict[str, bytes]:
+    return {n.split("/", 1)[1]: b for n, b in files.items()}
+
+
+def channel_stats(images: np.ndarray) -> dict[str, list[float]]:
+    """Per-channel mean and std (RGB order) of uint8 N x H x W x 3 pixels scaled to [0, 1]."""
+    chans = np.ascontiguousarray(images.reshape(-1, 3).T, dtype=np.float64) / 255.0
+    mean = chans.mean(axis=1)
+    std = np.sqrt(np.maximum((chans * chans).mean(axis=1) - mean * mean, 0.0))
+    return {"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std]}
+
+
+def decode_stage(raw_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], key: Any,
+                 size: int = 32) -> StageResult:
+    """Decode and resize the training split of a GTSRB-layout folder to size x size uint8 RGB.
+
+    Inputs recorded: every image and CSV under the training folder and classes.csv, by sha256,
+    named relative to ``raw_dir``.
+    """
+    from cloud_train.gtsrb import load_gtsrb, locate_gtsrb
+
+    raw = Path(raw_dir)
+    layout = locate_gtsrb(raw)
+    data = load_gtsrb(raw, "train", size=size)
+    watched = [*data.paths, *(layout.train_dir.glob("*/GT-*.csv") if layout.train_dir else [])]
+    if layout.classes_csv is not None:
+        watched.append(layout.classes_csv)
+    inputs = {Path(os.path.relpath(p, raw)).as_posix(): sha256_hex(Path(p).read_bytes())
+              for p in watched}
+    files = {"images.npy": npy_bytes(data.images),
+             "labels.npy": npy_bytes(data.labels.astype(np.int64)),
+             "classes.json": canonical_json(list(data.class_names))}
+    return _write_stage(Path(out_dir), "decode", files, inputs,
+                        {"size": int(size), "split": "train", "interpolation": "INTER_AREA",
+                         "colour_order": "RGB"},
+                        key, {"images": len(data), "classes": len(data.class_names)})
+
+
+def read_arrays(files: Mapping[str, bytes], stage: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images, labels) from a decode/normalise/augment stage's files."""
+    images = load_npy(files[f"{stage}/images.npy"], f"{stage}/images.npy")
+    labels = load_npy(files[f"{stage}/labels.npy"], f"{stage}/labels.npy")
+    return images, labels
+
+
+def normalise_stage(out_dir: str | os.PathLike[str], key: Any) -> StageResult:
+    """Compute per-channel mean/std over decode's images (stats.json) and pass the data on."""
+    out = Path(out_dir)
+    files, inputs = _read_stage(out, "decode")
+    images, _ = read_arrays(files, "decode")
+    stats = {**channel_stats(images), "units": "RGB pixels scaled to [0, 1]",
+             "pixels": int(images.shape[0] * images.shape[1] * images.shape[2])}
+    new = {**_bare(files), "stats.json": canonical_json(stats)}
+    return _write_stage(out, "normalise", new, inputs, {"statistic": "per-channel mean/std"},
+                        key, {"mean": stats["mean"], "std": stats["std"]})
+
+
+def augment_images(images: np.ndarray, rng: np.random.Generator, max_shift: int = 2,
+                   gain: float = 0.1) -> np.ndarray:
+    """One seeded variant of each uint8 N x H x W x 3 image: a shift of up to ``max_shift``
+    pixels (reflected border) and a brightness gain drawn from [1 - gain, 1 + gain]."""
+    n, h, w, _ = images.shape
+    s = int(max_shift)
+    padded = np.pad(images, ((0, 0), (s, s), (s, s), (0, 0)), mode="reflect")
+    dy, dx = rng.integers(0, 2 * s + 1, size=(2, n))
+    gains = rng.uniform(1.0 - gain, 1.0 + gain, size=n).astype(np.float32)
+    out = np.empty_like(images)
+    for i in range(n):
+        crop = padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w].astype(np.float32) * gains[i]
+        out[i] = np.clip(np.rint(crop), 0, 255).astype(np.uint8)
+    return out
+
+
+def augment_stage(out_dir: str | os.PathLike[str], key: Any, seed: int, copies: int = 1,
+                  max_shift: int = 2, gain: float = 0.1) -> StageResult:
+    """Append ``copies`` seeded variants of every image (labels repeated); originals first."""
+    if copies < 0 or max_shift < 0 or not 0 <= gain < 1:
+        raise ConfigError(f"augment copies={copies}, max_shift={max_shift}, gain={gain}",
+                          "use copies >= 0, max_shift >= 0 and 0 <= gain < 1")
+    out = Path(out_dir)
+    files, inputs = _read_stage(out, "normalise")
+    images, labels = read_arrays(files, "normalise")
+    rng = np.random.default_rng((int(seed), 3))
+    parts = [images] + [augment_images(images, rng, max_shift, gain) for _ in range(copies)]
+    new = {**_bare(files), "images.npy": npy_bytes(np.concatenate(parts)),
+           "labels.npy": npy_bytes(np.tile(labels, copies + 1))}
+    params = {"seed": int(seed), "copies": int(copies), "max_shift_px": int(max_shift),
+              "gain": float(gain), "border": "reflect"}
+    return _write_stage(out, "augment", new, inputs, params, key,
+                        {"images": len(labels) * (copies + 1)})
+
+
+def shard_stage(out_dir: str | os.PathLike[str], key: Any, seed: int,
+                n_shards: int = 4) -> StageResult:
+    """Shuffle augment's rows (seeded) into ``n_shards`` .npz files (images, labels, index)."""
+    out = Path(out_dir)
+    files, inputs = _read_stage(out, "augment")
+    images, labels = read_arrays(files, "augment")
+    if not 1 <= n_shards <= len(labels):
+        raise ConfigError(f"{n_shards} shards for {len(labels)} images",
+                          "use between 1 and the number of images")
+    order = np.random.default_rng((int(seed), 4)).permutation(len(labels))
+    new = {n: b for n, b in _bare(files).items() if n in ("classes.json", "stats.json")}
+    for k, idx in enumerate(np.array_split(order, n_shards)):
+        new[f"shard-{k:05d}.npz"] = npz_bytes(images=images[idx], labels=labels[idx],
+                                              index=idx.astype(np.int64))
+    return _write_stage(out, "shard", new, inputs, {"seed": int(seed), "shards": int(n_shards)},
+                        key, {"images": int(len(labels))})
+
+
+def run_pipeline(raw_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                 keys_dir: str | os.PathLike[str], seed: int = 0, size: int = 32,
+                 n_shards: int = 4, copies: int = 1) -> list[StageResult]:
+    """Run decode -> normalise -> augment -> shard, each signed with its key from ``keys_dir``."""
+    keys = {s: load_stage_key(keys_dir, s) for s in STAGES}
+    return [decode_stage(raw_dir, out_dir, keys["decode"], size),
+            normalise_stage(out_dir, keys["normalise"]),
+            augment_stage(out_dir, keys["augment"], seed, copies),
+            shard_stage(out_dir, keys["shard"], seed, n_shards)]
+
+
+def shard_names(out_dir: str | os.PathLike[str]) -> list[str]:
+    return sorted(p.name for p in (Path(out_dir) / "shard").glob("shard-*.npz"))
+
+
+def load_training_data(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The shard stage's data: images (N x S x S x 3 uint8 RGB), labels (int64), class_names,
+    mean/std (RGB, [0, 1] units). Call ``require_verified`` first; this only reads."""
+    folder = Path(out_dir) / "shard"
+    parts = [load_npz((folder / n).read_bytes(), f"shard/{n}") for n in shard_names(out_dir)]
+    if not parts:
+        raise DatasetError(f"no shards in {folder}", "run `roadshield data preprocess` first")
+    stats = json.loads((folder / "stats.json").read_text())
+    return {"images": np.concatenate([p["images"] for p in parts]),
+            "labels": np.concatenate([p["labels"] for p in parts]),
+            "class_names": tuple(json.loads((folder / "classes.json").read_text())),
+            "mean": tuple(stats["mean"]), "std": tuple(stats["std"])}

@@ -1,0 +1,8 @@
+"""Stage 1: the ingest gate. Signed source batches are checked sample by sample and end
+ACCEPTED or QUARANTINED (or, for a bad source or signature, REJECTED whole).
+
+Modules: ``batch`` (format, safe reading, ``make_batch``), ``registry`` (signed source
+allow-list), ``screens`` (schema, KS / Isolation Forest, label consistency), ``gate``
+(the pipeline and its journal), ``store`` (quarantine list / show / release),
+``attacks`` (poisoned and forged batches), ``cli`` (``add_ingest_parsers``).
+"""

@@ -1,0 +1,302 @@
+"""The source batch format: images, an index, and a detached Ed25519 signature over the index.
+
+A batch is a folder (or a ``.tar`` / ``.tar.gz`` of one) holding::
+
+    index.jsonl   one JSON object per line (or index.csv with a header row), fields:
+                  batch_id, id, file, label, source, capture_time, sha256
+    index.sig     JSON {"source", "keyid", "signature"}: base64 Ed25519 signature over
+                  the exact bytes of the index file
+    images/...    the image files (PNG, JPEG or binary PPM), paths relative to the batch
+
+``label`` is an integer index into the class list, ``capture_time`` ISO 8601 UTC
+(``2026-01-31T12:00:00Z``), ``sha256`` the hex digest of the image file's bytes.
+See FORMAT.md beside this file for a provider's own script.
+
+Reading is defensive: an index line that is not UTF-8 or not JSON becomes a row with a
+``parse_error`` (never dropped); file paths are confined to the batch (no ``..``, no
+absolute paths, no symlink leaving it); image dimensions are read from the header and
+checked against a pixel limit before anything is decoded.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import functools
+import io
+import json
+import os
+import struct
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from edge_runtime.trust import key_id, sha256_hex, sign
+from roadshield.errors import DatasetError
+from roadshield.fileio import atomic_write_bytes
+
+INDEX_FIELDS = ("batch_id", "id", "file", "label", "source", "capture_time", "sha256")
+INDEX_NAMES = ("index.jsonl", "index.csv")
+SIG_NAME = "index.sig"
+MAX_TAR_BYTES = 1 << 30
+
+
+@dataclass
+class IndexRow:
+    """One index record as read: ``fields`` are raw values; ``parse_error`` if unreadable."""
+
+    line: int
+    fields: dict[str, Any] = field(default_factory=dict)
+    parse_error: str = ""
+
+    @property
+    def sample_id(self) -> str:
+        sid = self.fields.get("id")
+        return str(sid) if isinstance(sid, (str, int)) and str(sid) else f"line-{self.line}"
+
+
+@dataclass
+class RawBatch:
+    """A batch as read from disk, before any check: index bytes, signature file, rows."""
+
+    root: Path
+    index_name: str
+    index_bytes: bytes
+    signature: dict[str, Any] | None
+    signature_error: str
+    rows: list[IndexRow]
+
+    @functools.cached_property
+    def index_sha256(self) -> str:
+        return sha256_hex(self.index_bytes)
+
+    @functools.cached_property
+    def batch_id(self) -> str:
+        ids = {str(r.fields.get("batch_id")) for r in self.rows if r.fields.get("batch_id")}
+        return ids.pop() if len(ids) == 1 else ""
+
+
+def parse_index(name: str, data: bytes) -> list[IndexRow]:
+    """Rows of ``index.jsonl`` / ``index.csv`` bytes; bad lines become rows with parse_error."""
+    rows: list[IndexRow] = []
+    lines = data.split(b"\n")
+    if name.endswith(".csv"):
+        header: list[str] | None = None
+        for n, raw in enumerate(lines, 1):
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8").rstrip("\r")
+            except UnicodeDecodeError as err:
+                rows.append(IndexRow(n, parse_error=f"INDEX_NOT_UTF8: {err}"))
+                continue
+            try:
+                values = next(csv.reader(io.StringIO(text)), [])
+            except csv.Error as err:
+                rows.append(IndexRow(n, parse_error=f"INDEX_BAD_ROW: {err}"))
+                continue
+            if header is None:
+                header = [v.strip() for v in values]
+                continue
+            if len(values) != len(header):
+                rows.append(IndexRow(n, dict(zip(header, values, strict=False)),
+                                     f"INDEX_BAD_ROW: {len(values)} values for "
+                                     f"{len(header)} columns"))
+                continue
+            rows.append(IndexRow(n, dict(zip(header, values, strict=True))))
+        return rows
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            rows.append(IndexRow(n, parse_error=f"INDEX_NOT_UTF8: {err}"))
+            continue
+        except json.JSONDecodeError as err:
+            rows.append(IndexRow(n, parse_error=f"INDEX_BAD_JSON: {err}"))
+            continue
+        if not isinstance(obj, dict):
+            rows.append(IndexRow(n, parse_error="INDEX_BAD_JSON: a line is not an object"))
+            continue
+        rows.append(IndexRow(n, obj))
+    return rows
+
+
+def read_batch(root: str | os.PathLike[str]) -> RawBatch:
+    """Read the index and signature of the batch folder ``root`` (nothing is decoded)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"batch {root} is not a folder",
+                           "pass a batch folder or a .tar of one (see FORMAT.md)")
+    found = [n for n in INDEX_NAMES if (root / n).is_file() and not (root / n).is_symlink()]
+    if len(found) != 1:
+        raise DatasetError(f"batch {root} needs exactly one of {INDEX_NAMES}, found {found}",
+                           "write index.jsonl (or index.csv) at the top of the batch")
+    data = (root / found[0]).read_bytes()
+    sig, err = None, ""
+    sig_path = root / SIG_NAME
+    try:
+        obj = json.loads(sig_path.read_bytes().decode("utf-8"))
+        if not isinstance(obj, dict) or not {"source", "keyid", "signature"} <= set(obj):
+            raise ValueError("expected source, keyid and signature")
+        sig = obj
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        err = f"{SIG_NAME}: {e}"
+    return RawBatch(root, found[0], data, sig, err, parse_index(found[0], data))
+
+
+def extract_tar(tar_path: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
+    """Unpack a batch tar into ``dest`` keeping only regular files with safe relative names.
+
+    Members that are links, devices, absolute or ``..`` paths are skipped (their index rows
+    then fail with FILE_MISSING, so they are reported, never silently used).
+    """
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    total = 0
+    try:
+        with tarfile.open(tar_path, "r:*") as tar:
+            for m in tar:
+                name = Path(m.name)
+                if not m.isfile() or name.is_absolute() or ".." in name.parts:
+                    continue
+                total += m.size
+                if total > MAX_TAR_BYTES:
+                    raise DatasetError(f"{tar_path} unpacks to more than {MAX_TAR_BYTES} bytes",
+                                       "split the batch into smaller tars")
+                src = tar.extractfile(m)
+                if src is not None:
+                    out = dest / name
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_bytes(src.read())
+    except (tarfile.TarError, OSError, EOFError) as err:
+        raise DatasetError(f"cannot read batch tar {tar_path}: {err}",
+                           "check the file is a complete .tar or .tar.gz") from err
+    return dest
+
+
+def safe_path(root: Path, rel: str) -> Path | str:
+    """The file ``rel`` inside ``root``, or a reason code if it would leave the batch."""
+    p = Path(rel)
+    if not rel or p.is_absolute() or ".." in p.parts:
+        return "PATH_ESCAPE"
+    full = root / p
+    try:
+        resolved = full.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return "FILE_MISSING"
+    if not resolved.is_relative_to(root.resolve()):
+        return "PATH_ESCAPE"
+    if not resolved.is_file():
+        return "FILE_MISSING"
+    return resolved
+
+
+def image_dims(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, JPEG or binary PPM header, without decoding; None if unknown."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
+        w, h = struct.unpack(">II", data[16:24])
+        return int(w), int(h)
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 < len(data):
+            if data[i] != 0xFF:
+                return None
+            marker = data[i + 1]
+            seg = struct.unpack(">H", data[i + 2:i + 4])[0]
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                h, w = struct.unpack(">HH", data[i + 5:i + 9])
+                return int(w), int(h)
+            i += 2 + seg
+        return None
+    if data[:2] == b"P6":
+        parts = data[2:64].split()
+        try:
+            return int(parts[0]), int(parts[1])
+        except (IndexError, ValueError):
+            return None
+    return None
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray | str:
+    """H x W x 3 uint8 RGB, or a reason code (UNSUPPORTED_FORMAT, DECOMPRESSION_BOMB, ...)."""
+    if not data:
+        return "EMPTY_FILE"
+    dims = image_dims(data)
+    if dims is None:
+        return "UNSUPPORTED_FORMAT"
+    if dims[0] * dims[1] > max_pixels or dims[0] == 0 or dims[1] == 0:
+        return "DECOMPRESSION_BOMB" if dims[0] * dims[1] > max_pixels else "BAD_DIMENSIONS"
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        return "UNDECODABLE"
+    if img.dtype != np.uint8:
+        return "BAD_DTYPE"
+    if img.ndim != 3 or img.shape[2] != 3:
+        return "BAD_CHANNELS"
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def utc_now_iso() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def make_batch(out: str | os.PathLike[str], images_rgb: np.ndarray | Sequence[np.ndarray],
+               labels: np.ndarray | Sequence[int], source: str, key: Any, batch_id: str,
+               capture_times: Sequence[str] | None = None, ids: Sequence[str] | None = None,
+               fmt: str = "jsonl") -> Path:
+    """Write a signed batch folder: images/<id>.png, index.jsonl (or .csv), index.sig.
+
+    ``images_rgb`` are H x W x 3 uint8 RGB; ``key`` the provider's Ed25519 private key.
+    """
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    now = utc_now_iso()
+    rows = []
+    for i, (img, label) in enumerate(zip(images_rgb, labels, strict=True)):
+        sid = ids[i] if ids is not None else f"{batch_id}-{i:06d}"
+        ok, png = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(img), cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise DatasetError(f"could not PNG-encode image {i} of batch {batch_id}",
+                               "images must be H x W x 3 uint8")
+        data = png.tobytes()
+        rel = f"images/{sid}.png"
+        (out / rel).write_bytes(data)
+        rows.append({"batch_id": batch_id, "id": sid, "file": rel, "label": int(label),
+                     "source": source,
+                     "capture_time": capture_times[i] if capture_times is not None else now,
+                     "sha256": sha256_hex(data)})
+    write_index(out, rows, key, source, fmt)
+    return out
+
+
+def write_index(out: Path, rows: Sequence[dict[str, Any]], key: Any, source: str,
+                fmt: str = "jsonl") -> bytes:
+    """Write the index (jsonl or csv) and its detached signature; returns the index bytes."""
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(INDEX_FIELDS), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        data = buf.getvalue().encode()
+    else:
+        data = b"".join(json.dumps(r, sort_keys=True).encode() + b"\n" for r in rows)
+    for name in INDEX_NAMES:
+        (out / name).unlink(missing_ok=True)
+    atomic_write_bytes(out / f"index.{fmt}", data)
+    sign_index(out, key, source, data)
+    return data
+
+
+def sign_index(out: Path, key: Any, source: str, data: bytes) -> None:
+    """(Re)write index.sig over ``data`` with ``key`` for ``source``."""
+    sig = {"source": source, "keyid": key_id(key),
+           "signature": base64.b64encode(sign(key, data)).decode()}
+    atomic_write_bytes(Path(out) / SIG_NAME, json.dumps(sig, sort_keys=True).encode() + b"\n")

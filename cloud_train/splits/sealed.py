@@ -1,0 +1,239 @@
+"""A sealed held-out set: encrypted at rest, opened once per model, every opening logged.
+
+Layout of a sealed folder::
+
+    manifest.json   what is sealed (count, class names, split manifest digest, ...); its
+                    canonical JSON is the AES-GCM associated data, so editing it breaks
+                    decryption
+    sealed.bin      b"RSSEAL1\\n" + 12-byte nonce + AES-256-GCM(ciphertext + tag) of an .npz
+                    holding images (N x H x W x 3 uint8 RGB), labels (int64) and ids (str)
+
+The 256-bit key lives in its own file (mode 0600). ``open_sealed`` is the only reader: it
+verifies the opening log, refuses a second opening for the same model digest unless forced,
+decrypts, and appends a signed entry before handing the data over.
+
+Opening log: JSON lines, each the canonical JSON of {seq, time, event, model_sha256,
+sealed_sha256, manifest_sha256, prev, keyid, sig}, where prev is the sha256 of the previous
+line's bytes (64 zeros for the first) and sig the Ed25519 signature
+(edge_runtime.trust.sign) over the canonical JSON of every other field. ``verify_log`` checks
+the chain and every signature; it cannot see lines cut off the end, so keep the latest line's
+digest (``log_head``) alongside the reported results. A line torn by a crash mid-write
+fails verification and blocks further openings until someone restores the log: the safe
+side for a set that must not be peeked at unrecorded.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_runtime.trust import TrustError, canonical_json, key_id, sha256_hex, sign, verify
+from roadshield.errors import ConfigError, DatasetError, RoadshieldError
+from roadshield.fileio import atomic_write_bytes, atomic_write_json
+
+MAGIC = b"RSSEAL1\n"
+NONCE_BYTES = 12
+GENESIS = "0" * 64
+
+
+class SealedSetError(RoadshieldError):
+    """The sealed set was refused (already opened for this model) or cannot be opened."""
+
+
+def generate_key(path: str | os.PathLike[str]) -> Path:
+    """Write a fresh 256-bit AES key (raw 32 bytes) with mode 0600; refuses to overwrite."""
+    path = Path(path)
+    if path.exists():
+        raise ConfigError(f"key file {path} already exists", "choose a new path; keys are "
+                          "never overwritten, or the sealed sets they lock would be lost")
+    atomic_write_bytes(path, os.urandom(32))  # mkstemp creates the file 0600
+    os.chmod(path, 0o600)
+    return path
+
+
+def load_key(path: str | os.PathLike[str]) -> bytes:
+    """The 32-byte key; refuses a key file readable by group or others."""
+    path = Path(path)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        key = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read key file {path}: {err}", "check the path") from err
+    if mode & 0o077:
+        raise ConfigError(f"key file {path} has mode {oct(mode)}", f"chmod 600 {path}")
+    if len(key) != 32:
+        raise ConfigError(f"key file {path} holds {len(key)} bytes, not 32",
+                          "use a key made by generate_key")
+    return key
+
+
+def _aesgcm(key: bytes) -> Any:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    return AESGCM(key)
+
+
+@dataclass
+class SealedSet:
+    """Decrypted held-out data. images: N x H x W x 3 uint8 RGB; labels: int64 (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    ids: list[str]
+    manifest: dict[str, Any]
+
+
+def seal(out_dir: str | os.PathLike[str], images: np.ndarray, labels: np.ndarray,
+         ids: list[str], key: bytes, manifest: dict[str, Any] | None = None) -> Path:
+    """Encrypt a held-out set into ``out_dir`` (manifest.json + sealed.bin). ``manifest``
+    (e.g. the split manifest digest and class names) is bound as associated data."""
+    images = np.ascontiguousarray(images, np.uint8)
+    labels = np.asarray(labels, np.int64)
+    if images.ndim != 4 or len(images) != len(labels) or len(ids) != len(labels):
+        raise DatasetError(f"cannot seal {images.shape} images, {len(labels)} labels, "
+                           f"{len(ids)} ids", "give N x H x W x 3 images and N labels and ids")
+    buf = io.BytesIO()
+    np.savez(buf, images=images, labels=labels, ids=np.asarray(ids, dtype=str))
+    plain = buf.getvalue()
+    meta = dict(manifest or {})
+    meta.update({"count": len(labels), "format": "RSSEAL1", "plaintext_sha256": sha256_hex(plain)})
+    nonce = os.urandom(NONCE_BYTES)
+    blob = MAGIC + nonce + _aesgcm(key).encrypt(nonce, plain, canonical_json(meta))
+    out = Path(out_dir)
+    atomic_write_json(out / "manifest.json", meta)
+    atomic_write_bytes(out / "sealed.bin", blob)
+    return out
+
+
+def _decrypt(path: Path, key: bytes) -> tuple[SealedSet, str, str]:
+    from cryptography.exceptions import InvalidTag
+
+    try:
+        meta = json.loads((path / "manifest.json").read_text())
+        blob = (path / "sealed.bin").read_bytes()
+    except (OSError, ValueError) as err:
+        raise DatasetError(f"cannot read sealed set {path}: {err}",
+                           "point at a folder written by seal()") from err
+    if not blob.startswith(MAGIC) or len(blob) < len(MAGIC) + NONCE_BYTES + 16:
+        raise TrustError(f"{path / 'sealed.bin'} is not a sealed set", "re-seal the data")
+    nonce = blob[len(MAGIC):len(MAGIC) + NONCE_BYTES]
+    try:
+        plain = _aesgcm(key).decrypt(nonce, blob[len(MAGIC) + NONCE_BYTES:],
+                                     canonical_json(meta))
+    except InvalidTag as err:
+        raise TrustError(f"sealed set {path} fails authentication",
+                         "the ciphertext or manifest.json was altered, or the key is wrong"
+                         ) from err
+    with np.load(io.BytesIO(plain), allow_pickle=False) as z:
+        data = SealedSet(z["images"], z["labels"], [str(x) for x in z["ids"]], meta)
+    return data, sha256_hex(blob), sha256_hex(canonical_json(meta))
+
+
+def _lines(log: Path) -> list[bytes]:
+    if not log.exists():
+        return []
+    return [ln for ln in log.read_bytes().split(b"\n") if ln]
+
+
+def verify_log(log: str | os.PathLike[str], public_key: Any) -> list[dict[str, Any]]:
+    """Entries of an opening log after checking the hash chain and every signature.
+
+    Raises TrustError naming the first bad line (1-based). ``public_key`` may also be the
+    signer's private key.
+    """
+    pub = public_key.public_key() if hasattr(public_key, "private_bytes") else public_key
+    entries: list[dict[str, Any]] = []
+    prev = GENESIS
+    for n, line in enumerate(_lines(Path(log)), start=1):
+        try:
+            entry = json.loads(line)
+            sig = base64.b64decode(entry.pop("sig"), validate=True)
+        except (ValueError, KeyError, TypeError) as err:
+            raise TrustError(f"{log} line {n} is not a log entry ({err})",
+                             "the log was edited; restore it from a backup") from err
+        if entry.get("prev") != prev or entry.get("seq") != n:
+            raise TrustError(f"{log} line {n} breaks the hash chain",
+                             "a line was changed, removed or inserted before it")
+        verify(pub, canonical_json(entry), sig, what=f"{log} line {n}")
+        entries.append(entry)
+        prev = sha256_hex(line)
+    return entries
+
+
+def log_head(log: str | os.PathLike[str]) -> str:
+    """sha256 of the last line (GENESIS for an empty log): record it with the results."""
+    lines = _lines(Path(log))
+    return sha256_hex(lines[-1]) if lines else GENESIS
+
+
+def _append(log: Path, signer: Any, fields: dict[str, Any]) -> dict[str, Any]:
+    lines = _lines(log)
+    entry = dict(fields, seq=len(lines) + 1, time=time.time(),
+                 prev=sha256_hex(lines[-1]) if lines else GENESIS, keyid=key_id(signer))
+    entry["sig"] = base64.b64encode(sign(signer, canonical_json(entry))).decode()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, canonical_json(entry) + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return entry
+
+
+@contextlib.contextmanager
+def _locked(log: Path) -> Iterator[None]:
+    """Hold an exclusive lock beside the log, so two evaluations cannot both pass the
+    "not opened yet" check before either writes its line (POSIX; elsewhere no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(log.with_name(log.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def open_sealed(path: str | os.PathLike[str], key: bytes, model_sha256: str,
+                log: str | os.PathLike[str], signer: Any, force: bool = False) -> SealedSet:
+    """Decrypt the sealed set for the final evaluation of model ``model_sha256``.
+
+    The log must verify against ``signer``'s public key. A second opening for the same model
+    digest raises SealedSetError (and is logged as "refused") unless ``force``, which is
+    logged as "forced_open". Tampered ciphertext or manifest raises TrustError.
+    """
+    path, log = Path(path), Path(log)
+    if len(model_sha256) != 64 or any(c not in "0123456789abcdef" for c in model_sha256):
+        raise ConfigError(f"model digest {model_sha256!r} is not a sha256 hex digest",
+                          "pass the sha256 of the model file")
+    with _locked(log):
+        entries = verify_log(log, signer)
+        data, sealed_sha, manifest_sha = _decrypt(path, key)
+        fields = {"model_sha256": model_sha256, "sealed_sha256": sealed_sha,
+                  "manifest_sha256": manifest_sha}
+        opened = [e for e in entries if e.get("model_sha256") == model_sha256
+                  and e.get("sealed_sha256") == sealed_sha
+                  and e.get("event") in ("open", "forced_open")]
+        if opened and not force:
+            _append(log, signer, dict(fields, event="refused"))
+            raise SealedSetError(f"sealed set {path} was already opened for model "
+                                 f"{model_sha256[:16]} (log line {opened[0]['seq']})",
+                                 "evaluate a new model, or pass force=True (it is logged)")
+        _append(log, signer, dict(fields, event="forced_open" if opened else "open"))
+    return data

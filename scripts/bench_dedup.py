@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Dedup benchmark: time to cluster 100,000 32x32 images on the CPU, and recall at that scale.
+
+Usage: python scripts/bench_dedup.py [--n 100000] [--renders 2000] [--planted 5000] [--json]
+       python scripts/bench_dedup.py --recall [--per-kind 1000]
+
+Samples: ``--renders`` signs from ``cloud_train.render.render_sign``, smooth random textures
+(random 3x3..12x12 colour grids upsampled bicubically, plus noise) for the rest of the clean
+images, and ``--planted`` near duplicates of random clean images (exact copies, JPEG
+re-encodes, 1-3 px shifts, brightness +-5-10%, 70-90% rescale round trips; equal shares).
+Prints hashing / indexing / clustering seconds separately, the share of planted variants
+clustered with their source, and how many clean images were merged with another clean one.
+
+``--recall``: per-kind recall of planted variants of rendered signs (every kind in
+``cloud_train.splits.variants.VARIANTS``) and the false-merge rate among the distinct renders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import cv2
+import numpy as np
+
+from cloud_train.render import image_rng, render_sign
+from cloud_train.splits.dedup import NEAR_THRESHOLD, dedup
+from cloud_train.splits.variants import REQUIRED_KINDS, VARIANTS, make_variant
+
+
+def renders(n: int, seed: int) -> np.ndarray:
+    return np.stack([render_sign(i % 14, image_rng(seed, "train", i % 14, i)) for i in range(n)])
+
+
+def textures(n: int, rng: np.random.Generator) -> np.ndarray:
+    out = np.empty((n, 32, 32, 3), np.uint8)
+    grids = rng.integers(3, 13, n)
+    for i, g in enumerate(grids):
+        small = rng.integers(0, 256, (int(g), int(g), 3)).astype(np.float32)
+        big = cv2.resize(small, (32, 32), interpolation=cv2.INTER_CUBIC)
+        out[i] = np.clip(big + rng.normal(0, 6, big.shape), 0, 255).astype(np.uint8)
+    return out
+
+
+def false_merges(cluster: np.ndarray, n_clean: int) -> int:
+    """Clean images (indices < n_clean) sharing a cluster with another clean image."""
+    counts = np.bincount(cluster[:n_clean], minlength=int(cluster.max()) + 1)
+    return int((counts[cluster[:n_clean]] > 1).sum())
+
+
+def bench(n: int, n_renders: int, n_planted: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    n_clean = n - n_planted
+    clean = np.concatenate([renders(n_renders, seed), textures(n_clean - n_renders, rng)])
+    kinds = list(REQUIRED_KINDS)
+    src = rng.integers(0, n_clean, n_planted)
+    planted = np.stack([make_variant(kinds[i % len(kinds)], clean[s], rng)
+                        for i, s in enumerate(src)])
+    images = np.concatenate([clean, planted])
+    gen_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    res = dedup(images)
+    total_s = time.perf_counter() - t1
+    caught = res.cluster[n_clean:] == res.cluster[src]
+    per_kind = {k: float(caught[np.arange(n_planted) % len(kinds) == j].mean())
+                for j, k in enumerate(kinds)}
+    fm = false_merges(res.cluster, n_clean)
+    return {"images": n, "cpu_threads": os.cpu_count(), "generate_seconds": round(gen_s, 2),
+            "dedup_seconds": round(total_s, 2),
+            "hash_seconds": round(res.seconds["hash"], 2),
+            "index_seconds": round(res.seconds["index"], 2),
+            "verify_seconds": round(res.seconds["verify"], 2),
+            "cluster_seconds": round(res.seconds["cluster"], 2),
+            "candidate_pairs": res.candidates, "near_pairs": len(res.near_pairs),
+            "clusters": res.n_clusters,
+            "largest_cluster": res.summary()["largest_cluster"],
+            "planted": n_planted, "planted_recall": per_kind,
+            "clean": n_clean, "clean_false_merged": fm,
+            "clean_false_merge_rate": fm / n_clean, "threshold_bits": NEAR_THRESHOLD}
+
+
+def recall(per_kind: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    src = renders(per_kind, seed + 1)
+    out = {}
+    for kind in VARIANTS:
+        var = np.stack([make_variant(kind, im, rng) for im in src])
+        res = dedup(np.concatenate([src, var]))
+        out[kind] = float((res.cluster[:per_kind] == res.cluster[per_kind:]).mean())
+    res = dedup(src)
+    fm = false_merges(res.cluster, per_kind)
+    pairs = per_kind * (per_kind - 1) / 2
+    return {"renders": per_kind, "recall": out, "false_merged_images": fm,
+            "largest_cluster": res.summary()["largest_cluster"],
+            "false_merge_rate": fm / per_kind, "false_pair_rate": len(res.near_pairs) / pairs,
+            "threshold_bits": NEAR_THRESHOLD}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--renders", type=int, default=2000)
+    ap.add_argument("--planted", type=int, default=5000)
+    ap.add_argument("--recall", action="store_true")
+    ap.add_argument("--per-kind", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    out = recall(a.per_kind, a.seed) if a.recall else bench(a.n, a.renders, a.planted, a.seed)
+    if a.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for k, v in out.items():
+            print(f"{k:24s} {v}")
+
+
+if __name__ == "__main__":
+    main()
