@@ -59,7 +59,13 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train a classifier (standard or fast adversarial)")
-    train.add_argument("--data", required=True, help="GTSRB-layout dataset root")
+    train.add_argument("--data", required=True,
+                       help="GTSRB-layout dataset root, or with --attested a folder written "
+                            "by `roadshield data preprocess`")
+    train.add_argument("--attested", metavar="KEYS", default=None,
+                       help="stage keys folder (policy.json, trainer.key): verify --data's "
+                            "signed stages first, refuse to train if any check fails, and "
+                            "write SLSA provenance beside the checkpoint")
     train.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
     train.add_argument("--arch", default="signnet")
     train.add_argument("--trainer", default="fast_at", help="standard | fast_at")

@@ -60,9 +60,11 @@ def train(args: argparse.Namespace) -> int:
     result = pipeline.train_checkpoint(
         args.data, args.out, arch=args.arch, trainer=args.trainer, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, eps=args.eps, eps_warmup_epochs=args.eps_warmup,
-        size=args.size, seed=args.seed)
+        size=args.size, seed=args.seed, attested_keys=args.attested)
     print(f"checkpoint {result.checkpoint} sha256={result.sha256} "
           f"({result.history['seconds_per_epoch']:.1f} s/epoch)")
+    if result.provenance is not None:
+        print(f"provenance {result.provenance} (signed by the trainer key)")
     return 0
 
 

@@ -37,40 +37,77 @@ class TrainResult:
     class_names: tuple[str, ...]
     history: dict[str, Any]
     train_images: int
+    provenance: Path | None = None  # SLSA provenance, for training on an attested pipeline
+
+
+def _training_data(data: str | Path, size: int, attested_keys: str | Path | None
+                   ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...], Any]:
+    """Images, labels and class names to train on, plus the verify report when attested.
+
+    With ``attested_keys`` (the stage keys folder holding the root-signed policy and the
+    trainer key), ``data`` is a `roadshield data preprocess` output folder and training
+    refuses to start unless every hash, signature, chain link and drift check passes.
+    """
+    if attested_keys is None:
+        from cloud_train.gtsrb import load_gtsrb
+
+        ds = load_gtsrb(data, "train", size=size)
+        return ds.images, ds.labels, tuple(ds.class_names), None
+    from cloud_train.attest.stages import load_training_data
+    from cloud_train.attest.verify import require_verified
+
+    report = require_verified(data, attested_keys)  # raises VerifyError naming the stage
+    shards = load_training_data(data)
+    if shards["images"].shape[1] != size:
+        raise ConfigError(f"attested data in {data} is {shards['images'].shape[1]} px, "
+                          f"training asked for {size}", f"train with --size "
+                          f"{shards['images'].shape[1]} or preprocess with --size {size}")
+    return shards["images"], shards["labels"], shards["class_names"], report
 
 
 def train_checkpoint(data: str | Path, out: str | Path, *, arch: str = "signnet",
                      trainer: str = "fast_at", epochs: int = 10, batch_size: int = 128,
                      lr: float = 0.05, eps: float = 8 / 255, eps_warmup_epochs: int = 0,
-                     size: int = 32, seed: int = 0, progress: bool = True) -> TrainResult:
-    """Train ``arch`` on the train split of a GTSRB-layout dataset; save a safetensors file."""
+                     size: int = 32, seed: int = 0, progress: bool = True,
+                     attested_keys: str | Path | None = None) -> TrainResult:
+    """Train ``arch`` on the train split of a GTSRB-layout dataset, or on a verified attested
+    pipeline folder (``attested_keys``); save a safetensors file (and, when attested, its
+    signed SLSA provenance beside it as ``<checkpoint>.intoto.jsonl``)."""
     import torch
 
     from cloud_train.checkpoint import save_checkpoint
-    from cloud_train.gtsrb import load_gtsrb
     from cloud_train.models import create_model
     from cloud_train.tensors import make_loader
     from cloud_train.train import TrainConfig, train
 
     cfg = TrainConfig(trainer=trainer, epochs=epochs, batch_size=batch_size, lr=lr, eps=eps,
                       eps_warmup_epochs=eps_warmup_epochs, seed=seed)  # validates first
-    ds = load_gtsrb(data, "train", size=size)
+    images, labels, class_names, report = _training_data(data, size, attested_keys)
     torch.manual_seed(seed)
-    model = create_model(arch, num_classes=len(ds.class_names), input_size=size)
+    model = create_model(arch, num_classes=len(class_names), input_size=size)
     # hold out a small, fixed slice of the training split for per-epoch validation
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(ds.labels))
+    order = rng.permutation(len(labels))
     n_val = min(512, len(order) // 10)
     val_idx, train_idx = order[:n_val], order[n_val:]
-    loader = make_loader(ds.images[train_idx], ds.labels[train_idx], batch_size=batch_size,
+    loader = make_loader(images[train_idx], labels[train_idx], batch_size=batch_size,
                          shuffle=True, augment=True, seed=seed)
-    val = (ds.images[val_idx], ds.labels[val_idx]) if n_val else None
+    val = (images[val_idx], labels[val_idx]) if n_val else None
     history = train(model, loader, cfg, val=val, progress=progress)
-    sha = save_checkpoint(model, out, {"class_names": list(ds.class_names),
+    sha = save_checkpoint(model, out, {"class_names": list(class_names),
                                        "train_config": cfg, "dataset": str(Path(data))})
     log.info("checkpoint %s sha256=%s", out, sha)
-    return TrainResult(Path(out), sha, tuple(ds.class_names), history.to_dict(),
-                       int(len(train_idx)))
+    provenance = None
+    if report is not None:
+        from cloud_train.attest.policy import load_stage_key
+        from cloud_train.attest.training_gate import provenance_for_training, write_provenance
+
+        envelope = provenance_for_training(sha, report, cfg.to_dict(),
+                                           load_stage_key(attested_keys, "trainer"),
+                                           checkpoint_name=Path(out).name)
+        provenance = write_provenance(Path(f"{out}.intoto.jsonl"), envelope)
+    return TrainResult(Path(out), sha, tuple(class_names), history.to_dict(),
+                       int(len(train_idx)), provenance)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, eps: float = 8 / 255,
