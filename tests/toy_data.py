@@ -44,3 +44,30 @@ def used_model(arch: str, names: Sequence[str], size: int = 32, seed: int = 0):
     with torch.no_grad():
         model(torch.rand(4, 3, size, size))
     return model.eval()
+
+
+def fake_runner_base():
+    """A BaseRunner with the model's tensor names and no resources: tests subclass it and
+    write ``infer_impl``. Imported lazily so this module needs no edge_runtime."""
+    from edge_runtime.runners.base import BaseRunner
+
+    class FakeRunner(BaseRunner):
+        """Input "input" (N, 3, S, S) float32, output "logits" (N, C)."""
+
+        calls = 0
+
+        @property
+        def input_names(self) -> list[str]:
+            return ["input"]
+
+        @property
+        def output_names(self) -> list[str]:
+            return ["logits"]
+
+        def activate_impl(self) -> None:
+            self.calls = 0
+
+        def deactivate_impl(self) -> None:
+            self.calls = -1  # marks "released" for tests that check it
+
+    return FakeRunner

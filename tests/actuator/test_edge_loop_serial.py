@@ -10,6 +10,8 @@ import pytest
 
 pytest.importorskip("serial", reason="pyserial is needed for the host link")
 
+from toy_data import fake_runner_base  # noqa: E402
+
 from actuator import messages as m  # noqa: E402
 from actuator.scenarios import TEST_KEY  # noqa: E402
 from actuator.serial_actuator import SerialActuator  # noqa: E402
@@ -18,30 +20,15 @@ from edge_runtime.frames import Frame, FrameSource  # noqa: E402
 from edge_runtime.locate import Candidate  # noqa: E402
 from edge_runtime.loop import EdgeLoop  # noqa: E402
 from edge_runtime.policy import SignRulesPolicy  # noqa: E402
-from edge_runtime.runners.base import BaseRunner  # noqa: E402
 
 CLASSES = ("stop", "priority_road")
 SIZE = 8
 
 
-class AlwaysStop(BaseRunner):
+class AlwaysStop(fake_runner_base()):
     """Logits that say "stop" for every ROI: (N, 3, S, S) in, (N, 2) out."""
 
     name = "always-stop"
-
-    @property
-    def input_names(self) -> list[str]:
-        return ["input"]
-
-    @property
-    def output_names(self) -> list[str]:
-        return ["logits"]
-
-    def activate_impl(self) -> None:
-        self.calls = 0
-
-    def deactivate_impl(self) -> None:
-        self.calls = -1
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = feed["input"].shape[0]

@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from toy_data import fake_runner_base
 
 from actuator.interface import RecordingActuator
 from edge_runtime.annotate import VideoAnnotator, annotate
@@ -25,7 +26,7 @@ H, W = 240, 320
 RED, BLUE, YELLOW, WHITE = (30, 30, 200), (170, 90, 10), (0, 200, 250), (245, 245, 245)
 
 
-class ColourRunner(BaseRunner):
+class ColourRunner(fake_runner_base()):
     """Reads the mean colour of the ROI's centre: red -> stop, blue -> ahead_only,
     yellow -> priority_road. Input (N, 3, S, S) RGB in [0, 1]; output logits (N, 4)."""
 
@@ -35,20 +36,6 @@ class ColourRunner(BaseRunner):
         super().__init__()
         self.calls = 0
         self.fail_on_call = fail_on_call
-
-    @property
-    def input_names(self) -> list[str]:
-        return ["input"]
-
-    @property
-    def output_names(self) -> list[str]:
-        return ["logits"]
-
-    def activate_impl(self) -> None:
-        self.calls = 0
-
-    def deactivate_impl(self) -> None:
-        pass
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.calls += 1

@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from toy_data import fake_runner_base
 
 from actuator.interface import RecordingActuator
 from edge_runtime.frames import Frame, FrameSource
@@ -17,7 +18,6 @@ from edge_runtime.locate import FullFrameLocator
 from edge_runtime.loop import EdgeLoop, build_loop
 from edge_runtime.policy import SignRulesPolicy
 from edge_runtime.preprocess import preprocess_batch
-from edge_runtime.runners.base import BaseRunner
 from edge_runtime.sanitize import (
     DEFAULT_CHAIN,
     SanitizeChain,
@@ -259,7 +259,7 @@ class ListSource(FrameSource):
             yield Frame(image, i, i / 15.0)
 
 
-class RecordingRunner(BaseRunner):
+class RecordingRunner(fake_runner_base()):
     """Keeps every batch it is fed; logits from the batch mean."""
 
     name = "recording-fake"
@@ -268,19 +268,8 @@ class RecordingRunner(BaseRunner):
         super().__init__()
         self.batches: list[np.ndarray] = []
 
-    @property
-    def input_names(self) -> list[str]:
-        return ["input"]
-
-    @property
-    def output_names(self) -> list[str]:
-        return ["logits"]
-
     def activate_impl(self) -> None:
         self.batches = []
-
-    def deactivate_impl(self) -> None:
-        self.batches = self.batches  # nothing to release
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x = feed["input"]
