@@ -131,6 +131,12 @@ def _add_actuator(sub: argparse._SubParsersAction) -> None:
     add_actuator_parser(sub)
 
 
+def _add_redteam(sub: argparse._SubParsersAction) -> None:
+    from cloud_train.redteam_cli import add_redteam_parsers  # argparse only at this point
+
+    add_redteam_parsers(sub)
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="the whole chain on this machine's CPU")
     demo.add_argument("--profile", default="quick", help="quick (default) or tiny")
@@ -149,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"roadshield {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_data, _add_train, _add_distill, _add_edge, _add_actuator, _add_demo):
+    for add in (_add_data, _add_train, _add_distill, _add_edge, _add_actuator, _add_redteam,
+                _add_demo):
         add(sub)
     return parser
 

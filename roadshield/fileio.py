@@ -16,19 +16,25 @@ from typing import Any
 from roadshield.errors import ModelLoadError
 
 
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int | None = None
                        ) -> None:
     """Write ``data`` to ``path`` atomically (temp file, fsync, rename).
 
     mode: file permissions, set before any byte is written (0o600 for secrets), so no
-    reader ever sees the content under looser permissions.
+    reader ever sees the content under looser permissions. By default a new file gets
+    what ``open`` would give it (0o666 less the umask), not the temp file's 0o600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        if mode is not None:
-            os.fchmod(fd, mode)
+        os.fchmod(fd, mode if mode is not None else _default_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

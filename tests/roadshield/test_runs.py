@@ -44,3 +44,16 @@ def test_atomic_write_json_leaves_no_temp_files(tmp_path):
     atomic_write_json(tmp_path / "a.json", {"b": 1})
     assert json.loads((tmp_path / "a.json").read_text()) == {"b": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_atomic_writes_get_ordinary_permissions_unless_asked(tmp_path):
+    from roadshield.fileio import atomic_write_bytes
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "plain", b"x")
+        atomic_write_bytes(tmp_path / "secret", b"k", mode=0o600)
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "plain").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "secret").stat().st_mode & 0o777 == 0o600
