@@ -38,8 +38,15 @@ def register_attack(fn: AttackFn) -> AttackFn:
     return fn
 
 
+def _load_builtin_attacks() -> None:
+    # The strong evaluation attacks (APGD, Square, PGD-L2) live in their own module, which
+    # imports this one; importing it here at call time registers them without a cycle.
+    import cloud_train.strong_attacks  # noqa: F401
+
+
 def list_attacks() -> list[str]:
     """Names accepted by :func:`create_attack`, sorted."""
+    _load_builtin_attacks()
     return sorted(_ATTACKS)
 
 
@@ -50,6 +57,7 @@ def create_attack(name: str, **kw: Any) -> Callable[[nn.Module, torch.Tensor, to
     Parameters are checked now (unknown names, eps out of [0, 1], steps < 1 ->
     ConfigError), not at the first batch.
     """
+    _load_builtin_attacks()
     if name not in _ATTACKS:
         raise ConfigError(f"unknown attack {name!r}", f"choose one of: {', '.join(list_attacks())}")
     fn = _ATTACKS[name]
