@@ -19,6 +19,24 @@ from cloud_train.tensors import to_tensor
 from roadshield.errors import ConfigError, DatasetError
 
 
+def eval_tensors(model: nn.Module, images: np.ndarray | torch.Tensor,
+                 labels: np.ndarray | torch.Tensor | Sequence[int],
+                 device: str | torch.device | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.device]:
+    """Images and labels as tensors on ``device`` (default: the model's), checked to be a
+    non-empty set with one label per image (DatasetError otherwise)."""
+    x = to_tensor(images)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    if len(x) != len(y) or len(x) == 0:
+        raise DatasetError(f"{len(x)} images and {len(y)} labels",
+                           "pass a non-empty set with one label per image")
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    return x.to(device), y.to(device), device
+
+
 def evaluate(model: nn.Module, images: np.ndarray | torch.Tensor,
              labels: np.ndarray | torch.Tensor | Sequence[int], eps: float = 8 / 255,
              pgd_steps: int = 10, pgd_alpha: float = 2 / 255, batch_size: int = 256,
@@ -35,21 +53,13 @@ def evaluate(model: nn.Module, images: np.ndarray | torch.Tensor,
     validate_params(eps, pgd_alpha, pgd_steps)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}", "use e.g. 256")
-    x_all = to_tensor(images)
-    y_all = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-    if len(x_all) != len(y_all) or len(x_all) == 0:
-        raise DatasetError(f"{len(x_all)} images and {len(y_all)} labels",
-                           "pass a non-empty set with one label per image")
-    if device is None:
-        first = next(model.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
+    x_all, y_all, device = eval_tensors(model, images, labels, device)
     hits = {"clean": 0, "fgsm": 0, "pgd": 0}
     secs = {"clean": 0.0, "fgsm": 0.0, "pgd": 0.0}
     with eval_mode(model), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for i in range(0, len(x_all), batch_size):
-            x = x_all[i:i + batch_size].to(device)
-            y = y_all[i:i + batch_size].to(device)
+            x, y = x_all[i:i + batch_size], y_all[i:i + batch_size]
             t = time.perf_counter()
             with torch.no_grad():
                 hits["clean"] += int((model(x).argmax(1) == y).sum())

@@ -20,25 +20,11 @@ import torch
 from torch import nn
 
 from cloud_train.attacks import eval_mode, pgd_linf, validate_params
+from cloud_train.evaluate import eval_tensors
 from cloud_train.strong_attacks import apgd, square
-from cloud_train.tensors import to_tensor
-from roadshield.errors import ConfigError, DatasetError
+from roadshield.errors import ConfigError
 
 ATTACKS = ("apgd_ce", "apgd_dlr", "square")
-
-
-def _prepare(model: nn.Module, images: np.ndarray | torch.Tensor,
-             labels: np.ndarray | torch.Tensor | Sequence[int],
-             device: str | torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
-    x = to_tensor(images)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-    if len(x) != len(y) or len(x) == 0:
-        raise DatasetError(f"{len(x)} images and {len(y)} labels",
-                           "pass a non-empty set with one label per image")
-    if device is None:
-        first = next(model.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
-    return x.to(device), y.to(device)
 
 
 def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -73,7 +59,7 @@ def strong_evaluate(model: nn.Module, images: np.ndarray | torch.Tensor,
                           f"choose from: {', '.join(ATTACKS)}")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}", "use e.g. 256")
-    x, y = _prepare(model, images, labels, device)
+    x, y, _ = eval_tensors(model, images, labels, device)
     run = {"apgd_ce": lambda xb, yb: apgd(model, xb, yb, eps, apgd_steps, "ce", restarts, seed),
            "apgd_dlr": lambda xb, yb: apgd(model, xb, yb, eps, apgd_steps, "dlr", restarts, seed),
            "square": lambda xb, yb: square(model, xb, yb, eps, square_queries, seed=seed)}
@@ -142,7 +128,7 @@ def sanity_checks(model: nn.Module, images: np.ndarray | torch.Tensor,
     if not 0.0 <= tolerance < 1.0 or not 0.0 <= unbounded_max_acc < 1.0:
         raise ConfigError(f"tolerance {tolerance} / unbounded_max_acc {unbounded_max_acc} "
                           "must be in [0, 1)", "use e.g. 0.02 and 0.05")
-    x, y = _prepare(model, images, labels, device)
+    x, y, _ = eval_tensors(model, images, labels, device)
     eps_sorted = sorted(float(e) for e in eps_list)
     with eval_mode(model):
         clean = float(_correct(model, x, y, batch_size).float().mean())

@@ -5,13 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from toy_data import toy_shapes
+from toy_data import trained_toy_model
 
 from cloud_train.attacks import create_attack, fgsm, list_attacks, pgd_linf
 from cloud_train.evaluate import evaluate, format_table
-from cloud_train.models import create_model
-from cloud_train.tensors import make_loader, to_tensor
-from cloud_train.train import TrainConfig, train
 from roadshield.errors import ConfigError, DatasetError
 
 #: on this toy set a standardly trained model is robust at 8/255 but not at 32/255
@@ -21,13 +18,7 @@ EPS = 32 / 255
 @pytest.fixture(scope="module")
 def trained() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     """signnet_tiny trained (standard) to ~100% clean accuracy, with a held-out set."""
-    torch.manual_seed(0)
-    xtr, ytr = toy_shapes(600, seed=10)
-    xte, yte = toy_shapes(200, seed=11)
-    model = create_model("signnet_tiny", 4)
-    cfg = TrainConfig(trainer="standard", epochs=4, batch_size=64, device="cpu")
-    train(model, make_loader(xtr, ytr, 64, shuffle=True, augment=True), cfg, progress=False)
-    return model, to_tensor(xte), torch.as_tensor(yte)
+    return trained_toy_model(200)
 
 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from toy_data import toy_shapes
+from toy_data import trained_toy_model
 
 from cloud_train.attacks import create_attack, list_attacks, pgd_linf
-from cloud_train.models import create_model
 from cloud_train.robust_eval import sanity_checks, strong_evaluate
 from cloud_train.strong_attacks import apgd, dlr_loss, margin, pgd_l2, square
-from cloud_train.tensors import make_loader, to_tensor
-from cloud_train.train import TrainConfig, train
 from roadshield.errors import ConfigError
 
 #: a standardly trained toy model is robust at 8/255 but not at 32/255 (see test_attacks.py)
@@ -22,13 +19,7 @@ EPS_LIST = [8 / 255, 16 / 255, 32 / 255]
 @pytest.fixture(scope="module")
 def trained() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     """signnet_tiny trained (standard) on toy shapes, in eval mode, with 64 held-out images."""
-    torch.manual_seed(0)
-    xtr, ytr = toy_shapes(600, seed=10)
-    xte, yte = toy_shapes(64, seed=11)
-    model = create_model("signnet_tiny", 4)
-    cfg = TrainConfig(trainer="standard", epochs=4, batch_size=64, device="cpu")
-    train(model, make_loader(xtr, ytr, 64, shuffle=True, augment=True), cfg, progress=False)
-    return model.eval(), to_tensor(xte), torch.as_tensor(yte)
+    return trained_toy_model(64)
 
 
 class Quantised(torch.nn.Module):
