@@ -44,9 +44,10 @@ from roadshield.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-#: step(model, x, y, cfg) -> logits the training loss is taken on (of clean or attacked x)
-#: (model, x, y, config, eps in force at this step) -> logits to train on
-StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, "TrainConfig", float], torch.Tensor]
+#: step(model, x, y, config, eps in force at this step) -> (loss to minimise, logits whose
+#: argmax is reported as training accuracy: of the clean or of the attacked batch)
+StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, "TrainConfig", float],
+                  tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ _TRAINERS: dict[str, Trainer] = {}
 
 
 def register_trainer(name: str, adversarial: bool) -> Callable[[StepFn], StepFn]:
-    """Register a per-batch step ``step(model, x, y, cfg) -> logits`` of the inputs it trains on."""
+    """Register a per-batch step ``step(model, x, y, cfg, eps) -> (loss, logits)``."""
     def deco(fn: StepFn) -> StepFn:
         if name in _TRAINERS:
             raise ConfigError(f"trainer {name!r} is registered twice", "use a unique name")
@@ -69,7 +70,14 @@ def register_trainer(name: str, adversarial: bool) -> Callable[[StepFn], StepFn]
     return deco
 
 
+def _load_builtin_trainers() -> None:
+    # PGD-AT, TRADES and ROA live in their own module, which imports this one; importing it
+    # at call time registers them without an import cycle.
+    import cloud_train.robust_trainers  # noqa: F401
+
+
 def list_trainers() -> list[str]:
+    _load_builtin_trainers()
     return sorted(_TRAINERS)
 
 
@@ -82,6 +90,12 @@ class TrainConfig:
     ``guard_size`` examples with a ``guard_steps``-step PGD form the
     catastrophic-overfitting check of adversarial trainers (0 turns it off).
     ``device``: "auto" (CUDA when present), "cpu", "cuda" or "cuda:N".
+
+    Multi-step trainers: ``pgd_steps`` inner steps of size ``pgd_alpha`` (None: 2.5 * eps /
+    steps, Madry et al.) for ``pgd_at`` and ``trades``; ``trades_beta`` weighs TRADES'
+    robustness term; ``roa_height`` x ``roa_width`` pixels is the ROA rectangle, searched
+    on a grid of ``roa_stride`` pixels among the ``roa_candidates`` positions with the largest
+    input gradient, then filled by ``pgd_steps`` steps.
     """
 
     trainer: str = "standard"
@@ -99,6 +113,13 @@ class TrainConfig:
     guard_steps: int = 5
     guard_tolerance: float = 0.05
     eps_warmup_epochs: int = 0
+    pgd_steps: int = 7
+    pgd_alpha: float | None = None
+    trades_beta: float = 6.0
+    roa_height: int = 7
+    roa_width: int = 7
+    roa_stride: int = 2
+    roa_candidates: int = 10
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str, hint: str) -> None:
@@ -108,6 +129,7 @@ class TrainConfig:
         def is_int(v: Any) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
 
+        _load_builtin_trainers()
         need(self.trainer in _TRAINERS, f"unknown trainer {self.trainer!r}",
              f"choose one of: {', '.join(list_trainers())}")
         need(is_int(self.epochs) and self.epochs >= 1, f"epochs={self.epochs!r}", "use >= 1")
@@ -134,6 +156,15 @@ class TrainConfig:
         need(is_int(self.eps_warmup_epochs) and 0 <= self.eps_warmup_epochs <= self.epochs,
              f"eps_warmup_epochs={self.eps_warmup_epochs!r}",
              f"use 0 (no warm-up) up to epochs={self.epochs}")
+        need(is_int(self.pgd_steps) and self.pgd_steps >= 1, f"pgd_steps={self.pgd_steps!r}",
+             "use >= 1 (7-10 is usual for training)")
+        need(self.pgd_alpha is None or 0.0 < self.pgd_alpha <= 1.0,
+             f"pgd_alpha={self.pgd_alpha!r}", "use None (2.5 * eps / pgd_steps) or (0, 1]")
+        need(0.0 <= self.trades_beta <= 100.0 and np.isfinite(self.trades_beta),
+             f"trades_beta={self.trades_beta!r}", "use a weight in [0, 100]; 6 is the paper's")
+        for side in ("roa_height", "roa_width", "roa_stride", "roa_candidates"):
+            v = getattr(self, side)
+            need(is_int(v) and v >= 1, f"{side}={v!r}", "use a whole number of pixels >= 1")
         if _TRAINERS[self.trainer].adversarial:
             need(self.eps > 0, f"trainer {self.trainer!r} with eps=0",
                  "adversarial training needs eps > 0; use trainer='standard' instead")
@@ -142,6 +173,11 @@ class TrainConfig:
     def step_size(self) -> float:
         """FGSM step of fast_at: ``alpha`` or 1.25 * eps."""
         return self.alpha if self.alpha is not None else 1.25 * self.eps
+
+    @property
+    def pgd_step_size(self) -> float:
+        """Inner step of the multi-step trainers: ``pgd_alpha`` or 2.5 * eps / pgd_steps."""
+        return self.pgd_alpha if self.pgd_alpha is not None else 2.5 * self.eps / self.pgd_steps
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -198,13 +234,14 @@ def resolve_device(name: str) -> torch.device:
 
 @register_trainer("standard", adversarial=False)
 def _standard_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                   cfg: TrainConfig, eps: float) -> torch.Tensor:
-    return model(x)
+                   cfg: TrainConfig, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model(x)
+    return F.cross_entropy(logits, y), logits
 
 
 @register_trainer("fast_at", adversarial=True)
 def _fast_at_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                  cfg: TrainConfig, eps: float) -> torch.Tensor:
+                  cfg: TrainConfig, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     alpha = cfg.step_size * eps / cfg.eps  # the step keeps its ratio to eps during warm-up
     # uniform start inside the ball, kept so that x + delta stays in [0, 1]
     delta = torch.empty_like(x).uniform_(-eps, eps)
@@ -213,7 +250,8 @@ def _fast_at_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     (grad,) = torch.autograd.grad(loss, delta)
     delta = (delta.detach() + alpha * grad.sign()).clamp(-eps, eps)
     x_adv = (x + delta).clamp(0.0, 1.0)
-    return model(x_adv)
+    logits = model(x_adv)
+    return F.cross_entropy(logits, y), logits
 
 
 def eps_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -276,9 +314,8 @@ def train(model: nn.Module, train_loader: DataLoader, cfg: TrainConfig,
                    disable=not progress, leave=True, dynamic_ncols=True)
         for x, y in bar:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = trainer.step(model, x, y, cfg, eps_at(cfg, sched.last_epoch,
-                                                           steps_per_epoch))
-            loss = F.cross_entropy(logits, y)
+            loss, logits = trainer.step(model, x, y, cfg, eps_at(cfg, sched.last_epoch,
+                                                                 steps_per_epoch))
             if not torch.isfinite(loss):
                 raise ConfigError(f"training diverged at epoch {epoch} (loss {float(loss)})",
                                   f"lower the learning rate (now {cfg.lr})")
