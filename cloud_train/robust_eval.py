@@ -158,3 +158,38 @@ def sanity_checks(model: nn.Module, images: np.ndarray | torch.Tensor,
     }
     checks["all_passed"] = all(v["passed"] for v in checks.values() if isinstance(v, dict))
     return checks
+
+
+def strong_report(model: nn.Module, images: np.ndarray | torch.Tensor,
+                  labels: np.ndarray | torch.Tensor | Sequence[int], eps: float = 8 / 255,
+                  apgd_steps: int = 100, square_queries: int = 1000, seed: int = 0,
+                  device: str | torch.device | None = None) -> dict[str, Any]:
+    """:func:`strong_evaluate` at ``eps`` plus :func:`sanity_checks` around it (eps/2, eps,
+    2 eps), as one JSON-able dict ``{"strong": ..., "sanity": ...}`` (no per-example mask).
+
+    The checks run with every strong evaluation because a robust accuracy is only worth
+    quoting when the attacks behind it are shown to work."""
+    strong = strong_evaluate(model, images, labels, eps=eps, apgd_steps=apgd_steps,
+                             square_queries=square_queries, seed=seed, device=device)
+    strong.pop("robust_mask")
+    sanity = sanity_checks(model, images, labels, [eps / 2, eps, min(1.0, 2 * eps)],
+                           square_queries=max(1, square_queries // 3), seed=seed, device=device)
+    return {"strong": strong, "sanity": sanity}
+
+
+def format_strong(report: dict[str, Any]) -> str:
+    """A few lines of text for a :func:`strong_report` result."""
+    s = report["strong"]
+    lines = [f"strong evaluation at eps {s['eps'] * 255:.1f}/255 on {s['n']} examples "
+             f"({s['seconds']:.1f} s): clean {100 * s['clean_acc']:.1f} %, "
+             + ", ".join(f"{a} {100 * s[f'{a}_acc']:.1f} %" for a in s["attacks"])
+             + f", worst case {100 * s['robust_acc']:.1f} %"]
+    for name, check in report["sanity"].items():
+        if isinstance(check, dict):
+            values = ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+                               for k, v in check.items() if k != "passed")
+            lines.append(f"  sanity {name}: {'pass' if check['passed'] else 'FAIL'} ({values})")
+    verdict = "all passed" if report["sanity"]["all_passed"] else \
+        "SOME FAILED: treat the robust accuracy as an upper bound (gradient masking?)"
+    lines.append(f"  sanity checks: {verdict}")
+    return "\n".join(lines)

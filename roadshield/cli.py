@@ -84,6 +84,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--data", required=True, help="GTSRB-layout dataset root (its test split)")
     ev.add_argument("--eps", type=float, default=8 / 255)
     ev.add_argument("--pgd-steps", type=int, default=10)
+    ev.add_argument("--strong", action="store_true",
+                    help="also the worst case over APGD-CE, APGD-DLR and Square, with the "
+                         "gradient-masking sanity checks")
+    ev.add_argument("--apgd-steps", type=int, default=100)
+    ev.add_argument("--square-queries", type=int, default=1000)
+    ev.add_argument("--limit", type=int, default=None, help="evaluate the first N test images")
     ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
     ev.set_defaults(func=_handler("roadshield.commands", "evaluate"))
 

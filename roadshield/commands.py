@@ -72,8 +72,17 @@ def evaluate(args: argparse.Namespace) -> int:
     from cloud_train.evaluate import format_table
 
     metrics = pipeline.evaluate_checkpoint(args.checkpoint, args.data, eps=args.eps,
-                                           pgd_steps=args.pgd_steps)
-    print(json.dumps(metrics, indent=2) if args.json else format_table(metrics))
+                                           pgd_steps=args.pgd_steps, strong=args.strong,
+                                           apgd_steps=args.apgd_steps,
+                                           square_queries=args.square_queries, limit=args.limit)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+        return 0
+    print(format_table(metrics))
+    if "strong_eval" in metrics:
+        from cloud_train.robust_eval import format_strong
+
+        print(format_strong(metrics["strong_eval"]))
     return 0
 
 

@@ -111,8 +111,12 @@ def train_checkpoint(data: str | Path, out: str | Path, *, arch: str = "signnet"
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, eps: float = 8 / 255,
-                        pgd_steps: int = 10, expected_sha256: str | None = None) -> dict[str, Any]:
-    """Clean, FGSM and PGD accuracy of a checkpoint on a dataset's test split."""
+                        pgd_steps: int = 10, expected_sha256: str | None = None,
+                        strong: bool = False, apgd_steps: int = 100, square_queries: int = 1000,
+                        limit: int | None = None) -> dict[str, Any]:
+    """Clean, FGSM and PGD accuracy of a checkpoint on a dataset's test split; with ``strong``
+    also the worst case over APGD-CE, APGD-DLR and Square plus the sanity checks (under
+    ``metrics["strong_eval"]``). ``limit`` evaluates the first N test images only."""
     from cloud_train.checkpoint import load_checkpoint
     from cloud_train.evaluate import evaluate
     from cloud_train.gtsrb import load_gtsrb
@@ -124,7 +128,18 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, eps: float 
         raise ConfigError(f"dataset {data} has classes {list(ds.class_names)[:4]}... but "
                           f"checkpoint {checkpoint} was trained on {meta['class_names'][:4]}...",
                           "evaluate on a dataset with the same class list")
-    metrics = evaluate(model, ds.images, ds.labels, eps=eps, pgd_steps=pgd_steps)
+    images, labels = ds.images, ds.labels
+    if limit is not None:
+        if limit < 1:
+            raise ConfigError(f"limit must be >= 1, got {limit}", "omit it to use every image")
+        images, labels = images[:limit], labels[:limit]
+    metrics = evaluate(model, images, labels, eps=eps, pgd_steps=pgd_steps)
+    if strong:
+        from cloud_train.robust_eval import strong_report
+
+        metrics["strong_eval"] = strong_report(model, images, labels, eps=eps,
+                                               apgd_steps=apgd_steps,
+                                               square_queries=square_queries)
     metrics["checkpoint_sha256"] = meta["sha256"]
     return metrics
 
