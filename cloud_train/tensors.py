@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,31 +71,51 @@ class Augment:
     contrast: float = 0.2
     saturation: float = 0.2
 
-    def __call__(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        """x: float32 [B, 3, H, W] in [0, 1] -> a new tensor of the same shape, in [0, 1]."""
+    def __call__(self, x: torch.Tensor, gen: torch.Generator,
+                 rows: torch.Tensor | None = None, total: int | None = None) -> torch.Tensor:
+        """x: float32 [B, 3, H, W] in [0, 1] -> a new tensor of the same shape, in [0, 1].
+
+        ``rows``/``total``: x holds rows ``rows`` (int64 [B]) of a batch of ``total`` images
+        (a shard of a global batch, see ``cloud_train.distributed``). The random draws are
+        made for all ``total`` images and the shard keeps its own rows, so an example gets
+        the same crop and jitter whichever process augments it.
+        """
         b, _, h, w = x.shape
+        n = b if total is None else total
+        if rows is not None and (len(rows) != b or (b and int(rows.max()) >= n)):
+            raise ConfigError(f"augmentation rows {rows.tolist()[:8]} do not fit a shard of "
+                              f"{b} images out of {n}", "pass one row index < total per image")
         pad = max(1, round(min(h, w) / 8)) if self.pad is None else self.pad
+        # every draw for the whole batch first, in a fixed order: the stream never depends
+        # on which rows this call keeps
+        oy = ox = None
         if pad > 0:
+            oy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+            ox = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
+
+        def factor(amount: float) -> torch.Tensor | None:
+            if not amount:
+                return None
+            return 1.0 + (torch.rand(n, 1, 1, 1, generator=gen) * 2.0 - 1.0) * amount
+
+        fb, fc, fs = factor(self.brightness), factor(self.contrast), factor(self.saturation)
+        if rows is not None:
+            oy, ox, fb, fc, fs = (None if t is None else t[rows] for t in (oy, ox, fb, fc, fs))
+        if oy is not None and ox is not None:
             xp = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
-            oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-            ox = torch.randint(0, 2 * pad + 1, (b,), generator=gen)
-            rows = (oy[:, None] + torch.arange(h))[:, :, None]  # [B, H, 1]
-            cols = (ox[:, None] + torch.arange(w))[:, None, :]  # [B, 1, W]
+            win_rows = (oy[:, None] + torch.arange(h))[:, :, None]  # [B, H, 1]
+            win_cols = (ox[:, None] + torch.arange(w))[:, None, :]  # [B, 1, W]
             # advanced indexing gathers each sample's own window: result [B, H, W, C]
-            x = xp.permute(0, 2, 3, 1)[torch.arange(b)[:, None, None], rows, cols]
+            x = xp.permute(0, 2, 3, 1)[torch.arange(b)[:, None, None], win_rows, win_cols]
             x = x.permute(0, 3, 1, 2).contiguous()
-
-        def factor(amount: float) -> torch.Tensor:
-            return 1.0 + (torch.rand(b, 1, 1, 1, generator=gen) * 2.0 - 1.0) * amount
-
-        if self.brightness:
-            x = x * factor(self.brightness)
+        if fb is not None:
+            x = x * fb
         gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])  # ITU-R BT.601 luma
-        if self.contrast:
+        if fc is not None:
             mean = gray.mean(dim=(2, 3), keepdim=True)
-            x = (x - mean) * factor(self.contrast) + mean
-        if self.saturation:
-            x = (x - gray) * factor(self.saturation) + gray
+            x = (x - mean) * fc + mean
+        if fs is not None:
+            x = (x - gray) * fs + gray
         return x.clamp_(0.0, 1.0)
 
 
@@ -119,7 +140,12 @@ class _BatchSampler(Sampler):
 
 
 class _BatchSet(Dataset):
-    """Indexed by a whole batch: ``(indices, seed) -> (float images, int64 labels)``."""
+    """Indexed by a whole batch: ``(indices, seed)`` -> ``(float images, int64 labels)``.
+
+    A shard of a global batch is keyed ``(indices, seed, rows, total)``: the shard's
+    dataset indices, the global batch's augmentation seed, the shard's positions in the
+    global batch and the global batch size (see :meth:`Augment.__call__`).
+    """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: Augment | None):
         self.images, self.labels, self.augment = images, labels, augment
@@ -127,11 +153,12 @@ class _BatchSet(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, key: tuple[torch.Tensor, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        idx, seed = key
+    def __getitem__(self, key: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, seed = key[0], key[1]
+        rows, total = (key[2], key[3]) if len(key) == 4 else (None, None)
         x = self.images[idx].float().div_(255.0)
         if self.augment is not None:
-            x = self.augment(x, torch.Generator().manual_seed(seed))
+            x = self.augment(x, torch.Generator().manual_seed(seed), rows=rows, total=total)
         return x, self.labels[idx]
 
 

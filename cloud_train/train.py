@@ -19,28 +19,49 @@ Determinism: ``torch.manual_seed(cfg.seed)`` is set at the start; with a seeded
 loader (``cloud_train.tensors.make_loader``) and the same initial weights (seed torch
 before ``create_model``), runs on the CPU repeat bit for bit. CUDA runs may differ in
 the last bits (cuDNN picks kernels at run time).
+
+Several processes (torchrun): pass ``dist`` (``cloud_train.distributed.setup``). The
+loader's global batches are sharded over the ranks, batch norm uses global-batch
+statistics, the model is wrapped in DistributedDataParallel, and the loss, accuracy,
+validation and guard figures are summed over the ranks, so every rank holds the same
+history; only rank 0 shows progress, logs and writes the training state. The loss of a
+step must be a mean over its batch: a rank's loss is weighted by its share of the global
+batch, so the averaged gradient is the gradient of the global-batch mean.
+
+Resuming: with ``state_path`` rank 0 writes the training state
+(``cloud_train.train_state``) atomically after every epoch; ``resume`` continues from
+one, giving on the CPU the same final weights as an uninterrupted run, and
+``stop_after_epoch`` ends a call early on purpose (time-boxed or preemptible jobs).
+
+Mixed precision and channels-last (``amp``, ``channels_last``; None = auto = on with
+CUDA, off on the CPU): the step, attacks inside trainers included, runs under
+``torch.autocast`` (float16) with a GradScaler; asking for either on the CPU is a
+ConfigError, not a silent no-op. Input-gradient attacks sum their loss over the batch
+(``fast_at`` here, ``pgd_linf``, TRADES and ROA alike): per-example gradients keep their
+size instead of shrinking by 1/B, where float16 would flush the small ones to zero and
+the sign step would lose them. The per-epoch checks always run in float32.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from cloud_train.attacks import eval_mode, pgd_linf
-from cloud_train.tensors import to_tensor
 from roadshield.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cloud_train.distributed import DistContext
+    from cloud_train.train_state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +117,9 @@ class TrainConfig:
     robustness term; ``roa_height`` x ``roa_width`` pixels is the ROA rectangle, searched
     on a grid of ``roa_stride`` pixels among the ``roa_candidates`` positions with the largest
     input gradient, then filled by ``pgd_steps`` steps.
+
+    ``amp`` (float16 autocast + GradScaler) and ``channels_last``: None = on with CUDA, off
+    on the CPU; True on a CPU device is refused when training starts.
     """
 
     trainer: str = "standard"
@@ -120,6 +144,8 @@ class TrainConfig:
     roa_width: int = 7
     roa_stride: int = 2
     roa_candidates: int = 10
+    amp: bool | None = None
+    channels_last: bool | None = None
 
     def __post_init__(self) -> None:
         def need(ok: bool, what: str, hint: str) -> None:
@@ -165,6 +191,10 @@ class TrainConfig:
         for side in ("roa_height", "roa_width", "roa_stride", "roa_candidates"):
             v = getattr(self, side)
             need(is_int(v) and v >= 1, f"{side}={v!r}", "use a whole number of pixels >= 1")
+        for flag in ("amp", "channels_last"):
+            v = getattr(self, flag)
+            need(v is None or isinstance(v, bool), f"{flag}={v!r}",
+                 "use None (auto: on with CUDA), True or False")
         if _TRAINERS[self.trainer].adversarial:
             need(self.eps > 0, f"trainer {self.trainer!r} with eps=0",
                  "adversarial training needs eps > 0; use trainer='standard' instead")
@@ -208,10 +238,19 @@ class EpochStats:
 
 @dataclass
 class TrainHistory:
+    """Per-epoch figures of a run (the same on every rank). ``completed`` is False when the
+    call stopped early (``stop_after_epoch``); ``resumed_from`` is the epoch a resumed run
+    continued after."""
+
     trainer: str
     epochs: list[EpochStats] = field(default_factory=list)
     kept_epoch: int | None = None  # epoch whose weights the model holds at the end
     device: str = "cpu"
+    world_size: int = 1
+    amp: bool = False
+    channels_last: bool = False
+    completed: bool = True
+    resumed_from: int | None = None
 
     @property
     def seconds_per_epoch(self) -> float:
@@ -219,7 +258,9 @@ class TrainHistory:
 
     def to_dict(self) -> dict[str, Any]:
         return {"trainer": self.trainer, "kept_epoch": self.kept_epoch, "device": self.device,
-                "seconds_per_epoch": self.seconds_per_epoch,
+                "world_size": self.world_size, "amp": self.amp,
+                "channels_last": self.channels_last, "completed": self.completed,
+                "resumed_from": self.resumed_from, "seconds_per_epoch": self.seconds_per_epoch,
                 "epochs": [dataclasses.asdict(e) for e in self.epochs]}
 
 
@@ -230,6 +271,18 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"device {name!r} requested but CUDA is not available",
                           "use device='cpu' or 'auto'")
     return torch.device(name)
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> tuple[bool, bool]:
+    """``(amp, channels_last)`` in force on ``device``: auto (None) follows CUDA; asking for
+    either on another device is a ConfigError (they would be a slow no-op there)."""
+    cuda = device.type == "cuda"
+    for flag in ("amp", "channels_last"):
+        if getattr(cfg, flag) is True and not cuda:
+            raise ConfigError(f"{flag}=True needs a CUDA device, this run trains on {device}",
+                              "leave it on auto (on with CUDA, off on the CPU) or set False")
+    return (cuda if cfg.amp is None else cfg.amp,
+            cuda if cfg.channels_last is None else cfg.channels_last)
 
 
 @register_trainer("standard", adversarial=False)
@@ -246,7 +299,9 @@ def _fast_at_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     # uniform start inside the ball, kept so that x + delta stays in [0, 1]
     delta = torch.empty_like(x).uniform_(-eps, eps)
     delta = ((x + delta).clamp(0.0, 1.0) - x).requires_grad_(True)
-    loss = F.cross_entropy(model(x + delta), y)
+    # summed: the sign is that of the mean's gradient, and under float16 autocast the
+    # per-example gradients keep their size instead of underflowing at 1/B of it
+    loss = F.cross_entropy(model(x + delta), y, reduction="sum")
     (grad,) = torch.autograd.grad(loss, delta)
     delta = (delta.detach() + alpha * grad.sign()).clamp(-eps, eps)
     x_adv = (x + delta).clamp(0.0, 1.0)
@@ -268,112 +323,28 @@ def _one_cycle(total_steps: int) -> Callable[[int], float]:
     return lambda t: float(np.interp(t + 1, [0, peak, total_steps], [0.0, 1.0, 0.0]))
 
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
-    with eval_mode(model), torch.no_grad():
-        hits = sum(int((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum())
-                   for i in range(0, len(x), batch))
-    return hits / max(1, len(x))
-
-
-def _as_xy(val: tuple[Any, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = val
-    return to_tensor(x).to(device), torch.as_tensor(np.asarray(y), dtype=torch.int64).to(device)
-
-
 def train(model: nn.Module, train_loader: DataLoader, cfg: TrainConfig,
-          val: tuple[Any, Any] | None = None, progress: bool = True) -> TrainHistory:
+          val: tuple[Any, Any] | None = None, progress: bool = True, *,
+          dist: DistContext | None = None, resume: TrainState | str | Path | None = None,
+          state_path: str | Path | None = None,
+          stop_after_epoch: int | None = None) -> TrainHistory:
     """Train ``model`` in place and return its per-epoch history.
 
     ``train_loader`` yields ``(x, y)``: x float32 [B, 3, H, W] RGB in [0, 1], y int64 [B]
-    (see ``cloud_train.tensors.make_loader``). ``val`` is ``(images, labels)`` with
-    images as uint8 N x H x W x 3 RGB arrays or float NCHW tensors in [0, 1]; its clean
-    accuracy is reported each epoch. The model ends in eval mode on the config's device,
-    holding the kept epoch's weights.
+    (see ``cloud_train.tensors.make_loader``; B is the global batch). ``val`` is
+    ``(images, labels)`` with images as uint8 N x H x W x 3 RGB arrays or float NCHW
+    tensors in [0, 1]; its clean accuracy is reported each epoch.
+
+    ``dist``: this process's place in a torchrun launch (``cloud_train.distributed.setup``);
+    None trains in this process alone on ``cfg.device``. ``state_path``: where rank 0
+    writes the training state after every epoch. ``resume``: a state (or its path) to
+    continue from; a state of another model, other settings or other data is refused
+    before any work. ``stop_after_epoch``: return after that epoch (the history then says
+    ``completed=False`` and the model holds that epoch's weights).
+
+    The model ends in eval mode on the device, holding the kept epoch's weights.
     """
-    trainer = _TRAINERS[cfg.trainer]
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise ConfigError("the training loader yields no batches",
-                          "check the dataset size against batch_size and drop_last")
-    device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model.to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                          nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _one_cycle(cfg.epochs * steps_per_epoch))
-    val_xy = _as_xy(val, device) if val is not None else None
-    guard = _guard_batch(cfg, trainer, train_loader, val_xy, device)
-    history = TrainHistory(trainer=cfg.trainer, device=str(device))
-    kept_state: dict[str, torch.Tensor] | None = None
-    best_guard = -1.0
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        loss_sum, hits, seen = 0.0, 0, 0
-        bar = tqdm(train_loader, desc=f"{cfg.trainer} epoch {epoch}/{cfg.epochs}",
-                   disable=not progress, leave=True, dynamic_ncols=True)
-        for x, y in bar:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss, logits = trainer.step(model, x, y, cfg, eps_at(cfg, sched.last_epoch,
-                                                                 steps_per_epoch))
-            if not torch.isfinite(loss):
-                raise ConfigError(f"training diverged at epoch {epoch} (loss {float(loss)})",
-                                  f"lower the learning rate (now {cfg.lr})")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += float(loss.detach()) * len(y)
-            hits += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{hits / seen:.3f}")
-        bar.close()
-        stats = EpochStats(epoch, loss_sum / seen, hits / seen, opt.param_groups[0]["lr"],
-                           time.perf_counter() - t0)
-        t1 = time.perf_counter()
-        if val_xy is not None:
-            stats.val_acc = _accuracy(model, *val_xy)
-        if guard is not None:
-            stats.guard_pgd_acc = _guard_accuracy(model, guard, cfg, epoch)
-            if stats.guard_pgd_acc >= best_guard - cfg.guard_tolerance:
-                kept_state = copy.deepcopy(model.state_dict())
-                history.kept_epoch = epoch
-            best_guard = max(best_guard, stats.guard_pgd_acc)
-        stats.eval_seconds = time.perf_counter() - t1
-        history.epochs.append(stats)
-        log.info("%s epoch %d/%d: loss %.4f, train acc %.3f, val acc %s, guard PGD acc %s, "
-                 "%.1f s", cfg.trainer, epoch, cfg.epochs, stats.loss, stats.train_acc,
-                 "-" if stats.val_acc is None else f"{stats.val_acc:.3f}",
-                 "-" if stats.guard_pgd_acc is None else f"{stats.guard_pgd_acc:.3f}",
-                 stats.seconds)
-    if kept_state is not None and history.kept_epoch != cfg.epochs:
-        log.info("restoring the weights of epoch %d (best guard PGD accuracy)",
-                 history.kept_epoch)
-        model.load_state_dict(kept_state)
-    if history.kept_epoch is None:
-        history.kept_epoch = cfg.epochs
-    model.eval()
-    return history
+    from cloud_train.train_loop import run_training
 
-
-def _guard_batch(cfg: TrainConfig, trainer: Trainer, loader: DataLoader,
-                 val_xy: tuple[torch.Tensor, torch.Tensor] | None,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    if not trainer.adversarial or cfg.guard_size == 0:
-        return None
-    if val_xy is not None:
-        return val_xy[0][:cfg.guard_size], val_xy[1][:cfg.guard_size]
-    x, y = next(iter(loader))
-    return x[:cfg.guard_size].to(device), y[:cfg.guard_size].to(device)
-
-
-def _guard_accuracy(model: nn.Module, guard: tuple[torch.Tensor, torch.Tensor],
-                    cfg: TrainConfig, epoch: int) -> float:
-    x, y = guard
-    # its own RNG stream, so the check does not shift the training randomness
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed * 1000 + epoch)
-        # step 2.5 * eps / steps (Madry et al.) lets a short PGD still cross the whole ball
-        x_adv = pgd_linf(model, x, y, eps=cfg.eps, alpha=min(1.0, 2.5 * cfg.eps / cfg.guard_steps),
-                         steps=cfg.guard_steps)
-    return _accuracy(model, x_adv, y)
+    return run_training(model, train_loader, cfg, val, progress, dist=dist, resume=resume,
+                        state_path=state_path, stop_after_epoch=stop_after_epoch)

@@ -58,7 +58,11 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
-    train = sub.add_parser("train", help="train a classifier (standard or fast adversarial)")
+    train = sub.add_parser(
+        "train", help="train a classifier (standard or adversarial; one or several processes)",
+        description="Train a classifier. The same command scales out with torchrun: "
+                    "torchrun --standalone --nproc_per_node N -m roadshield.cli train ... "
+                    "(--batch-size is then the global batch, split over the N processes).")
     train.add_argument("--data", required=True,
                        help="GTSRB-layout dataset root, or with --attested a folder written "
                             "by `roadshield data preprocess`")
@@ -68,15 +72,35 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                             "write SLSA provenance beside the checkpoint")
     train.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
     train.add_argument("--arch", default="signnet")
-    train.add_argument("--trainer", default="fast_at", help="standard | fast_at")
+    train.add_argument("--trainer", default="fast_at",
+                       help="standard | fast_at | pgd_at | trades | roa")
     train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--batch-size", type=int, default=128,
+                       help="global batch (all processes together)")
     train.add_argument("--lr", type=float, default=0.05, help="peak of the one-cycle schedule")
     train.add_argument("--eps", type=float, default=8 / 255, help="L-inf radius in [0,1] units")
     train.add_argument("--eps-warmup", type=int, default=0,
                        help="epochs over which eps ramps up from 0 (adversarial trainers)")
     train.add_argument("--size", type=int, default=32)
     train.add_argument("--seed", type=int, default=0)
+    run = train.add_argument_group("devices, processes and resumption")
+    run.add_argument("--device", default="auto",
+                     help="auto | cpu | cuda (under torchrun each process takes cuda:LOCAL_RANK)")
+    run.add_argument("--world-size", type=int, default=None, metavar="N",
+                     help="processes expected; refused unless torchrun started exactly N")
+    run.add_argument("--backend", default="auto", choices=("auto", "gloo", "nccl"),
+                     help="process-group backend (auto: nccl on CUDA, gloo on the CPU)")
+    run.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
+                     help="float16 mixed precision (auto: on with CUDA; on is refused on CPU)")
+    run.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
+                     help="channels-last memory format (auto: on with CUDA)")
+    run.add_argument("--state", default=None, metavar="PATH",
+                     help="training state written after every epoch "
+                          "(default: <out>.trainstate)")
+    run.add_argument("--resume", default=None, metavar="STATE",
+                     help="continue an interrupted run from its training state")
+    run.add_argument("--stop-after-epoch", type=int, default=None, metavar="E",
+                     help="stop after epoch E (time-boxed jobs); continue later with --resume")
     train.set_defaults(func=_handler("roadshield.commands", "train"))
 
     ev = sub.add_parser("eval", help="clean, FGSM and PGD accuracy of a checkpoint")
@@ -103,23 +127,38 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--opset", type=int, default=17)
     exp.add_argument("--pt2", action="store_true", help="also write a torch.export program")
     exp.set_defaults(func=_handler("roadshield.commands", "distill_export"))
+    eng = dsub.add_parser("engine", help="build a TensorRT engine from the ONNX file (on the "
+                                         "device that will run it)")
+    eng.add_argument("onnx", help="the .onnx written by `distill export`")
+    eng.add_argument("--out", default=None, help="engine path (default: beside it, .engine)")
+    eng.add_argument("--precision", choices=("auto", "fp16", "fp32"), default="auto",
+                     help="auto: FP16 where the GPU has fast FP16 (Orin does)")
+    eng.add_argument("--workspace-mib", type=int, default=1024)
+    eng.add_argument("--min-batch", type=int, default=1)
+    eng.add_argument("--opt-batch", type=int, default=None)
+    eng.add_argument("--max-batch", type=int, default=8)
+    eng.add_argument("--verbose", action="store_true", help="TensorRT's own log at INFO")
+    eng.set_defaults(func=_handler("roadshield.commands", "distill_engine"))
 
 
 def _add_edge(sub: argparse._SubParsersAction) -> None:
     edge = sub.add_parser("edge", help="the on-device runtime")
     esub = edge.add_subparsers(dest="edge_cmd", required=True)
     run = esub.add_parser("run", help="camera -> locate -> infer -> decide -> actuator")
-    run.add_argument("--model", required=True, help=".onnx (or .pt2 for the torch backend)")
+    run.add_argument("--model", required=True,
+                     help=".onnx, .pt2 (torch backend) or .engine (tensorrt backend)")
     run.add_argument("--source", default="synthetic://?frames=120",
                      help="csi://N, /dev/videoN, v4l2://N, a video file, a folder, synthetic://")
-    run.add_argument("--backend", default="auto", help="auto | onnxruntime | torch")
+    run.add_argument("--backend", default="auto", help="auto | onnxruntime | torch | tensorrt")
     run.add_argument("--max-frames", type=int, default=None)
     run.add_argument("--video", default=None, help="write an annotated video here (.mp4/.avi)")
     run.add_argument("--decision-log", default=None, help="append decisions here (JSON lines)")
     run.add_argument("--max-speed", type=float, default=50.0, help="km/h the policy never exceeds")
     run.add_argument("--sanitize", default=None, metavar="CHAIN",
                      help='input sanitizers run on each crop, e.g. "bitdepth:bits=5,median:k=3"'
-                          " (bitdepth, median, jpeg, resize_pad; preprocess splits crop/batch)")
+                          " (bitdepth, median, jpeg, resize_pad; preprocess splits crop/batch);"
+                          ' a "cuda:" prefix runs the chain as CUDA kernels, e.g. '
+                          '"cuda:bitdepth:bits=5,median:k=3,preprocess"')
     run.add_argument("--serial", default=None,
                      help="drive a serial actuator: /dev/ttyACM0, /dev/roadshield-actuator, "
                           "or a simulator's pty")

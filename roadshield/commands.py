@@ -57,12 +57,32 @@ def data_info(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    rank = os.environ.get("RANK", "0")
+    if rank not in ("", "0"):  # under torchrun only rank 0 reports
+        logging.getLogger().setLevel(logging.WARNING)
+    switch = {"auto": None, "on": True, "off": False}
+    state = args.state or f"{args.out}.trainstate"
     result = pipeline.train_checkpoint(
         args.data, args.out, arch=args.arch, trainer=args.trainer, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, eps=args.eps, eps_warmup_epochs=args.eps_warmup,
-        size=args.size, seed=args.seed, attested_keys=args.attested)
+        size=args.size, seed=args.seed, attested_keys=args.attested, device=args.device,
+        amp=switch[args.amp], channels_last=switch[args.channels_last],
+        world_size=args.world_size, backend=args.backend, resume=args.resume, state_path=state,
+        stop_after_epoch=args.stop_after_epoch)
+    if rank not in ("", "0"):
+        return 0
+    history = result.history
+    if not history["completed"]:
+        done = history["epochs"][-1]["epoch"] if history["epochs"] else 0
+        print(f"stopped after epoch {done} of {args.epochs}; training state {state} "
+              f"(continue with --resume {state})")
+        return 0
     print(f"checkpoint {result.checkpoint} sha256={result.sha256} "
-          f"({result.history['seconds_per_epoch']:.1f} s/epoch)")
+          f"({history['seconds_per_epoch']:.1f} s/epoch on {history['world_size']} "
+          f"process(es), {history['device']})")
     if result.provenance is not None:
         print(f"provenance {result.provenance} (signed by the trainer key)")
     return 0
@@ -90,6 +110,19 @@ def distill_export(args: argparse.Namespace) -> int:
     result = pipeline.export_checkpoint(args.checkpoint, args.out, opset=args.opset, pt2=args.pt2)
     print(f"wrote {result.onnx} (ONNX Runtime vs torch max abs diff {result.parity_max_abs:.2e})"
           + (f" and {result.pt2}" if result.pt2 else ""))
+    return 0
+
+
+def distill_engine(args: argparse.Namespace) -> int:
+    from distill.engine import build_engine
+    from edge_runtime.runners.engine_meta import sidecar_path
+
+    info = build_engine(args.onnx, args.out, precision=args.precision,
+                        workspace_mib=args.workspace_mib, min_batch=args.min_batch,
+                        opt_batch=args.opt_batch, max_batch=args.max_batch, verbose=args.verbose)
+    out = Path(args.out) if args.out else Path(args.onnx).with_suffix(".engine")
+    print(f"wrote {out} ({info.precision}, TensorRT {info.tensorrt_version}, {info.gpu_name}); "
+          f"sidecar {sidecar_path(out).name}")
     return 0
 
 

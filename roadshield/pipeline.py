@@ -69,45 +69,84 @@ def train_checkpoint(data: str | Path, out: str | Path, *, arch: str = "signnet"
                      trainer: str = "fast_at", epochs: int = 10, batch_size: int = 128,
                      lr: float = 0.05, eps: float = 8 / 255, eps_warmup_epochs: int = 0,
                      size: int = 32, seed: int = 0, progress: bool = True,
-                     attested_keys: str | Path | None = None) -> TrainResult:
+                     attested_keys: str | Path | None = None, device: str = "auto",
+                     amp: bool | None = None, channels_last: bool | None = None,
+                     world_size: int | None = None, backend: str = "auto",
+                     resume: str | Path | None = None, state_path: str | Path | None = None,
+                     stop_after_epoch: int | None = None) -> TrainResult:
     """Train ``arch`` on the train split of a GTSRB-layout dataset, or on a verified attested
     pipeline folder (``attested_keys``); save a safetensors file (and, when attested, its
-    signed SLSA provenance beside it as ``<checkpoint>.intoto.jsonl``)."""
+    signed SLSA provenance beside it as ``<checkpoint>.intoto.jsonl``).
+
+    Started by torchrun (``torchrun --nproc_per_node N -m roadshield.cli train ...``) every
+    process runs this with the same arguments: ``batch_size`` is the global batch, split
+    evenly over the processes (``world_size``, when given, must match torchrun's), and only
+    rank 0 writes the checkpoint, the provenance and the training state (``state_path``,
+    after every epoch). ``resume`` continues an interrupted run from its state;
+    ``stop_after_epoch`` ends this call early, leaving no checkpoint yet. ``amp`` /
+    ``channels_last``: None = on with CUDA, off on the CPU. Every setting, the launch and
+    the resume file are checked before the data is loaded.
+    """
     import torch
 
     from cloud_train.checkpoint import save_checkpoint
+    from cloud_train.distributed import session
     from cloud_train.models import create_model
     from cloud_train.tensors import make_loader
-    from cloud_train.train import TrainConfig, train
+    from cloud_train.train import TrainConfig, resolve_precision, train
+    from cloud_train.train_state import load_train_state
 
     cfg = TrainConfig(trainer=trainer, epochs=epochs, batch_size=batch_size, lr=lr, eps=eps,
-                      eps_warmup_epochs=eps_warmup_epochs, seed=seed)  # validates first
-    images, labels, class_names, report = _training_data(data, size, attested_keys)
-    torch.manual_seed(seed)
-    model = create_model(arch, num_classes=len(class_names), input_size=size)
-    # hold out a small, fixed slice of the training split for per-epoch validation
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(labels))
-    n_val = min(512, len(order) // 10)
-    val_idx, train_idx = order[:n_val], order[n_val:]
-    loader = make_loader(images[train_idx], labels[train_idx], batch_size=batch_size,
-                         shuffle=True, augment=True, seed=seed)
-    val = (images[val_idx], labels[val_idx]) if n_val else None
-    history = train(model, loader, cfg, val=val, progress=progress)
-    sha = save_checkpoint(model, out, {"class_names": list(class_names),
-                                       "train_config": cfg, "dataset": str(Path(data))})
-    log.info("checkpoint %s sha256=%s", out, sha)
-    provenance = None
-    if report is not None:
-        from cloud_train.attest.policy import load_stage_key
-        from cloud_train.attest.training_gate import provenance_for_training, write_provenance
+                      eps_warmup_epochs=eps_warmup_epochs, seed=seed, device=device, amp=amp,
+                      channels_last=channels_last)  # validates first
+    state = load_train_state(resume) if resume is not None else None
+    with session(device=device, backend=backend, expected_world_size=world_size,
+                 batch_size=batch_size) as ctx:
+        resolve_precision(cfg, ctx.device)  # amp / channels-last forced on a CPU: refuse now
+        images, labels, class_names, report = _training_data(data, size, attested_keys)
+        torch.manual_seed(seed)
+        model = create_model(arch, num_classes=len(class_names), input_size=size)
+        # hold out a small, fixed slice of the training split for per-epoch validation
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(labels))
+        n_val = min(512, len(order) // 10)
+        val_idx, train_idx = order[:n_val], order[n_val:]
+        loader = make_loader(images[train_idx], labels[train_idx], batch_size=batch_size,
+                             shuffle=True, augment=True, seed=seed)
+        val = (images[val_idx], labels[val_idx]) if n_val else None
+        history = train(model, loader, cfg, val=val, progress=progress, dist=ctx,
+                        resume=resume if state is None else state, state_path=state_path,
+                        stop_after_epoch=stop_after_epoch)
+        # rank 0 writes; every rank learns the sha256, or every rank raises if rank 0 failed
+        sha, provenance, error = "", None, None
+        if history.completed and ctx.is_main:
+            try:
+                sha = save_checkpoint(model, out, {"class_names": list(class_names),
+                                                   "train_config": cfg,
+                                                   "dataset": str(Path(data))})
+                log.info("checkpoint %s sha256=%s", out, sha)
+                if report is not None:
+                    from cloud_train.attest.policy import load_stage_key
+                    from cloud_train.attest.training_gate import (
+                        provenance_for_training,
+                        write_provenance,
+                    )
 
-        envelope = provenance_for_training(sha, report, cfg.to_dict(),
-                                           load_stage_key(attested_keys, "trainer"),
-                                           checkpoint_name=Path(out).name)
-        provenance = write_provenance(Path(f"{out}.intoto.jsonl"), envelope)
-    return TrainResult(Path(out), sha, tuple(class_names), history.to_dict(),
-                       int(len(train_idx)), provenance)
+                    envelope = provenance_for_training(
+                        sha, report, cfg.to_dict(), load_stage_key(attested_keys, "trainer"),
+                        checkpoint_name=Path(out).name)
+                    provenance = write_provenance(Path(f"{out}.intoto.jsonl"), envelope)
+            except Exception as err:  # re-raised below, once the other ranks know
+                error = err
+        if not ctx.all_ok(error is None):
+            if error is not None:
+                raise error
+            raise ConfigError(f"rank 0 could not write the checkpoint {out}",
+                              "see rank 0's error message")
+        sha, provenance = ctx.broadcast_object((sha, provenance))
+        # history["completed"] is False after stop_after_epoch: no checkpoint yet (sha256 "")
+        return TrainResult(Path(out), sha, tuple(class_names), history.to_dict(),
+                           int(len(train_idx)), provenance)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, eps: float = 8 / 255,
