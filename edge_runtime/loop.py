@@ -433,8 +433,16 @@ def build_loop(source: str | FrameSource, model_path: str | os.PathLike[str], *,
     from .sources import open_source
 
     chain = build_chain(sanitize)
-    info = read_model_info(model_path)
+    if str(model_path).endswith((".engine", ".plan")):
+        from .runners.engine_meta import engine_model_info
+
+        info = engine_model_info(model_path)  # a TensorRT engine carries it in its sidecar
+    else:
+        info = read_model_info(model_path)
     runner = create_runner(backend, model_path)
+    if chain is not None:
+        # a CUDA chain writes its fused preprocess straight into a TensorRT input buffer
+        chain.attach_runner(runner)
     pol = create_policy(policy, **(policy_options or {})) if isinstance(policy, str) else policy
     loc = create_locator(locator, **(locator_options or {})) if isinstance(locator, str) \
         else locator

@@ -1,14 +1,8 @@
-"""Input sanitizers: pure functions, a registry by name, and a chain for the run loop.
+"""Input sanitizers by name: a registry, chains of steps, and the chain the run loop calls.
 
-Each sanitizer takes either layout and returns a new array of the same layout:
-
-* "image": H x W x 3 uint8 **BGR** (a camera frame, or a crop of one);
-* "batch": N x 3 x H x W float32 **RGB** in [0, 1] (model input). Non-finite values
-  raise ``SanitizeError``; finite values outside [0, 1] are clipped to it.
-
-Anything else (another dtype, a channel count other than 3, an empty image) raises
-``SanitizeError`` naming the shape and dtype. The exact formulas, and the plain-NumPy
-references the CUDA kernels are checked against, are in ``kernels.sanitize_reference``.
+The operations themselves (``bitdepth``, ``median``, ``jpeg``, ``resize_pad``; both the
+H x W x 3 uint8 BGR image and the N x 3 x H x W float32 RGB batch layouts, bad-input
+rules and formulas) are in ``edge_runtime.sanitize_ops`` and re-exported here.
 
 Where the chain runs in the loop: on each **crop** between locate and preprocess. A box
 is clamped to the frame (x1/y1 exclusive), the crop is treated as an image of its own (a
@@ -21,7 +15,10 @@ shrinks-and-pads the model input rows.
 
 Spec syntax: steps separated by ``,``; options after the name with ``:``
 (``"jpeg:quality=60:method=dct"``); a ``key=value`` piece after a comma belongs to the
-step before it (``"resize_pad:seed=3,min_frac=0.9"``).
+step before it (``"resize_pad:seed=3,min_frac=0.9"``). A leading ``cuda:`` runs the chain
+as CUDA kernels (``edge_runtime.sanitize_cuda``: bitdepth, median, jpeg with method=dct,
+then the fused preprocess, written straight into a TensorRT engine's input when one is
+attached); ``cpu:`` or no prefix runs it here.
 """
 
 from __future__ import annotations
@@ -32,221 +29,34 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import cv2
 import numpy as np
 
 from kernels.reference import Box, clamp_box
-from kernels.sanitize_reference import (
-    SanitizeError,
-    batch_to_images,
-    bitdepth_lut,
-    check_bits,
-    check_min_frac,
-    check_quality,
-    images_to_batch,
-    jpeg_dct_reference,
-    resize_pad_params,
-)
+from kernels.sanitize_reference import check_bits
 from roadshield.errors import ConfigError
 
 from .preprocess import check_frame, preprocess_batch
+from .sanitize_ops import (
+    SanitizeError,
+    bitdepth,
+    check_input,
+    check_jpeg,
+    check_k,
+    check_resize_pad,
+    jpeg,
+    median,
+    resize_pad,
+)
 
 __all__ = ["SanitizeError", "Sanitizer", "SanitizeChain", "bitdepth", "median", "jpeg",
            "resize_pad", "register_sanitizer", "list_sanitizers", "create_sanitizer",
-           "parse_chain", "build_chain", "DEFAULT_CHAIN"]
+           "parse_chain", "split_device", "build_chain", "check_input", "DEFAULT_CHAIN",
+           "DEVICES"]
 
 #: bit-depth reduction, 3x3 median, then the fused crop -> resize -> RGB -> [0, 1].
 DEFAULT_CHAIN = "bitdepth:bits=5,median:k=3,preprocess"
-# cv2.resize (OpenCV 5) takes at most 128 channels from Python: 42 RGB images at once
-_MAX_RESIZE_IMAGES = 42
-
-
-def check_input(x: Any, op: str) -> str:
-    """Return "image" (H x W x 3 uint8) or "batch" (N x 3 x H x W float32), else raise."""
-    if not isinstance(x, np.ndarray):
-        raise SanitizeError(f"{op}: input is a {type(x).__name__}, not a numpy array",
-                            "pass H x W x 3 uint8 BGR or N x 3 x H x W float32 RGB")
-    if x.dtype == np.uint8:
-        if x.ndim != 3 or x.shape[2] != 3:
-            raise SanitizeError(f"{op}: uint8 input of shape {x.shape} is not H x W x 3",
-                                "convert grey/BGRA frames to BGR with cv2.cvtColor first")
-        if x.shape[0] == 0 or x.shape[1] == 0:
-            raise SanitizeError(f"{op}: image of shape {x.shape} is empty",
-                                "drop empty crops before sanitizing")
-        return "image"
-    if x.dtype == np.float32:
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise SanitizeError(f"{op}: float32 input of shape {x.shape} is not N x 3 x H x W",
-                                "float input is a model batch, NCHW RGB in [0, 1]")
-        if x.shape[2] == 0 or x.shape[3] == 0:
-            raise SanitizeError(f"{op}: batch of shape {x.shape} has no pixels",
-                                "give each image at least 1 x 1 pixels")
-        if x.size and not (np.isfinite(x.min()) and np.isfinite(x.max())):
-            raise SanitizeError(f"{op}: batch of shape {x.shape} holds NaN or infinity",
-                                "check the preprocess and anything that wrote the batch")
-        return "batch"
-    raise SanitizeError(f"{op}: dtype {x.dtype} is not supported",
-                        "pass uint8 H x W x 3 BGR images or float32 N x 3 x H x W batches")
-
-
-def _clipped(x: np.ndarray) -> np.ndarray:
-    """A float32 batch inside [0, 1] (the input itself when it already is)."""
-    if x.size == 0 or (x.min() >= 0.0 and x.max() <= 1.0):
-        return x
-    return np.clip(x, np.float32(0.0), np.float32(1.0))
-
-
-# --- the operations --------------------------------------------------------------------------
-
-def bitdepth(x: np.ndarray, bits: int = 5, mode: str = "round") -> np.ndarray:
-    """Feature squeezing (Xu et al. 2018): keep ``bits`` (1..8) levels per channel.
-
-    image (uint8): a 256-entry table of the integer rule in ``kernels.sanitize_reference``
-    (mode "round": round(x * L / 255) * 255 / L with L = 2**bits - 1, rounded; mode
-    "truncate": clear the low 8 - bits bits). batch (float32, [0, 1]): mode "round" is
-    ``rint(x * L) / L`` in float32; "truncate" applies the uint8 rule to ``rint(x * 255)``.
-    Bit-exact with ``bitdepth_reference``.
-    """
-    bits, mode = check_bits(bits, mode)
-    if check_input(x, "bitdepth") == "image":
-        return cv2.LUT(x, bitdepth_lut(bits, mode))
-    xc = _clipped(x)
-    if mode == "truncate":
-        v8 = np.rint(xc * np.float32(255.0)).astype(np.uint8)
-        table = bitdepth_lut(bits, mode).astype(np.float32) / np.float32(255.0)
-        return table[v8]
-    levels = np.float32((1 << bits) - 1)
-    out = np.multiply(xc, levels)
-    np.rint(out, out=out)
-    np.divide(out, levels, out=out)
-    return out
-
-
-def _check_k(k: int) -> int:
-    if isinstance(k, bool) or k not in (3, 5):
-        raise SanitizeError(f"median k={k!r} is not supported", "use median:k=3 or median:k=5")
-    return int(k)
-
-
-def median(x: np.ndarray, k: int = 3) -> np.ndarray:
-    """k x k median per channel (k = 3 or 5), borders replicated (BORDER_REPLICATE).
-
-    image: ``cv2.medianBlur``. batch: all N * 3 planes, stacked into one tall single-channel
-    image, go through one ``cv2.medianBlur``; the k // 2 rows at the top and bottom of each
-    plane, whose windows reached a neighbouring plane, are then recomputed from strips of
-    their own plane's rows (replicated at its edges). Bit-exact with ``median_reference``
-    (a median only selects values).
-    """
-    k = _check_k(k)
-    if check_input(x, "median") == "image":
-        return cv2.medianBlur(np.ascontiguousarray(x), k)
-    n, c, h, w = x.shape
-    if n == 0:
-        return x.copy()
-    r = k // 2
-    planes = np.ascontiguousarray(x).reshape(n * c, h, w)
-    out = cv2.medianBlur(planes.reshape(n * c * h, w), k).reshape(n * c, h, w)
-    edge_rows = sorted({j for j in (*range(r), *range(h - r, h)) if 0 <= j < h})
-    # window rows of each edge row, clamped to the plane: (len(edge_rows), k)
-    windows = np.clip(np.array(edge_rows)[:, None] + np.arange(-r, r + 1), 0, h - 1)
-    strips = planes[:, windows]  # (planes, edge rows, k, w); a strip's middle row is exact
-    fixed = cv2.medianBlur(np.ascontiguousarray(strips).reshape(-1, w), k)
-    out[:, edge_rows] = fixed.reshape(strips.shape)[:, :, r]
-    return out.reshape(x.shape)
-
-
-def _check_jpeg(quality: int, method: str, chroma: str) -> tuple[int, str, str]:
-    quality = check_quality(quality)
-    if method not in ("codec", "dct"):
-        raise SanitizeError(f"jpeg method={method!r} is unknown",
-                            "use method=codec (libjpeg via OpenCV) or method=dct")
-    if chroma not in ("444", "420") or (method == "dct" and chroma != "444"):
-        raise SanitizeError(f"jpeg chroma={chroma!r} is not available with method={method}",
-                            "use chroma=444 (both methods) or chroma=420 (codec only)")
-    return quality, method, chroma
-
-
-def _codec_round_trip(image_bgr: np.ndarray, params: list[int]) -> np.ndarray:
-    ok, buf = cv2.imencode(".jpg", image_bgr, params)
-    out = cv2.imdecode(buf, cv2.IMREAD_COLOR) if ok else None
-    if out is None or out.shape != image_bgr.shape:
-        raise SanitizeError(f"JPEG round trip of a {image_bgr.shape} image failed",
-                            "check the OpenCV build has JPEG support (cv2.getBuildInformation)")
-    return out
-
-
-def jpeg(x: np.ndarray, quality: int = 75, method: str = "codec",
-         chroma: str = "444") -> np.ndarray:
-    """JPEG recompression (Dziugaite et al. 2016; Das et al. 2017) at ``quality`` (1..100).
-
-    method "codec": ``cv2.imencode`` / ``cv2.imdecode`` (libjpeg), chroma "444" (no
-    subsampling, the default) or "420". method "dct": ``jpeg_dct_reference``, the 8 x 8
-    DCT-quantise-IDCT approximation a GPU kernel computes (4:4:4 only). A batch is first
-    made 8-bit (``rint(x * 255)``), RGB -> BGR, and returned as ``v / 255``.
-    """
-    quality, method, chroma = _check_jpeg(quality, method, chroma)
-    factor = (cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444 if chroma == "444"
-              else cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420)
-    params = [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, factor]
-    if check_input(x, "jpeg") == "image":
-        if method == "dct":
-            return jpeg_dct_reference(x, quality)
-        return _codec_round_trip(np.ascontiguousarray(x), params)
-    if x.shape[0] == 0:
-        return x.copy()
-    images = batch_to_images(x)
-    if method == "dct":
-        return images_to_batch(jpeg_dct_reference(images, quality))
-    return images_to_batch(np.stack([_codec_round_trip(im, params) for im in images]))
-
-
-def _check_resize_pad(seed: int, min_frac: float, fill: float) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise SanitizeError(f"resize_pad seed={seed!r} is not a non-negative integer",
-                            "e.g. resize_pad:seed=0")
-    check_min_frac(min_frac)
-    if not (isinstance(fill, (int, float)) and 0.0 <= fill <= 1.0):
-        raise SanitizeError(f"resize_pad fill={fill!r} is not in [0, 1]",
-                            "fill is a grey level in [0, 1] units (0 = black)")
-
-
-def resize_pad(x: np.ndarray, seed: int = 0, frame_index: int = 0, min_frac: float = 0.875,
-               fill: float = 0.0) -> np.ndarray:
-    """Randomized resize and pad (Xie et al. 2018), replayable per (seed, frame_index).
-
-    Each image is shrunk by one random scale in [min_frac, 1] (``cv2.resize``,
-    INTER_LINEAR) and placed at a random offset on a canvas of ``fill`` ([0, 1] units) of
-    the input's own size, so the output size is fixed. The draws are
-    ``resize_pad_params(seed, frame_index, H, W, count)``: one row for an image, one per
-    row for a batch. Within 1 grey level (uint8) / 1e-5 (float32) of
-    ``resize_pad_reference``, which rounds OpenCV's bilinear formula in float64.
-    """
-    _check_resize_pad(seed, min_frac, fill)
-    if check_input(x, "resize_pad") == "image":
-        h, w = x.shape[:2]
-        nh, nw, top, left = (int(v) for v in resize_pad_params(seed, frame_index, h, w, 1,
-                                                               min_frac)[0])
-        out = np.full_like(x, int(np.rint(fill * 255.0)))
-        out[top:top + nh, left:left + nw] = cv2.resize(x, (nw, nh),
-                                                       interpolation=cv2.INTER_LINEAR)
-        return out
-    n, _, h, w = x.shape
-    params = resize_pad_params(seed, frame_index, h, w, n, min_frac)
-    out = np.full_like(x, np.float32(fill))
-    nhwc = x.transpose(0, 2, 3, 1)
-    for nh in np.unique(params[:, 0]):
-        rows = np.flatnonzero(params[:, 0] == nh)
-        nh, nw = int(nh), int(params[rows[0], 1])
-        # Images that share a size go through one resize as the channels of one image.
-        for start in range(0, rows.size, _MAX_RESIZE_IMAGES):
-            part = rows[start:start + _MAX_RESIZE_IMAGES]
-            stack = np.ascontiguousarray(nhwc[part].transpose(1, 2, 0, 3)).reshape(h, w, -1)
-            small = cv2.resize(stack, (nw, nh), interpolation=cv2.INTER_LINEAR)
-            small = small.reshape(nh, nw, part.size, 3).transpose(2, 3, 0, 1)
-            for j, i in enumerate(part):
-                top, left = int(params[i, 2]), int(params[i, 3])
-                out[i, :, top:top + nh, left:left + nw] = small[j]
-    return out
+#: where a chain runs: a spec may start with "cpu:" (the default) or "cuda:"
+DEVICES = ("cpu", "cuda")
 
 
 # --- registry --------------------------------------------------------------------------------
@@ -311,6 +121,11 @@ class Sanitizer:
     def spec(self) -> str:
         return ":".join([self.name] + [f"{k}={v}" for k, v in self.options.items()])
 
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Every option's value: the defaults of the function, updated by ``options``."""
+        return {**_SANITIZERS[self.name].options, **self.options}
+
 
 def create_sanitizer(name: str, **options: Any) -> Sanitizer:
     """Build a step by name (``list_sanitizers()``); string option values are converted."""
@@ -332,9 +147,9 @@ def create_sanitizer(name: str, **options: Any) -> Sanitizer:
 
 
 register_sanitizer("bitdepth", bitdepth, check=check_bits)
-register_sanitizer("median", median, check=_check_k)
-register_sanitizer("jpeg", jpeg, check=_check_jpeg)
-register_sanitizer("resize_pad", resize_pad, check=_check_resize_pad)
+register_sanitizer("median", median, check=check_k)
+register_sanitizer("jpeg", jpeg, check=check_jpeg)
+register_sanitizer("resize_pad", resize_pad, check=check_resize_pad)
 register_sanitizer(PREPROCESS, preprocess_batch)
 
 
@@ -392,6 +207,15 @@ class SanitizeChain:
         self.batch_steps = list(steps[cut + 1:])
         self.last_sanitize_ms = 0.0
 
+    #: where the steps run ("cpu" here; "cuda" for ``CudaSanitizeChain``)
+    device = "cpu"
+
+    def attach_runner(self, runner: Any) -> bool:
+        """Hand the batch to ``runner`` in device memory where the chain can (a CUDA chain
+        and a TensorRT runner). A CPU chain returns host arrays: nothing to attach,
+        returns False."""
+        return False
+
     @property
     def spec(self) -> str:
         """The canonical spec string; ``build_chain(chain.spec)`` rebuilds the chain."""
@@ -440,10 +264,47 @@ class SanitizeChain:
         return out
 
 
-def build_chain(spec: str | Sequence[str] | SanitizeChain | None) -> SanitizeChain | None:
-    """A chain from a spec string, a list of step specs, or a chain; None/"" gives None."""
+def split_device(spec: str) -> tuple[str | None, str]:
+    """``"cuda:bitdepth:bits=5,preprocess"`` -> ``("cuda", "bitdepth:bits=5,preprocess")``;
+    a spec without a device prefix gives ``(None, spec)``."""
+    head, sep, rest = spec.strip().partition(":")
+    if sep and head.strip().lower() in DEVICES:
+        return head.strip().lower(), rest
+    return None, spec
+
+
+def build_chain(spec: str | Sequence[str] | SanitizeChain | None, device: str | None = None,
+                **cuda_options: Any) -> SanitizeChain | None:
+    """A chain from a spec string, a list of step specs, or a chain; None/"" gives None.
+
+    device: "cpu" (default) or "cuda"; a spec string may name it instead as a prefix,
+    ``"cuda:bitdepth:bits=5,median:k=3,preprocess"`` (both given must agree). "cuda"
+    returns an ``edge_runtime.sanitize_cuda.CudaSanitizeChain`` (``cuda_options`` go to
+    it: ``launcher``, ``kernels``, ``build_dir``); it raises ``BackendUnavailableError``
+    with a hint where no GPU or CUDA binding is present.
+    """
     if spec is None or isinstance(spec, SanitizeChain):
         return spec
-    if isinstance(spec, str) and not spec.strip():
-        return None
-    return SanitizeChain([create_sanitizer(name, **opts) for name, opts in parse_chain(spec)])
+    if isinstance(spec, str):
+        named, spec = split_device(spec)
+        if named is not None and device is not None and named != device.lower():
+            raise ConfigError(f"sanitizer chain names device {named!r} but device={device!r}",
+                              "name the device once")
+        device = named or device
+        if not spec.strip():
+            if named is not None:
+                raise ConfigError(f"sanitizer chain '{named}:' names no step",
+                                  f"e.g. {named}:{DEFAULT_CHAIN}")
+            return None
+    device = (device or "cpu").lower()
+    if device not in DEVICES:
+        raise ConfigError(f"sanitizer device {device!r} is unknown", f"use one of {DEVICES}")
+    steps = [create_sanitizer(name, **opts) for name, opts in parse_chain(spec)]
+    if device == "cuda":
+        from .sanitize_cuda import CudaSanitizeChain
+
+        return CudaSanitizeChain(steps, **cuda_options)
+    if cuda_options:
+        raise ConfigError(f"options {sorted(cuda_options)} only apply to device 'cuda'",
+                          "drop them, or build the chain with device='cuda'")
+    return SanitizeChain(steps)

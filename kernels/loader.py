@@ -5,12 +5,19 @@ name with ``grid``/``block``/arguments, allocate/copy/free raw device memory,
 synchronise and time. Device buffers are plain integer device pointers, so a
 TensorRT runner can hand its input binding address straight to a kernel.
 
-Two bindings, imported lazily (nothing CUDA is imported by this module itself):
+Two bindings, imported lazily (nothing CUDA is imported by this module itself), in
+``kernels.cuda_bindings``:
 - ``PycudaLauncher``: ``pycuda.driver``, ``module_from_buffer`` on the fatbin.
 - ``CudaPythonLauncher``: ``cuda.bindings.driver`` (cuda-python >= 12.6.1, or the
   older ``cuda.cuda`` module), ``cuModuleLoadData`` + ``cuLaunchKernel``.
 Both use the device's *primary* context, the one the CUDA runtime (TensorRT,
 torch, ONNX Runtime) uses, so pointers from those libraries are valid here.
+
+Streams: ``create_stream()`` returns a ``CudaStream`` whose ``handle`` is the raw
+``CUstream`` integer (what TensorRT's ``execute_async_v3`` takes); launches and the
+``*_async`` copies accept it, so kernels, copies and an engine queue on one stream.
+``DeviceArray`` names a typed region of device memory (address, shape, dtype): the
+form in which a device buffer travels between the sanitizers and a runner.
 
 Kernel arguments are ``(value, ctypes type)`` pairs made with ``ptr``, ``i32``,
 ``size_t`` and ``f32``, in the kernel's parameter order.
@@ -23,6 +30,7 @@ import importlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -79,12 +87,53 @@ def as_ctypes_tuple(args: Sequence[KernelArg]) -> tuple[tuple[Any, ...], tuple[t
     return tuple(v for v, _ in args), tuple(t for _, t in args)
 
 
+@dataclass(frozen=True)
+class CudaStream:
+    """A stream made by ``KernelLauncher.create_stream``.
+
+    handle: the ``CUstream`` as an integer (TensorRT's ``execute_async_v3`` argument).
+    native: the binding's own object (``pycuda.driver.Stream`` / ``CUstream``).
+    """
+
+    handle: int
+    native: Any
+
+
+@dataclass(frozen=True)
+class DeviceArray:
+    """A typed view of device memory: ``shape`` elements of ``dtype`` at ``address``.
+
+    It does not own the memory. ``shape``/``dtype`` mirror an ndarray's, so code that
+    checks a batch's shape and dtype accepts either.
+    """
+
+    address: int
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        object.__setattr__(self, "dtype", np.dtype(self.dtype))
+        if self.address <= 0 or min(self.shape, default=1) < 0:
+            raise CudaCallError(f"device array at {self.address:#x} of shape {self.shape} "
+                                "is not valid", "pass a device pointer from alloc() and a "
+                                "non-negative shape")
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def _native(stream: CudaStream | None) -> Any:
+    return stream.native if isinstance(stream, CudaStream) else stream
+
+
 def _dim3(value: Sequence[int], what: str) -> Dim3:
     dims = tuple(int(v) for v in value) + (1,) * (3 - len(value))
     if len(dims) != 3 or min(dims) < 1:
         raise CudaCallError(f"{what} {tuple(value)!r} must be 1 to 3 positive sizes",
                             "pass e.g. (blocks_x, blocks_y, blocks_z)")
-    return dims  # type: ignore[return-value]
+    return dims
 
 
 class KernelLauncher(ABC):
@@ -132,6 +181,39 @@ class KernelLauncher(ABC):
         """Wait for all work on the device."""
 
     @abstractmethod
+    def create_stream(self) -> CudaStream:
+        """A new non-blocking stream (does not synchronise with the legacy stream 0)."""
+
+    @abstractmethod
+    def destroy_stream(self, stream: CudaStream) -> None:
+        """Release a stream made by ``create_stream`` (after its work is done)."""
+
+    @abstractmethod
+    def synchronize_stream(self, stream: CudaStream) -> None:
+        """Wait for the work queued on ``stream``."""
+
+    @abstractmethod
+    def copy_htod_async(self, dst: int, src: np.ndarray, stream: CudaStream) -> None:
+        """Queue a host-to-device copy of a C-contiguous array on ``stream``.
+
+        Pageable ``src`` is staged by the driver before the call returns; page-locked
+        memory would let the copy overlap other work.
+        """
+
+    @abstractmethod
+    def copy_dtoh_async(self, dst: np.ndarray, src: int, stream: CudaStream) -> None:
+        """Queue a device-to-host copy into a C-contiguous array; valid after
+        ``synchronize_stream(stream)``."""
+
+    @abstractmethod
+    def device_name(self) -> str:
+        """The GPU's name as the driver reports it, e.g. "Orin" or "NVIDIA H200"."""
+
+    @abstractmethod
+    def compute_capability(self) -> tuple[int, int]:
+        """(major, minor), e.g. (8, 7) on a Jetson Orin."""
+
+    @abstractmethod
     def time_ms(self, fn: Callable[[], None], repeats: int = 10) -> float:
         """Mean GPU time of ``fn()`` in milliseconds, measured with CUDA events."""
 
@@ -150,7 +232,8 @@ class KernelLauncher(ABC):
 
     def launch(self, module: str, kernel: str, grid: Sequence[int], block: Sequence[int],
                args: Sequence[KernelArg], shared_bytes: int = 0, stream: Any = None) -> None:
-        """Launch ``kernel`` of a loaded ``module`` (asynchronous on ``stream``; None = default)."""
+        """Launch ``kernel`` of a loaded ``module``, asynchronous on ``stream`` (a
+        ``CudaStream``, the binding's own stream object, or None for the default stream)."""
         if module not in self._modules:
             raise CudaCallError(f"module {module!r} is not loaded",
                                 "call load(name, fatbin_bytes) first")
@@ -158,7 +241,7 @@ class KernelLauncher(ABC):
         if key not in self._functions:
             self._functions[key] = self._get_function(self._modules[module], kernel)
         self._launch(self._functions[key], _dim3(grid, "grid"), _dim3(block, "block"), args,
-                     int(shared_bytes), stream)
+                     int(shared_bytes), _native(stream))
 
     def to_device(self, array: np.ndarray) -> int:
         """Allocate and upload ``array``; returns the device pointer (free it yourself)."""
@@ -182,174 +265,12 @@ class KernelLauncher(ABC):
         self.close()
 
 
-class PycudaLauncher(KernelLauncher):
-    """``pycuda.driver`` on the device's retained primary context."""
-
-    binding = "pycuda"
-
-    def __init__(self, device: int = 0) -> None:
-        super().__init__()
-        try:
-            self._drv = _import("pycuda.driver")
-            self._drv.init()
-            self._context = self._drv.Device(device).retain_primary_context()
-            self._context.push()
-        except Exception as err:  # ImportError, or pycuda's LogicError/RuntimeError
-            raise _unavailable(self.binding, err) from err
-        self._allocations: dict[int, Any] = {}
-
-    def _load_image(self, image: bytes) -> Any:
-        return self._drv.module_from_buffer(bytes(image))
-
-    def _get_function(self, module: Any, kernel: str) -> Any:
-        return module.get_function(kernel)
-
-    def _launch(self, function: Any, grid: Dim3, block: Dim3, args: Sequence[KernelArg],
-                shared_bytes: int, stream: Any) -> None:
-        function(*as_numpy_scalars(args), grid=grid, block=block, shared=shared_bytes,
-                 stream=stream)
-
-    def alloc(self, nbytes: int) -> int:
-        allocation = self._drv.mem_alloc(int(nbytes))
-        self._allocations[int(allocation)] = allocation
-        return int(allocation)
-
-    def free(self, address: int) -> None:
-        allocation = self._allocations.pop(int(address), None)
-        if allocation is not None:
-            allocation.free()
-
-    def copy_htod(self, dst: int, src: np.ndarray) -> None:
-        self._drv.memcpy_htod(int(dst), np.ascontiguousarray(src))
-
-    def copy_dtoh(self, dst: np.ndarray, src: int) -> None:
-        self._drv.memcpy_dtoh(dst, int(src))
-
-    def copy_dtod(self, dst: int, src: int, nbytes: int) -> None:
-        self._drv.memcpy_dtod(int(dst), int(src), int(nbytes))
-
-    def synchronize(self) -> None:
-        self._drv.Context.synchronize()
-
-    def time_ms(self, fn: Callable[[], None], repeats: int = 10) -> float:
-        start, end = self._drv.Event(), self._drv.Event()
-        start.record()
-        for _ in range(repeats):
-            fn()
-        end.record()
-        end.synchronize()
-        return float(end.time_since(start)) / repeats
-
-    def close(self) -> None:
-        for address in list(self._allocations):
-            self.free(address)
-        self._modules.clear()
-        self._functions.clear()
-        if self._context is not None:
-            self._context.pop()
-            self._context = None
-
-
-class CudaPythonLauncher(KernelLauncher):
-    """cuda-python's driver API on the device's retained primary context."""
-
-    binding = "cuda-python"
-
-    def __init__(self, device: int = 0) -> None:
-        super().__init__()
-        try:
-            try:
-                self._cu = _import("cuda.bindings.driver")
-            except ImportError:
-                self._cu = _import("cuda.cuda")  # cuda-python < 12.6.1
-            self._check(self._cu.cuInit(0), "cuInit")
-            self._device = self._check(self._cu.cuDeviceGet(device), "cuDeviceGet")
-            self._context = self._check(self._cu.cuDevicePrimaryCtxRetain(self._device),
-                                        "cuDevicePrimaryCtxRetain")
-            self._check(self._cu.cuCtxSetCurrent(self._context), "cuCtxSetCurrent")
-        except Exception as err:  # ImportError, a missing driver library, or a CUDA error
-            raise _unavailable(self.binding, err) from err
-        self._images: list[np.ndarray] = []
-
-    def _check(self, result: Any, call: str) -> Any:
-        """Unpack ``(CUresult, *values)``; raise ``CudaCallError`` unless CUDA_SUCCESS."""
-        err, *values = result if isinstance(result, tuple) else (result,)
-        if err != self._cu.CUresult.CUDA_SUCCESS:
-            _, name = self._cu.cuGetErrorName(err)
-            raise CudaCallError(f"{call} failed: {name.decode() if name else err}",
-                                "check the launch sizes and pointers; run with "
-                                "CUDA_LAUNCH_BLOCKING=1 to find the failing kernel")
-        return values[0] if len(values) == 1 else (tuple(values) or None)
-
-    def _load_image(self, image: bytes) -> Any:
-        data = np.frombuffer(bytes(image), np.uint8).copy()
-        self._images.append(data)  # the driver reads it during the call; keep it alive
-        return self._check(self._cu.cuModuleLoadData(data.ctypes.data), "cuModuleLoadData")
-
-    def _get_function(self, module: Any, kernel: str) -> Any:
-        return self._check(self._cu.cuModuleGetFunction(module, kernel.encode()),
-                           f"cuModuleGetFunction({kernel})")
-
-    def _launch(self, function: Any, grid: Dim3, block: Dim3, args: Sequence[KernelArg],
-                shared_bytes: int, stream: Any) -> None:
-        handle = stream if stream is not None else self._cu.CUstream(0)
-        self._check(self._cu.cuLaunchKernel(function, *grid, *block, shared_bytes, handle,
-                                            as_ctypes_tuple(args), 0), "cuLaunchKernel")
-
-    def alloc(self, nbytes: int) -> int:
-        return int(self._check(self._cu.cuMemAlloc(int(nbytes)), "cuMemAlloc"))
-
-    def free(self, address: int) -> None:
-        self._check(self._cu.cuMemFree(self._cu.CUdeviceptr(int(address))), "cuMemFree")
-
-    def copy_htod(self, dst: int, src: np.ndarray) -> None:
-        host = np.ascontiguousarray(src)
-        self._check(self._cu.cuMemcpyHtoD(self._cu.CUdeviceptr(int(dst)), host.ctypes.data,
-                                          host.nbytes), "cuMemcpyHtoD")
-
-    def copy_dtoh(self, dst: np.ndarray, src: int) -> None:
-        self._check(self._cu.cuMemcpyDtoH(dst.ctypes.data, self._cu.CUdeviceptr(int(src)),
-                                          dst.nbytes), "cuMemcpyDtoH")
-
-    def copy_dtod(self, dst: int, src: int, nbytes: int) -> None:
-        self._check(self._cu.cuMemcpyDtoD(self._cu.CUdeviceptr(int(dst)),
-                                          self._cu.CUdeviceptr(int(src)), int(nbytes)),
-                    "cuMemcpyDtoD")
-
-    def synchronize(self) -> None:
-        self._check(self._cu.cuCtxSynchronize(), "cuCtxSynchronize")
-
-    def time_ms(self, fn: Callable[[], None], repeats: int = 10) -> float:
-        start = self._check(self._cu.cuEventCreate(0), "cuEventCreate")  # CU_EVENT_DEFAULT
-        end = self._check(self._cu.cuEventCreate(0), "cuEventCreate")
-        try:
-            self._check(self._cu.cuEventRecord(start, self._cu.CUstream(0)), "cuEventRecord")
-            for _ in range(repeats):
-                fn()
-            self._check(self._cu.cuEventRecord(end, self._cu.CUstream(0)), "cuEventRecord")
-            self._check(self._cu.cuEventSynchronize(end), "cuEventSynchronize")
-            elapsed = self._check(self._cu.cuEventElapsedTime(start, end), "cuEventElapsedTime")
-        finally:
-            self._cu.cuEventDestroy(start)
-            self._cu.cuEventDestroy(end)
-        return float(elapsed) / repeats
-
-    def close(self) -> None:
-        for module in self._modules.values():
-            self._cu.cuModuleUnload(module)
-        self._modules.clear()
-        self._functions.clear()
-        self._images.clear()
-        if self._context is not None:
-            self._cu.cuDevicePrimaryCtxRelease(self._device)
-            self._context = None
-
-
 def _import(name: str) -> Any:
     return importlib.import_module(name)
 
 
-def _unavailable(binding: str, err: BaseException) -> BackendUnavailableError:
+def unavailable(binding: str, err: BaseException) -> BackendUnavailableError:
+    """The error a binding raises when it cannot start (not installed, no driver/GPU)."""
     return BackendUnavailableError(
         f"CUDA binding {binding!r} is unusable here: {err}",
         "install pycuda (pip install '.[jetson]') or cuda-python (pip install '.[gpu]') "
@@ -366,7 +287,10 @@ def create_launcher(binding: str | None = None, device: int = 0) -> KernelLaunch
     if choice is not None and choice not in BINDINGS:
         raise BackendUnavailableError(f"unknown CUDA binding {choice!r}",
                                       f"choose one of {', '.join(BINDINGS)}")
-    classes = {"pycuda": PycudaLauncher, "cuda-python": CudaPythonLauncher}
+    from kernels.cuda_bindings import CudaPythonLauncher, PycudaLauncher
+
+    classes: dict[str, Callable[[int], KernelLauncher]] = {"pycuda": PycudaLauncher,
+                                                           "cuda-python": CudaPythonLauncher}
     errors = []
     for name in [choice] if choice else list(BINDINGS):
         try:

@@ -5,14 +5,15 @@ saying whether (and how well) it can run on this machine. ``"auto"`` asks the
 probes of every backend that loads the file's suffix and takes the highest
 priority:
 
+    PRIORITY_TENSORRT (50)   a serialized TensorRT engine, with TensorRT and a CUDA binding
     PRIORITY_ORT_GPU (40)    onnxruntime with the TensorRT or CUDA provider
     PRIORITY_TORCH_CUDA (30) torch on a CUDA device
     PRIORITY_ORT_CPU (20)    onnxruntime on the CPU
     PRIORITY_TORCH_CPU (10)  torch on the CPU
 
-A TensorRT engine backend registers itself for ``.engine`` / ``.plan`` files
-with a priority above all of these (50). Probes import their library lazily, so
-listing backends costs nothing until a backend is actually asked about.
+The TensorRT backend loads ``.engine`` / ``.plan`` files (built on the device by
+``distill.engine``); the others load ``.onnx`` / ``.pt2``. Probes import their
+library lazily, so listing backends costs nothing until a backend is asked about.
 """
 
 from __future__ import annotations
@@ -26,17 +27,20 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.runners.base import BaseRunner
+from edge_runtime.runners.engine_meta import ENGINE_SUFFIXES
 from edge_runtime.runners.onnxruntime_runner import (
     CPU_EP,
     OnnxRuntimeRunner,
     import_onnxruntime,
     select_providers,
 )
+from edge_runtime.runners.tensorrt_runner import TensorRTRunner, import_tensorrt
 from edge_runtime.runners.torch_runner import TorchRunner
 from roadshield.errors import BackendUnavailableError, ConfigError
 
 log = logging.getLogger(__name__)
 
+PRIORITY_TENSORRT = 50
 PRIORITY_ORT_GPU = 40
 PRIORITY_TORCH_CUDA = 30
 PRIORITY_ORT_CPU = 20
@@ -177,5 +181,20 @@ def _probe_torch() -> Availability:
     return Availability(True, PRIORITY_TORCH_CPU, "CPU only (no CUDA device)")
 
 
+def _probe_tensorrt() -> Availability:
+    try:
+        trt = import_tensorrt()
+    except BackendUnavailableError as err:
+        return Availability(False, 0, str(err.args[0]))
+    bindings = [name for name, module in (("pycuda", "pycuda"), ("cuda-python", "cuda"))
+                if importlib.util.find_spec(module) is not None]
+    if not bindings:
+        return Availability(False, 0, f"TensorRT {trt.__version__} but neither pycuda nor "
+                                      "cuda-python is installed (device buffers need one)")
+    return Availability(True, PRIORITY_TENSORRT,
+                        f"TensorRT {trt.__version__}, CUDA binding {bindings[0]}")
+
+
+register_runner("tensorrt", TensorRTRunner, suffixes=ENGINE_SUFFIXES, probe=_probe_tensorrt)
 register_runner("onnxruntime", OnnxRuntimeRunner, suffixes=(".onnx",), probe=_probe_onnxruntime)
 register_runner("torch", TorchRunner, suffixes=(".pt2",), probe=_probe_torch)

@@ -54,6 +54,9 @@ class RecordingLauncher(KernelLauncher):
         raise AssertionError("not used")
 
     free = copy_htod = copy_dtoh = copy_dtod = alloc  # type: ignore[assignment]
+    create_stream = destroy_stream = synchronize_stream = alloc  # type: ignore[assignment]
+    copy_htod_async = copy_dtoh_async = alloc  # type: ignore[assignment]
+    device_name = compute_capability = alloc  # type: ignore[assignment]
 
     def synchronize(self) -> None:
         return None
