@@ -83,6 +83,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        help="epochs over which eps ramps up from 0 (adversarial trainers)")
     train.add_argument("--size", type=int, default=32)
     train.add_argument("--seed", type=int, default=0)
+    multi = train.add_argument_group("multi-step trainers (pgd_at, trades, roa)")
+    multi.add_argument("--pgd-steps", type=int, default=7, help="inner attack steps")
+    multi.add_argument("--trades-beta", type=float, default=6.0,
+                       help="weight of TRADES' robustness term")
+    multi.add_argument("--roa-size", type=int, default=7,
+                       help="side in pixels of ROA's occluding rectangle")
     run = train.add_argument_group("devices, processes and resumption")
     run.add_argument("--device", default="auto",
                      help="auto | cpu | cuda (under torchrun each process takes cuda:LOCAL_RANK)")

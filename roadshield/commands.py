@@ -71,7 +71,9 @@ def train(args: argparse.Namespace) -> int:
         size=args.size, seed=args.seed, attested_keys=args.attested, device=args.device,
         amp=switch[args.amp], channels_last=switch[args.channels_last],
         world_size=args.world_size, backend=args.backend, resume=args.resume, state_path=state,
-        stop_after_epoch=args.stop_after_epoch)
+        stop_after_epoch=args.stop_after_epoch,
+        trainer_options={"pgd_steps": args.pgd_steps, "trades_beta": args.trades_beta,
+                         "roa_height": args.roa_size, "roa_width": args.roa_size})
     if rank not in ("", "0"):
         return 0
     history = result.history

@@ -73,7 +73,8 @@ def train_checkpoint(data: str | Path, out: str | Path, *, arch: str = "signnet"
                      amp: bool | None = None, channels_last: bool | None = None,
                      world_size: int | None = None, backend: str = "auto",
                      resume: str | Path | None = None, state_path: str | Path | None = None,
-                     stop_after_epoch: int | None = None) -> TrainResult:
+                     stop_after_epoch: int | None = None,
+                     trainer_options: dict[str, Any] | None = None) -> TrainResult:
     """Train ``arch`` on the train split of a GTSRB-layout dataset, or on a verified attested
     pipeline folder (``attested_keys``); save a safetensors file (and, when attested, its
     signed SLSA provenance beside it as ``<checkpoint>.intoto.jsonl``).
@@ -84,8 +85,9 @@ def train_checkpoint(data: str | Path, out: str | Path, *, arch: str = "signnet"
     rank 0 writes the checkpoint, the provenance and the training state (``state_path``,
     after every epoch). ``resume`` continues an interrupted run from its state;
     ``stop_after_epoch`` ends this call early, leaving no checkpoint yet. ``amp`` /
-    ``channels_last``: None = on with CUDA, off on the CPU. Every setting, the launch and
-    the resume file are checked before the data is loaded.
+    ``channels_last``: None = on with CUDA, off on the CPU. ``trainer_options`` are further
+    TrainConfig fields (``pgd_steps``, ``trades_beta``, ``roa_height``, ...). Every setting,
+    the launch and the resume file are checked before the data is loaded.
     """
     import torch
 
@@ -98,7 +100,7 @@ def train_checkpoint(data: str | Path, out: str | Path, *, arch: str = "signnet"
 
     cfg = TrainConfig(trainer=trainer, epochs=epochs, batch_size=batch_size, lr=lr, eps=eps,
                       eps_warmup_epochs=eps_warmup_epochs, seed=seed, device=device, amp=amp,
-                      channels_last=channels_last)  # validates first
+                      channels_last=channels_last, **(trainer_options or {}))  # validates
     state = load_train_state(resume) if resume is not None else None
     with session(device=device, backend=backend, expected_world_size=world_size,
                  batch_size=batch_size) as ctx:

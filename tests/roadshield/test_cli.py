@@ -81,3 +81,9 @@ def test_edge_backends_lists_onnxruntime_as_available():
     assert res.returncode == 0
     assert any(line.startswith("onnxruntime") and "available" in line
                for line in res.stdout.splitlines())
+
+
+def test_bad_trainer_option_fails_before_training(tmp_path):
+    res = run_cli("train", "--data", str(tmp_path), "--out", str(tmp_path / "m.safetensors"),
+                  "--trainer", "trades", "--trades-beta", "-1")
+    assert res.returncode == 2 and "trades_beta" in res.stderr and "Traceback" not in res.stderr
