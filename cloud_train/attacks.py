@@ -41,6 +41,7 @@ def register_attack(fn: AttackFn) -> AttackFn:
 def _load_builtin_attacks() -> None:
     # The strong evaluation attacks (APGD, Square, PGD-L2) live in their own module, which
     # imports this one; importing it here at call time registers them without a cycle.
+    import cloud_train.roa  # noqa: F401
     import cloud_train.strong_attacks  # noqa: F401
 
 

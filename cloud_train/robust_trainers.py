@@ -1,3 +1,96 @@
-"""Multi-step adversarial trainers (PGD-AT, TRADES, ROA), registered into ``cloud_train.train``."""
+"""Multi-step adversarial trainers (PGD-AT, TRADES, ROA), registered into ``cloud_train.train``.
+
+Each is a per-batch step ``step(model, x, y, cfg, eps) -> (loss, logits)`` run by
+``cloud_train.train.train`` with the same SGD optimiser, one-cycle schedule, eps warm-up and
+catastrophic-overfitting guard as ``standard`` and ``fast_at``, so their costs and results
+compare directly. x is float32 [B, 3, H, W] RGB in [0, 1], y int64 [B]; ``eps`` is the L-inf
+radius in force at this step (below ``cfg.eps`` during warm-up), and every inner step size
+keeps its ratio to eps, as ``fast_at`` does. Attacks run with the model in eval mode, so the
+batch-norm running statistics only ever see the batches trained on, and dropout is off.
+
+- ``pgd_at``, Madry et al. 2018 ("Towards deep learning models resistant to adversarial
+  attacks"): PGD-L-inf from a uniform random start, ``cfg.pgd_steps`` steps of
+  ``cfg.pgd_step_size``; loss = cross-entropy on the adversarial batch.
+- ``trades``, Zhang et al. 2019 ("Theoretically principled trade-off between robustness and
+  accuracy"): x_adv maximises ``KL(f(x) || f(x_adv))`` by PGD from ``x + 0.001 * N(0, 1)``;
+  loss = ``CE(f(x), y) + cfg.trades_beta * KL(f(x) || f(x_adv))`` (batch mean), where f is
+  the softmax; the logits returned are the clean ones.
+- ``roa``, Wu, Tong and Vorobeychik 2020 ("Defending against physically realizable attacks
+  on image classification"): each batch is attacked by ``cloud_train.roa.roa`` with the
+  ``cfg.roa_*`` rectangle, search grid and candidates and ``cfg.pgd_steps`` steps of
+  ``cloud_train.roa.default_alpha`` from a random fill (fresh stickers every batch); loss =
+  cross-entropy on the occluded batch. ``eps`` does not apply: the sticker is unbounded.
+"""
 
 from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cloud_train.attacks import eval_mode, pgd_linf
+from cloud_train.roa import default_alpha, roa
+from cloud_train.train import TrainConfig, register_trainer
+
+
+def inner_step(cfg: TrainConfig, eps: float) -> float:
+    """The inner PGD step at radius ``eps``: ``cfg.pgd_step_size`` scaled by ``eps / cfg.eps``
+    (so warm-up shrinks step and ball together), at most 1."""
+    return min(1.0, cfg.pgd_step_size * eps / cfg.eps)
+
+
+@register_trainer("pgd_at", adversarial=True)
+def pgd_at_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PGD adversarial training: CE on ``pgd_linf(x)``; logits are the adversarial ones."""
+    x_adv = pgd_linf(model, x, y, eps=eps, alpha=inner_step(cfg, eps), steps=cfg.pgd_steps,
+                     random_start=True)
+    logits = model(x_adv)
+    return F.cross_entropy(logits, y), logits
+
+
+def trades_adversary(model: nn.Module, x: torch.Tensor, eps: float, alpha: float,
+                     steps: int) -> torch.Tensor:
+    """TRADES' inner maximisation: x_adv in the eps-ball (and [0, 1]) maximising
+    ``KL(f(x) || f(x_adv))``, by ``steps`` signed steps of ``alpha`` from ``x + 0.001 * N(0, 1)``.
+
+    x: float32 [B, 3, H, W] in [0, 1]. Runs the model in eval mode; returns x_adv, detached.
+    """
+    x = x.detach()
+    lo, hi = (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
+    with eval_mode(model):
+        with torch.no_grad():
+            p_clean = F.softmax(model(x), dim=1)
+        x_adv = torch.min(torch.max(x + 0.001 * torch.randn_like(x), lo), hi)
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_clean, reduction="sum")
+            (grad,) = torch.autograd.grad(kl, x_adv)
+            x_adv = torch.min(torch.max(x_adv.detach() + alpha * grad.sign(), lo), hi)
+    return x_adv.detach()
+
+
+@register_trainer("trades", adversarial=True)
+def trades_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRADES: ``CE(f(x), y) + beta * KL(f(x) || f(x_adv))``; logits are the clean ones.
+
+    The clean forward pass comes first, so it draws the same dropout mask as the
+    ``standard`` step would from the same random state (with beta = 0 the two losses agree).
+    """
+    logits = model(x)
+    x_adv = trades_adversary(model, x, eps, inner_step(cfg, eps), cfg.pgd_steps)
+    robust = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1),
+                      reduction="batchmean")
+    return F.cross_entropy(logits, y) + cfg.trades_beta * robust, logits
+
+
+@register_trainer("roa", adversarial=True)
+def roa_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adversarial training with rectangular occlusions: CE on ``roa(x)``; logits of it."""
+    x_adv = roa(model, x, y, height=cfg.roa_height, width=cfg.roa_width, stride=cfg.roa_stride,
+                candidates=cfg.roa_candidates, steps=cfg.pgd_steps,
+                alpha=default_alpha(cfg.pgd_steps), random_start=True)
+    logits = model(x_adv)
+    return F.cross_entropy(logits, y), logits
