@@ -183,12 +183,13 @@ def _entries(layout: GtsrbLayout, split: str) -> list[tuple[Path, tuple, int]]:
 
 
 def load_gtsrb(root: str | Path, split: str = "train", size: int = 32,
-               crop_roi: bool = False) -> LabeledImages:
+               crop_roi: bool = False, progress: bool = True) -> LabeledImages:
     """Load one split of a GTSRB-layout dataset, every image resized to size x size.
 
     Returns LabeledImages (images N x size x size x 3 uint8 RGB, int64 ClassIds). With
     ``crop_roi`` each image is first cut to its CSV ROI. Class names come from classes.csv
-    when present, else the 43 GTSRB names. Resizing uses cv2.INTER_AREA.
+    when present, else the 43 GTSRB names. Resizing uses cv2.INTER_AREA. ``progress=False``
+    hides the progress bar (shown otherwise for loads of at least 3,000 images).
     Raises DatasetError naming the path for missing folders/CSVs, bad rows, unreadable
     images or an empty split.
     """
@@ -204,8 +205,9 @@ def load_gtsrb(root: str | Path, split: str = "train", size: int = 32,
         raise DatasetError(f"the {split} split under {layout.gtsrb} holds no images", _HINT)
     images = np.empty((len(entries), size, size, 3), np.uint8)
     labels = np.empty(len(entries), np.int64)
+    quiet = not progress or len(entries) < _BAR_MIN
     for i, (path, (w, h, roi), cid) in enumerate(tqdm(
-            entries, desc=f"load {split}", unit="img", disable=len(entries) < _BAR_MIN)):
+            entries, desc=f"load {split}", unit="img", disable=quiet)):
         if cid >= len(names):
             raise DatasetError(f"{path} has ClassId {cid} but only {len(names)} classes are named",
                                f"add the class to {CLASSES_CSV} or fix the label")

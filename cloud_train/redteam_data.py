@@ -54,12 +54,13 @@ class Scale:
     test_per_class: int  # leakage: test rows (variants are planted from these)
     per_kind: int  # leakage: planted variants per kind
     future: int  # leakage: future-dated train rows
+    embed_min_steps: int = 150  # training batches of the gate's label-screen network, at least
 
 
 # "full" uses the benches' sizes: scripts/bench_ingest.py, cloud_train/attest/bench.py,
 # scripts/bench_dedup.py --recall (1,000 variants per kind).
 SCALES: dict[str, Scale] = {
-    "tiny": Scale(60, 15, 8, 1, 20, 6, 30, 5),
+    "tiny": Scale(60, 15, 8, 1, 20, 6, 30, 5, embed_min_steps=40),
     "quick": Scale(600, 100, 100, 2, 150, 30, 300, 30),
     "full": Scale(600, 150, 358, 5, 358, 72, 1000, 100),
 }
@@ -122,6 +123,7 @@ def _gate_rows(work: Path, sc: Scale, seed: int, tick: Callable[[str], None]
     from cloud_train.ingest import attacks as A
     from cloud_train.ingest.batch import read_batch
     from cloud_train.ingest.gate import build_reference, init_store, read_records, store_paths
+    from cloud_train.ingest.reference import ScreenConfig
     from cloud_train.ingest.registry import add_source
     from cloud_train.signs import SYNTHETIC_CLASSES
     from edge_runtime.trust import generate_private_key
@@ -132,7 +134,8 @@ def _gate_rows(work: Path, sc: Scale, seed: int, tick: Callable[[str], None]
     add_source(store_paths(store)["registry"], root, "acme", prov.public_key(),
                "2026-01-01T00:00:00Z")
     ri, rl = A.render_images(sc.ref_per_class, seed=100 + seed)
-    ref = build_reference(store, ri, rl, len(SYNTHETIC_CLASSES))
+    ref = build_reference(store, ri, rl, len(SYNTHETIC_CLASSES),
+                          ScreenConfig(embed_min_steps=sc.embed_min_steps))
     ci, cl = A.render_images(sc.batch_per_class, seed=200 + seed)
     ai, al = A.render_images(sc.batch_per_class, seed=300 + seed)
     tick("gate reference")
@@ -216,7 +219,7 @@ def _verify_rows(work: Path, sc: Scale, seed: int, tick: Callable[[str], None]
     for k in range(sc.pipe_seeds):
         clean = work / f"clean{k}"
         t0 = time.perf_counter()
-        run_pipeline(work / "raw", clean, work / "keys", seed=seed + k)
+        run_pipeline(work / "raw", clean, work / "keys", seed=seed + k, progress=False)
         add(acc["clean_pipeline"], verify_pipeline(clean, work / "keys"), t0, ())
         tick(f"clean pipeline {k}")
         for name in names:
@@ -310,9 +313,10 @@ def run_data_redteam(out_dir: str | os.PathLike[str], seed: int = 0, scale: str 
                      progress: bool = True) -> dict[str, Any]:
     """Run every data attack against its defence; write redteam_data.{json,md,png} in out_dir.
 
-    scale: "tiny" (tests, seconds), "quick" (about a minute on 2 cores) or "full" (the
-    benchmarks' sizes). Returns the JSON's dict: rows under "attacks", and "all_targets_met"
-    / "missed" for the issue's targets.
+    scale: "tiny" (tests, seconds), "quick" (one to two minutes on 2 cores, most of it spent
+    training the gate's label-screen network on the reference) or "full" (the benchmarks'
+    sizes). Returns the JSON's dict: rows under "attacks", and "all_targets_met" / "missed"
+    for the issue's targets.
     """
     if scale not in SCALES:
         raise ConfigError(f"unknown red-team scale {scale!r}", "use one of: " + ", ".join(SCALES))

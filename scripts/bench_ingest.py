@@ -2,11 +2,12 @@
 """Ingest-gate benchmark: samples per second with every check, and the stage-1 attacks.
 
 Usage: python scripts/bench_ingest.py [--per-class 150] [--ref-per-class 600]
-           [--attacks] [--json out.json]
+           [--attacks] [--repeat 3] [--json out.json]
 Builds a store in a temp folder (root key, one provider, a reference of rendered signs),
 then times ``ingest`` of a clean signed batch of 14 x ``--per-class`` 32 x 32 PNGs:
 signature, per-image sha256, schema, decode, features, KS, Isolation Forest, range and
-label screens, and the journal/object writes (reference already loaded). BLAS / OpenMP
+label screens (the CNN embedding forward pass included), and the journal/object writes
+(reference already loaded). BLAS / OpenMP
 are held to 2 threads. ``--attacks`` also runs every stage-1 attack on fresh renders
 and prints, per attack, bad samples sent / stopped and clean samples wrongly stopped.
 """
@@ -30,14 +31,15 @@ def main() -> int:
     ap.add_argument("--per-class", type=int, default=150)
     ap.add_argument("--ref-per-class", type=int, default=600)
     ap.add_argument("--attacks", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3, help="timed clean batches (best reported)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
     from cloud_train.ingest import attacks as A
     from cloud_train.ingest.gate import build_reference, ingest, init_store, store_paths
+    from cloud_train.ingest.reference import Reference
     from cloud_train.ingest.registry import add_source
-    from cloud_train.ingest.screens import Reference
     from edge_runtime.trust import generate_private_key
 
     out: dict = {"cpu_count": os.cpu_count(), "threads": os.environ["OMP_NUM_THREADS"]}
@@ -56,20 +58,41 @@ def main() -> int:
         t = time.perf_counter()
         ref = Reference.load(store / "reference")
         out["reference_load_s"] = round(time.perf_counter() - t, 2)
+        out["reference_load_retrained_embedding"] = ref.embed_trained
+        print(f"reference: {len(rl)} images built in {out['reference_build_s']} s (label "
+              f"screen CNN trained once, cached), loaded in {out['reference_load_s']} s "
+              f"({'retrained' if ref.embed_trained else 'cached'} embedding)")
 
         imgs, labels = A.render_images(args.per_class, seed=200 + args.seed)
-        clean = A.clean(d / "clean", imgs, labels, "acme", prov, "bench-clean")
+        # the same images under --repeat batch ids (a rerun of one batch would be skipped);
+        # the best run is the figure least disturbed by other load on the machine
+        runs = []
+        for k in range(args.repeat):
+            b = A.clean(d / f"clean{k}", imgs, labels, "acme", prov, f"bench-clean-{k}")
+            cpu, t = time.process_time(), time.perf_counter()
+            s_k = ingest(b.path, store, reference=ref)
+            runs.append((time.perf_counter() - t, time.process_time() - cpu, s_k, b))
+        dt, cpu_s, s, clean = min(runs, key=lambda r: r[0])
+        walls = sorted(r[0] for r in runs)
         t = time.perf_counter()
-        s = ingest(clean.path, store, reference=ref)
-        dt = time.perf_counter() - t
+        ref.label_scores(imgs, labels)
+        label_s = time.perf_counter() - t
         out["ingest"] = {"samples": s["received"], "seconds": round(dt, 3),
                          "samples_per_s": round(s["received"] / dt, 1),
+                         "median_samples_per_s": round(s["received"] / walls[len(walls) // 2],
+                                                       1),
+                         "cpu_seconds": round(cpu_s, 3), "repeats": args.repeat,
+                         "label_screen_s": round(label_s, 3),
+                         "load_average_1m": round(os.getloadavg()[0], 2),
                          "accepted": s["accepted"], "quarantined": s["quarantined"],
                          "clean_false_quarantine_rate": round(s["quarantined"] / s["received"],
                                                               4),
                          "reasons": s["reason_counts"]}
         print(f"ingest: {s['received']} samples in {dt:.2f} s = {s['received'] / dt:.0f} "
-              f"samples/s (2 threads); clean wrongly quarantined {s['quarantined']} "
+              f"samples/s (best of {args.repeat}, median "
+              f"{out['ingest']['median_samples_per_s']:.0f}; 2 threads, {cpu_s:.2f} CPU s, "
+              f"load average {out['ingest']['load_average_1m']}); of which the learned label "
+              f"screen {label_s:.2f} s; clean wrongly quarantined {s['quarantined']} "
               f"({s['quarantined'] / s['received']:.2%}) {s['reason_counts']}")
 
         if args.attacks:
@@ -82,7 +105,7 @@ def main() -> int:
                 A.unknown_source(d / "us", ai, al, evil, "unknown"),
                 A.forged_signature(d / "fs", ai, al, "acme", evil, "forged"),
                 A.replayed_signature(d / "rs", clean.path),
-                A.replayed_batch_id(d / "rb", ai, al, "acme", prov, "bench-clean"),
+                A.replayed_batch_id(d / "rb", ai, al, "acme", prov, "bench-clean-0"),
             ]
             out["attacks"] = []
             for atk in built:
@@ -112,20 +135,22 @@ def screen_level(ref, imgs, labels, seed: int) -> dict:
     feats = image_features(imgs)
     flipped = (labels + rng.integers(1, 14, len(labels))) % 14
 
-    def rate(f, y, code=None):
-        res = ref.screen(f, y)
+    def rate(f, y, code=None, images=imgs):
+        res = ref.screen(f, y, images)
         hit = [bool(r) if code is None else code in r for r in res]
         return round(float(np.mean(hit)), 4)
 
     keep = labels != 0
-    trig = image_features(np.stack([add_trigger(x) for x in imgs[keep]]))
+    trig_img = np.stack([add_trigger(x) for x in imgs[keep]])
+    trig = image_features(trig_img)
     target = np.zeros(int(keep.sum()), np.int64)
     return {"clean_false_quarantine": rate(feats, labels),
             "label_flip_recall": rate(feats, flipped),
-            "badnets_recall_all_screens": rate(trig, target),
-            "badnets_recall_label_screen_only": rate(trig, target, "LABEL_INCONSISTENT"),
-            "badnets_recall_patch_range_only": rate(trig, target, "OUT_OF_RANGE"),
-            "trigger_kept_true_label_recall": rate(trig, labels[keep])}
+            "badnets_recall_all_screens": rate(trig, target, images=trig_img),
+            "badnets_recall_label_screen_only": rate(trig, target, "LABEL_INCONSISTENT",
+                                                     trig_img),
+            "badnets_recall_patch_range_only": rate(trig, target, "OUT_OF_RANGE", trig_img),
+            "trigger_kept_true_label_recall": rate(trig, labels[keep], images=trig_img)}
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def measure(work: Path, per_class: int, seeds: int) -> dict[str, Any]:
     for seed in range(seeds):
         clean = work / f"clean{seed}"
         t0 = time.perf_counter()
-        run_pipeline(work / "raw", clean, work / "keys", seed=seed)
+        run_pipeline(work / "raw", clean, work / "keys", seed=seed, progress=False)
         pipeline_s = time.perf_counter() - t0
         rep = verify_pipeline(clean, work / "keys")
         out["clean"].append({"seed": seed, "ok": rep.ok, "images": rep.images,

@@ -23,6 +23,7 @@ import io
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -136,27 +137,86 @@ def channel_stats(images: np.ndarray) -> dict[str, list[float]]:
     return {"mean": [round(float(v), 6) for v in mean], "std": [round(float(v), 6) for v in std]}
 
 
+@dataclass
+class _Snapshot:
+    """A private byte-for-byte copy of a raw train split (see ``_snapshot_train``)."""
+
+    root: Path
+    names: dict[str, str]  # copy's path -> file name relative to the raw folder
+    digests: dict[str, str]  # name -> sha256 of the bytes read (and copied)
+    metadata: list[str]  # names of the GT-NNNNN.csv files and classes.csv
+    renames: dict[str, str]  # copy's folder/file -> the raw one, for error messages
+
+
+def _snapshot_train(raw: Path, work: Path) -> _Snapshot:
+    """Copy, byte for byte, what ``load_gtsrb`` reads for the train split into ``work``.
+
+    Each file is read once; its sha256 is taken from those bytes and the same bytes are
+    written to the copy, which is then the only thing decoded. A file swapped in ``raw``
+    after it was read can therefore not reach the outputs under another file's digest.
+    """
+    from cloud_train.gtsrb import CLASSES_CSV, locate_gtsrb
+
+    layout = locate_gtsrb(raw)
+    if layout.train_dir is None:
+        raise DatasetError(f"no training images under {layout.gtsrb} (expected Training/ or "
+                           "Final_Training/Images/)", "point at a GTSRB-layout dataset")
+    train = work / "GTSRB" / "Training"
+    snap = _Snapshot(work, {}, {}, [], {str(train): str(layout.train_dir)})
+
+    def copy(src: Path, dst: Path) -> str:
+        data = src.read_bytes()
+        dst.write_bytes(data)  # a scratch copy, deleted after decoding: no fsync needed
+        name = Path(os.path.relpath(src, raw)).as_posix()
+        snap.names[str(dst)] = name
+        snap.digests[name] = sha256_hex(data)
+        return name
+
+    train.mkdir(parents=True)
+    for d in sorted(layout.train_dir.iterdir()):
+        if d.is_dir():  # the loader checks folder names and CSV listings on the copy
+            (train / d.name).mkdir()
+            for f in sorted(d.iterdir()):
+                if f.is_file():
+                    name = copy(f, train / d.name / f.name)
+                    if f.name.startswith("GT-") and f.suffix == ".csv":
+                        snap.metadata.append(name)
+    if layout.classes_csv is not None:
+        snap.metadata.append(copy(layout.classes_csv, work / CLASSES_CSV))
+        snap.renames[str(work / CLASSES_CSV)] = str(layout.classes_csv)
+    return snap
+
+
 def decode_stage(raw_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], key: Any,
-                 size: int = 32) -> StageResult:
+                 size: int = 32, progress: bool = True) -> StageResult:
     """Decode and resize the training split of a GTSRB-layout folder to size x size uint8 RGB.
 
-    Inputs recorded: every image and CSV under the training folder and classes.csv, by sha256,
-    named relative to ``raw_dir``.
+    Inputs recorded: every image the split lists, every GT-NNNNN.csv and classes.csv, by the
+    sha256 of the very bytes that were decoded (see ``_snapshot_train``), named relative to
+    ``raw_dir``. ``progress`` shows the loader's progress bar on large folders.
     """
-    from cloud_train.gtsrb import load_gtsrb, locate_gtsrb
+    from cloud_train.gtsrb import load_gtsrb
 
-    raw = Path(raw_dir)
-    layout = locate_gtsrb(raw)
-    data = load_gtsrb(raw, "train", size=size)
-    watched = [*data.paths, *(layout.train_dir.glob("*/GT-*.csv") if layout.train_dir else [])]
-    if layout.classes_csv is not None:
-        watched.append(layout.classes_csv)
-    inputs = {Path(os.path.relpath(p, raw)).as_posix(): sha256_hex(Path(p).read_bytes())
-              for p in watched}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".decode-snapshot-", dir=out))  # private, mode 0700
+    try:
+        snap = _snapshot_train(Path(raw_dir), work)
+        try:
+            data = load_gtsrb(work, "train", size=size, progress=progress)
+        except DatasetError as err:  # name the caller's files, not the scratch copy
+            msg = str(err.args[0])
+            for copied, real in snap.renames.items():
+                msg = msg.replace(copied, real)
+            raise DatasetError(msg, err.hint) from err
+        watched = [snap.names[str(p)] for p in data.paths] + snap.metadata
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    inputs = {n: snap.digests[n] for n in watched}
     files = {"images.npy": npy_bytes(data.images),
              "labels.npy": npy_bytes(data.labels.astype(np.int64)),
              "classes.json": canonical_json(list(data.class_names))}
-    return _write_stage(Path(out_dir), "decode", files, inputs,
+    return _write_stage(out, "decode", files, inputs,
                         {"size": int(size), "split": "train", "interpolation": "INTER_AREA",
                          "colour_order": "RGB"},
                         key, {"images": len(data), "classes": len(data.class_names)})
@@ -189,7 +249,7 @@ def augment_images(images: np.ndarray, rng: np.random.Generator, max_shift: int 
     s = int(max_shift)
     padded = np.pad(images, ((0, 0), (s, s), (s, s), (0, 0)), mode="reflect")
     dy, dx = rng.integers(0, 2 * s + 1, size=(2, n))
-    gains = rng.uniform(1.0 - gain, 1.0 + gain, size=n).astype(np.float32)
+    gains = np.asarray(rng.uniform(1.0 - gain, 1.0 + gain, size=n), np.float32)
     out = np.empty_like(images)
     for i in range(n):
         crop = padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w].astype(np.float32) * gains[i]
@@ -236,10 +296,13 @@ def shard_stage(out_dir: str | os.PathLike[str], key: Any, seed: int,
 
 def run_pipeline(raw_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                  keys_dir: str | os.PathLike[str], seed: int = 0, size: int = 32,
-                 n_shards: int = 4, copies: int = 1) -> list[StageResult]:
-    """Run decode -> normalise -> augment -> shard, each signed with its key from ``keys_dir``."""
+                 n_shards: int = 4, copies: int = 1, progress: bool = True
+                 ) -> list[StageResult]:
+    """Run decode -> normalise -> augment -> shard, each signed with its key from ``keys_dir``.
+
+    ``progress`` is passed to the decode stage's loader."""
     keys = {s: load_stage_key(keys_dir, s) for s in STAGES}
-    return [decode_stage(raw_dir, out_dir, keys["decode"], size),
+    return [decode_stage(raw_dir, out_dir, keys["decode"], size, progress),
             normalise_stage(out_dir, keys["normalise"]),
             augment_stage(out_dir, keys["augment"], seed, copies),
             shard_stage(out_dir, keys["shard"], seed, n_shards)]

@@ -59,6 +59,12 @@ def add_ingest_parsers(data_subparsers: argparse._SubParsersAction) -> None:
     ref.add_argument("--synth-per-class", type=int, default=400,
                      help="without --images: render this many per synthetic class")
     ref.add_argument("--seed", type=int, default=1)
+    ref.add_argument("--embed-epochs", type=int, default=None,
+                     help="passes of the label screen's network over the reference "
+                          "(default 10)")
+    ref.add_argument("--embed-min-steps", type=int, default=None,
+                     help="at least this many training batches, for small references "
+                          "(default 150)")
     ref.set_defaults(func=cmd_reference)
 
     mb = data_subparsers.add_parser("make-batch", help="sign a folder of images as a batch")
@@ -186,6 +192,7 @@ def cmd_make_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_reference(args: argparse.Namespace) -> int:
+    from cloud_train.ingest.embed import EMBED_NAME as EMBED_FILE
     from cloud_train.ingest.gate import build_reference
 
     if args.images:
@@ -199,7 +206,14 @@ def cmd_reference(args: argparse.Namespace) -> int:
 
         images, labels = render_images(args.synth_per_class, args.seed)
         n_classes = len(SYNTHETIC_CLASSES)
-    ref = build_reference(args.store, images, labels, n_classes)
+    from cloud_train.ingest.reference import ScreenConfig
+
+    cfg = ScreenConfig()
+    if args.embed_epochs is not None:
+        cfg.embed_epochs = args.embed_epochs
+    if args.embed_min_steps is not None:
+        cfg.embed_min_steps = args.embed_min_steps
+    ref = build_reference(args.store, images, labels, n_classes, cfg)
     print(f"reference of {len(ref.labels)} images, {n_classes} classes written to "
-          f"{args.store}/reference")
+          f"{args.store}/reference (label screen network cached in {EMBED_FILE})")
     return 0

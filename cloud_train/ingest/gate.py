@@ -2,13 +2,16 @@
 
 Order of checks: source allow-list -> batch signature -> batch id not replayed -> per-image
 sha256 -> schema and range (index fields, decodable, size, channels, dtype, label, capture
-time) -> statistical screen (KS of the batch vs the reference; Isolation Forest per
-sample) -> label consistency (kNN / LDA in the reference feature space).
+time) -> statistical screen (KS of the batch vs the reference; Isolation Forest and range
+per sample) -> label consistency (kNN share and posterior in a feature space learned from
+the trusted reference only; see ``cloud_train.ingest.reference``).
 
 The store (a folder) holds ``root.pub`` and ``sources.json`` (the signed registry),
-``reference/`` (trusted features), ``objects/<index sha256>.pack`` (accepted and
-quarantined image bytes, appended; each record names offset, length and sha256),
-``journal/<index sha256>.jsonl`` (one decision per line, append-only),
+``reference/`` (trusted images, labels and the cached label-screen network),
+``objects/<index sha256>.pack`` (accepted and quarantined image bytes, appended; each
+record names offset, length and sha256),
+``journal/<index sha256>.jsonl`` (one decision per line, append-only: batch id, index
+line, sample id, file, label, sha256, capture time, decision, reason codes, object),
 ``batches/<batch id>.json`` (which index a batch id was first seen with) and
 ``releases.jsonl``. A decision is appended as one whole line per write, after the image
 bytes it points at, so after ``kill -9`` a rerun finds every finished decision, skips it
@@ -31,10 +34,9 @@ from typing import Any
 import numpy as np
 
 from cloud_train.ingest import batch as bfmt
+from cloud_train.ingest.reference import Reference, ScreenConfig
 from cloud_train.ingest.registry import REGISTRY_NAME, load_registry
 from cloud_train.ingest.screens import (
-    Reference,
-    ScreenConfig,
     check_image,
     image_features,
     row_label,
@@ -74,9 +76,10 @@ def init_store(store: str | os.PathLike[str], root_public: Any) -> Path:
 def build_reference(store: str | os.PathLike[str], images_rgb: np.ndarray,
                     labels: np.ndarray | Sequence[int], n_classes: int,
                     config: ScreenConfig | None = None) -> Reference:
-    """Fit and save the trusted reference from n x H x W x 3 uint8 RGB images."""
+    """Fit and save the trusted reference from n x H x W x 3 uint8 RGB images (each resized
+    to 32 x 32); this trains the label screen's network once and caches it in the store."""
     imgs = np.stack([to_feature_size(np.asarray(i)) for i in images_rgb])
-    ref = Reference(image_features(imgs), np.asarray(labels), n_classes, config)
+    ref = Reference(imgs, np.asarray(labels), n_classes, config)
     ref.save(store_paths(store)["reference"])
     return ref
 
@@ -86,7 +89,8 @@ def _record(rb: bfmt.RawBatch, row: bfmt.IndexRow, decision: str, reasons: list[
     f = row.fields
     return {"batch_id": rb.batch_id, "index_sha256": rb.index_sha256, "line": row.line,
             "id": row.sample_id, "file": str(f.get("file", "")), "label": f.get("label"),
-            "sha256": str(f.get("sha256", "")), "decision": decision, "reasons": reasons,
+            "sha256": str(f.get("sha256", "")), "capture_time": f.get("capture_time"),
+            "decision": decision, "reasons": reasons,
             **(obj or {"object": "", "pack": ""})}
 
 
@@ -272,10 +276,11 @@ def ingest(batch_path: str | os.PathLike[str], store: str | os.PathLike[str],
         stat: dict[str, Any] = {"shifted": False}
         screens: dict[int, list[str]] = {}
         if good:
-            feats = image_features(np.stack([to_feature_size(decoded[i]) for i in good]))
+            small = np.stack([to_feature_size(decoded[i]) for i in good])
+            feats = image_features(small)
             labels = np.array([row_label(checked[i][0].fields) for i in good])
             stat = ref.batch_shift(feats)
-            for i, reasons in zip(good, ref.screen(feats, labels), strict=True):
+            for i, reasons in zip(good, ref.screen(feats, labels, small), strict=True):
                 screens[i] = reasons + (["BATCH_DISTRIBUTION_SHIFT"] if stat["shifted"] else [])
         pack = _Pack(p["objects"] / f"{rb.index_sha256}.pack")
         try:

@@ -1,33 +1,23 @@
-"""Schema, statistical and label-consistency screens against a trusted reference.
+"""Per-row schema and range checks, hand-made image features and the two-sample KS test.
 
 Features (``image_features``): for a 32 x 32 RGB crop, a gradient-orientation histogram
 (HOG-like: 4 x 4 cells of 8 px, 9 unsigned bins, and 8 x 8 cells of 4 px, 8 bins; each
-L2-normalised) plus the 8 x 8 area-downsampled RGB image in [0, 1]. Deterministic NumPy.
-
-The reference is a set of trusted, labelled images. From its features the gate fits, with
-fixed seeds: an Isolation Forest (per-sample outliers), an LDA projection with a kNN in it
-(label consistency, confident-learning style: the share of a sample's neighbours, and the
-LDA posterior, that agree with its given label). Thresholds are calibrated on a held-out
-fifth of the reference to a target false-quarantine rate.
+L2-normalised) plus the 8 x 8 area-downsampled RGB image in [0, 1] and 11 global
+statistics. Deterministic NumPy. The screens fitted on a trusted reference (Isolation
+Forest, range, KS, label consistency) live in ``cloud_train.ingest.reference``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from edge_runtime.trust import sha256_hex
 from roadshield.errors import DatasetError
-from roadshield.fileio import atomic_write_bytes, atomic_write_json
 
 FEATURE_SIDE = 32
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -180,139 +170,3 @@ def ks_2samp(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     k = np.arange(1, 101)
     p = 2.0 * np.sum((-1.0) ** (k - 1) * np.exp(-2.0 * (k * lam) ** 2))
     return d, float(min(max(p, 0.0), 1.0))
-
-
-# ---------------------------------------------------------------- the reference
-@dataclass
-class ScreenConfig:
-    target_fp: float = 0.001    # Isolation Forest, on held-out reference samples
-    label_fp: float = 0.004     # label-consistency screen, on held-out reference samples
-    k: int = 20
-    n_components: int = 128     # PCA before LDA / kNN
-    range_q: float = 0.0005     # per-stat two-sided range screen quantile
-    ks_alpha: float = 1e-3      # family-wise, Bonferroni over features
-    ks_min_effect: float = 0.2  # a batch shift must also be large to quarantine a batch
-    ks_features: int = 16       # KS on the first principal components
-    seed: int = 0
-
-
-class Reference:
-    """Trusted features + labels and the screens fitted on them (refit on load, no pickles).
-
-    ``features`` is (n, D) float32 from ``image_features``; ``labels`` (n,) class indices.
-    """
-
-    def __init__(self, features: np.ndarray, labels: np.ndarray, n_classes: int,
-                 config: ScreenConfig | None = None) -> None:
-        from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
-        from sklearn.ensemble import IsolationForest
-        from sklearn.neighbors import NearestNeighbors
-
-        self.features = np.asarray(features, np.float32)
-        self.labels = np.asarray(labels, np.int64)
-        self.n_classes = int(n_classes)
-        self.cfg = config or ScreenConfig()
-        hold = np.random.default_rng(self.cfg.seed).random(len(self.labels)) < 0.2
-        fit_x, fit_y = self.features[~hold], self.labels[~hold]
-        self.mu = fit_x.mean(axis=0)
-        self.sd = fit_x.std(axis=0) + 1e-3
-        z = self._z(fit_x)
-        _, vecs = np.linalg.eigh(z.T @ z)  # PCA via the covariance: cheap for D ~ 900
-        self.pcs = np.ascontiguousarray(vecs[:, ::-1][:, : self.cfg.n_components])
-        proj = z @ self.pcs
-        self.iforest = IsolationForest(n_estimators=100, random_state=self.cfg.seed).fit(z)
-        self.lda = LinearDiscriminantAnalysis().fit(proj, fit_y)
-        self.fit_labels = fit_y
-        self.nn = NearestNeighbors(n_neighbors=self.cfg.k).fit(self.lda.transform(proj))
-        stats = fit_x[:, -N_STATS:]
-        self.lo = np.quantile(stats, self.cfg.range_q, axis=0)
-        self.hi = np.quantile(stats, 1 - self.cfg.range_q, axis=0)
-        held_x, held_y = self.features[hold], self.labels[hold]
-        self.if_threshold = float(np.quantile(self.iforest.score_samples(self._z(held_x)),
-                                              self.cfg.target_fp))
-        self.label_threshold = float(np.quantile(self.label_scores(held_x, held_y),
-                                                 self.cfg.label_fp))
-        self.ref_proj = proj[:, : self.cfg.ks_features]
-
-    def _z(self, feats: np.ndarray) -> np.ndarray:
-        return (np.asarray(feats, np.float32) - self.mu) / self.sd
-
-    def label_scores(self, feats: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """Agreement with the given label in [0, 1]: mean of kNN share and LDA posterior."""
-        proj = self._z(feats) @ self.pcs
-        _, idx = self.nn.kneighbors(self.lda.transform(proj))
-        share = (self.fit_labels[idx] == labels[:, None]).mean(axis=1)
-        post = self.lda.predict_proba(proj)
-        cols = np.searchsorted(self.lda.classes_, labels).clip(0, len(self.lda.classes_) - 1)
-        p = post[np.arange(len(labels)), cols] * (self.lda.classes_[cols] == labels)
-        return 0.5 * share + 0.5 * p
-
-    def batch_shift(self, feats: np.ndarray) -> dict[str, Any]:
-        """KS per principal component, batch vs reference; 'shifted' if significant and large."""
-        proj = (self._z(feats) @ self.pcs)[:, : self.cfg.ks_features]
-        worst_d, worst_p, worst_j = 0.0, 1.0, -1
-        for j in range(proj.shape[1]):
-            d, p = ks_2samp(proj[:, j], self.ref_proj[:, j])
-            if d > worst_d:
-                worst_d, worst_p, worst_j = d, p, j
-        alpha = self.cfg.ks_alpha / proj.shape[1]
-        shifted = len(feats) >= 20 and worst_p < alpha and worst_d >= self.cfg.ks_min_effect
-        return {"shifted": bool(shifted), "max_ks": round(worst_d, 4), "p": worst_p,
-                "feature": f"pc{worst_j}"}
-
-    def screen(self, feats: np.ndarray, labels: np.ndarray) -> list[list[str]]:
-        """Reason codes per sample: OUTLIER (Isolation Forest), OUT_OF_RANGE (global stats
-        outside the reference's range), LABEL_INCONSISTENT (kNN / LDA disagree with label)."""
-        out: list[list[str]] = [[] for _ in range(len(labels))]
-        if not len(labels):
-            return out
-        iso = self.iforest.score_samples(self._z(feats))
-        stats = feats[:, -N_STATS:]
-        span = self.hi - self.lo
-        outside = (stats < self.lo - 0.05 * span) | (stats > self.hi + 0.05 * span)
-        off: np.ndarray = np.asarray(outside.any(axis=1))
-        agree = self.label_scores(feats, labels)
-        for i in range(len(labels)):
-            if iso[i] < self.if_threshold:
-                out[i].append("OUTLIER")
-            if off[i]:
-                out[i].append("OUT_OF_RANGE")
-            if agree[i] < self.label_threshold or agree[i] == 0.0:
-                out[i].append("LABEL_INCONSISTENT")
-        return out
-
-    def save(self, folder: str | os.PathLike[str]) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        meta: dict[str, Any] = {"n_classes": self.n_classes, "config": vars(self.cfg)}
-        for name, arr in (("features", self.features), ("labels", self.labels)):
-            data = _npy_bytes(arr)
-            atomic_write_bytes(folder / f"{name}.npy", data)
-            meta[f"{name}_sha256"] = sha256_hex(data)
-        atomic_write_json(folder / "reference.json", meta)
-
-    @classmethod
-    def load(cls, folder: str | os.PathLike[str]) -> Reference:
-        folder = Path(folder)
-        try:
-            meta = json.loads((folder / "reference.json").read_text())
-            arrays = {}
-            for name in ("features", "labels"):
-                data = (folder / f"{name}.npy").read_bytes()
-                if sha256_hex(data) != meta[f"{name}_sha256"]:
-                    raise DatasetError(f"reference {folder / name}.npy does not match its hash",
-                                       "rebuild the reference with build_reference()")
-                arrays[name] = np.load(folder / f"{name}.npy", allow_pickle=False)
-        except (OSError, KeyError, ValueError) as err:
-            raise DatasetError(f"no usable screening reference in {folder}: {err}",
-                               "build one with cloud_train.ingest.gate.build_reference()") from err
-        return cls(arrays["features"], arrays["labels"], meta["n_classes"],
-                   ScreenConfig(**meta["config"]))
-
-
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()

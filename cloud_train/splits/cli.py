@@ -1,14 +1,15 @@
-"""``roadshield data dedup | split | seal | audit``: parsers and lazily-imported handlers.
+"""``roadshield data dedup | split | seal | open-sealed | audit``: parsers and lazily-imported
+handlers.
 
 Exit codes: 0 clean / done; 3 dedup found clusters spanning train and test, or the audit
-found a mismatch; 2 (raised RoadshieldError) bad input.
+found a mismatch; 2 (raised RoadshieldError) bad input, or a refused second opening of the
+sealed set.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,11 @@ def add_split_parsers(data_subparsers: Any) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--temporal", default=None,
                    help="cut time T (ISO 8601 or epoch seconds): train before, test after")
-    s.add_argument("--times", default=None, help="CSV 'path;time' of capture times, path "
-                   "relative to the dataset root (needed with --temporal)")
+    src = s.add_mutually_exclusive_group()
+    src.add_argument("--times", default=None, help="CSV 'path;time' of capture times, path "
+                     "relative to the dataset root (with --temporal)")
+    src.add_argument("--store", default=None, help="ingest store: capture times of its "
+                     "accepted samples, matched by pixels (with --temporal)")
     s.add_argument("--crossing", choices=("test", "drop"), default="test",
                    help="where a cluster crossing T goes")
     s.add_argument("--json", action="store_true")
@@ -43,6 +47,21 @@ def add_split_parsers(data_subparsers: Any) -> None:
     e.add_argument("--new-key", action="store_true", help="create the key file first")
     e.add_argument("--out", required=True, help="folder for manifest.json + sealed.bin")
     e.set_defaults(func=data_seal)
+    o = data_subparsers.add_parser("open-sealed", help="final evaluation: open the sealed set "
+                                   "once for a checkpoint, write predictions and metrics")
+    o.add_argument("sealed", help="folder written by `data seal` (manifest.json + sealed.bin)")
+    o.add_argument("--key", required=True, help="the sealed set's key file (mode 0600)")
+    o.add_argument("--checkpoint", required=True, help="the model (.safetensors) to evaluate")
+    o.add_argument("--log-key", required=True,
+                   help="Ed25519 private key (PEM) that signs the opening log")
+    o.add_argument("--log", default=None, help="opening log (default SEALED/openings.jsonl)")
+    o.add_argument("--out", required=True, help="folder for predictions.json + metrics.json")
+    o.add_argument("--force", action="store_true",
+                   help="open again for a model already evaluated (logged as forced)")
+    o.add_argument("--eps", type=float, default=8 / 255, help="FGSM/PGD radius in [0, 1]")
+    o.add_argument("--pgd-steps", type=int, default=10)
+    o.add_argument("--json", action="store_true")
+    o.set_defaults(func=data_open_sealed)
     a = data_subparsers.add_parser("audit", help="recompute metrics from stored predictions")
     a.add_argument("predictions")
     a.add_argument("metrics")
@@ -50,26 +69,15 @@ def add_split_parsers(data_subparsers: Any) -> None:
     a.set_defaults(func=data_audit)
 
 
-def _parse_time(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError as err:
-        raise ConfigError(f"cannot read time {text!r}", "use ISO 8601 or epoch seconds") from err
-    return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
-
-
-def _pool(root: str) -> tuple[Any, Any, list[str], Any]:
+def _pool(root: str, progress: bool = True) -> tuple[Any, Any, list[str], Any]:
+    """Train and test (when present) pooled: images, labels, origin per image, the parts."""
     import numpy as np
 
     from cloud_train.gtsrb import load_gtsrb
 
-    train = load_gtsrb(root, "train")
+    train = load_gtsrb(root, "train", progress=progress)
     try:
-        test = load_gtsrb(root, "test")
+        test = load_gtsrb(root, "test", progress=progress)
     except DatasetError:
         test = None
     if test is None:
@@ -99,32 +107,13 @@ def data_dedup(args: argparse.Namespace) -> int:
     return 3 if spanning else 0
 
 
-def _read_times(path: str, base: Path, paths: list[Path]) -> Any:
-    import numpy as np
-
-    table: dict[str, float] = {}
-    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip() or line.lower().startswith("path;"):
-            continue
-        try:
-            name, when = line.rsplit(";", 1)
-        except ValueError as err:
-            raise DatasetError(f"{path} line {n} is not 'path;time'", "fix the line") from err
-        table[name.strip()] = _parse_time(when)
-    rel = [p.resolve().relative_to(base.resolve()).as_posix() for p in paths]
-    missing = [r for r in rel if r not in table]
-    if missing:
-        raise DatasetError(f"{path} has no capture time for {len(missing)} images "
-                           f"(first: {missing[0]})", "give every image a time")
-    return np.array([table[r] for r in rel])
-
-
 def data_split(args: argparse.Namespace) -> int:
     import numpy as np
 
     from cloud_train.gtsrb import write_split
     from cloud_train.splits.dedup import dedup
     from cloud_train.splits.split import cluster_split, temporal_split
+    from cloud_train.splits.times import parse_time, times_from_csv, times_from_store
     from roadshield.fileio import atomic_write_json
 
     images, labels, origin, parts = _pool(args.root)
@@ -132,10 +121,14 @@ def data_split(args: argparse.Namespace) -> int:
     paths = list(first.paths) + (list(parts[1].paths) if isinstance(parts, tuple) else [])
     res = dedup(images)
     if args.temporal is not None:
-        if not args.times:
-            raise ConfigError("--temporal needs --times", "pass a CSV of capture times")
-        times = _read_times(args.times, Path(args.root), paths)
-        split, names = temporal_split(times, res.cluster, _parse_time(args.temporal),
+        if args.times:
+            times = times_from_csv(args.times, Path(args.root), paths)
+        elif args.store:
+            times = times_from_store(args.store, images, paths)
+        else:
+            raise ConfigError("--temporal needs capture times",
+                              "pass --store (the ingest store) or --times (a CSV)")
+        split, names = temporal_split(times, res.cluster, parse_time(args.temporal),
                                       args.crossing)
     else:
         split, names = cluster_split(labels, res.cluster, {"train": 1 - args.test_fraction,
@@ -148,6 +141,7 @@ def data_split(args: argparse.Namespace) -> int:
         write_split(images[sel], labels[sel], first.class_names, args.out, name)
     manifest = {"source": str(Path(args.root).resolve()), "seed": args.seed,
                 "temporal": args.temporal, "crossing": args.crossing,
+                "times_from": args.times or (args.store and f"ingest store {args.store}"),
                 "threshold_bits": res.threshold,
                 "samples": [{"path": str(p), "sha256": d, "cluster": int(c),
                              "split": names[s] if s >= 0 else "dropped", "origin": o}
@@ -179,6 +173,23 @@ def data_seal(args: argparse.Namespace) -> int:
             "split_manifest_sha256": file_sha256(man) if man.is_file() else None}
     out = seal(args.out, test.images, test.labels, ids, load_key(args.key), meta)
     print(f"sealed {len(test)} test images into {out}")
+    return 0
+
+
+def data_open_sealed(args: argparse.Namespace) -> int:
+    from cloud_train.splits.final_eval import evaluate_sealed
+
+    m = evaluate_sealed(args.sealed, args.key, args.checkpoint, args.log_key, args.out,
+                        log=args.log, force=args.force, eps=args.eps, pgd_steps=args.pgd_steps)
+    if args.json:
+        print(json.dumps(m, indent=2, sort_keys=True))
+    else:
+        print(f"model {m['model_sha256'][:16]} on the sealed set ({m['n']} images"
+              f"{', FORCED opening' if m['forced'] else ''}): accuracy {m['accuracy']:.4f}, "
+              f"macro recall {m['macro_recall']:.4f}, macro F1 {m['macro_f1']:.4f}, "
+              f"FGSM {m['fgsm_acc']:.4f}, PGD {m['pgd_acc']:.4f} (eps {m['eps']:.4f})\n"
+              f"wrote {Path(args.out) / 'predictions.json'} and "
+              f"{Path(args.out) / 'metrics.json'}; opening log head {m['opening_log_head']}")
     return 0
 
 

@@ -10,7 +10,8 @@ Layout of a sealed folder::
 
 The 256-bit key lives in its own file (mode 0600). ``open_sealed`` is the only reader: it
 verifies the opening log, refuses a second opening for the same model digest unless forced,
-decrypts, and appends a signed entry before handing the data over.
+decrypts, and appends a signed entry before handing the data over. The final evaluation
+(``final_eval.evaluate_sealed``, ``roadshield data open-sealed``) is its caller.
 
 Opening log: JSON lines, each the canonical JSON of {seq, time, event, model_sha256,
 sealed_sha256, manifest_sha256, prev, keyid, sig}, where prev is the sha256 of the previous

@@ -15,7 +15,7 @@ from cloud_train.attest.stages import attestation_path, load_training_data, run_
 from cloud_train.attest.statement import PAYLOAD_TYPE, STAGE_PREDICATE, STATEMENT_TYPE
 from cloud_train.attest.verify import VerifyError, require_verified, verify_pipeline
 from cloud_train.render import render_dataset
-from edge_runtime.trust import TrustError, generate_private_key, save_private_key
+from edge_runtime.trust import TrustError, generate_private_key, save_private_key, sha256_hex
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +123,55 @@ def test_a_fifteen_percent_feature_shift_is_flagged_and_noise_is_not(world):
     assert not same.flagged and same.max_ks == 0.0
     gone = drift.compare("a", "b", images, labels, images[labels != 3], labels[labels != 3], 14)
     assert gone.flagged and gone.missing_classes == (3,)
+
+
+def test_a_file_swapped_after_decode_read_it_is_named_by_verify(world, tmp_path, monkeypatch):
+    """The decode stage records the digest of the bytes it decoded: a raw file replaced
+    between reading and hashing (the loader has returned, the stage has not finished) cannot
+    slip in under its digest; verify against the raw folder names the file."""
+    import shutil
+
+    import cloud_train.gtsrb as gtsrb
+    from cloud_train.attest.policy import load_stage_key
+    from cloud_train.attest.stages import decode_stage
+
+    raw = tmp_path / "raw"
+    shutil.copytree(world["raw"], raw)
+    ppms = sorted(raw.rglob("*.ppm"))
+    victim, other = ppms[0], ppms[-1]
+    original = victim.read_bytes()
+    real_load = gtsrb.load_gtsrb
+
+    def load_then_swap(*args, **kwargs):
+        data = real_load(*args, **kwargs)
+        victim.write_bytes(other.read_bytes())  # the swap, after the pixels were decoded
+        return data
+
+    monkeypatch.setattr(gtsrb, "load_gtsrb", load_then_swap)
+    out = tmp_path / "out"
+    decode_stage(raw, out, load_stage_key(world["keys"], "decode"))
+    monkeypatch.undo()
+
+    name = victim.relative_to(raw).as_posix()
+    inputs = {i["name"]: i["digest"]["sha256"]
+              for i in _statement(out, "decode")["predicate"]["inputs"]}
+    assert inputs[name] == sha256_hex(original) != sha256_hex(victim.read_bytes())
+    # the decoded row is the original image, as recorded
+    ref = real_load(world["raw"], "train")
+    row = [p.relative_to(world["raw"]).as_posix() for p in ref.paths].index(name)
+    np.testing.assert_array_equal(np.load(out / "decode" / "images.npy")[row], ref.images[row])
+    run_pipeline_rest(out, world["keys"])
+    rep = verify_pipeline(out, world["keys"], raw_dir=raw)
+    assert not rep.ok
+    hits = [f for f in rep.findings if f.stage == "decode" and name in f.file + f.message]
+    assert hits and hits[0].check == "chain", rep.text()
+    assert not list(out.glob(".decode-snapshot-*"))  # the scratch copy is gone
+
+
+def run_pipeline_rest(out: Path, keys: Path) -> None:
+    from cloud_train.attest.policy import load_stage_key
+    from cloud_train.attest.stages import augment_stage, normalise_stage, shard_stage
+
+    normalise_stage(out, load_stage_key(keys, "normalise"))
+    augment_stage(out, load_stage_key(keys, "augment"), seed=0)
+    shard_stage(out, load_stage_key(keys, "shard"), seed=0)

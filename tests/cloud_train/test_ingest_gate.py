@@ -25,8 +25,8 @@ from cloud_train.ingest.gate import (
     read_object,
     store_paths,
 )
+from cloud_train.ingest.reference import Reference, ScreenConfig
 from cloud_train.ingest.registry import add_source, list_sources, revoke_source
-from cloud_train.ingest.screens import Reference
 from edge_runtime.trust import TrustError, generate_private_key, save_private_key
 from roadshield.errors import ConfigError
 
@@ -40,7 +40,8 @@ def world(tmp_path_factory):
     add_source(store_paths(store)["registry"], root, "acme", prov.public_key(),
                "2026-01-01T00:00:00Z")
     imgs, labels = A.render_images(80, seed=1)
-    build_reference(store, imgs, labels, 14)
+    build_reference(store, imgs, labels, 14,
+                    ScreenConfig(embed_epochs=2, embed_min_steps=30, embed_batch=32))
     clean_imgs, clean_labels = A.render_images(4, seed=7)
     return {"dir": d, "root": root, "prov": prov, "store": store, "imgs": clean_imgs,
             "labels": clean_labels, "ref": Reference.load(store / "reference")}
@@ -270,7 +271,8 @@ def test_cli_init_reference_and_show_export(world, tmp_path, capsys):
     pub = save_public_key(world["root"].public_key(), tmp_path / "root.pub")
     store = tmp_path / "s"
     assert run("sources", "init", "--root-pub", pub, "--store", store) == 0
-    assert run("reference", "--store", store, "--synth-per-class", 12) == 0
+    assert run("reference", "--store", store, "--synth-per-class", 12, "--embed-epochs", 1,
+               "--embed-min-steps", 5) == 0
     assert Reference.load(store / "reference").features.shape == (168, 859)
     imgs = world["imgs"][:3].copy()
     imgs[1] = 255  # flat white: quarantined as out of range

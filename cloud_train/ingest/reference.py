@@ -1,0 +1,251 @@
+"""The trusted screening reference and the per-sample and per-batch screens fitted on it.
+
+The reference is a set of trusted, labelled n x 32 x 32 x 3 uint8 RGB images. A seeded fifth
+is held out for calibration; on the rest the gate fits:
+
+- from the hand-made features (``screens.image_features``, z-scored, PCA): an Isolation
+  Forest (OUTLIER), a per-statistic range (OUT_OF_RANGE) and, per batch, a KS test on the
+  first principal components (BATCH_DISTRIBUTION_SHIFT);
+- a learned feature space (``embed``: a small CNN trained on these images only) for label
+  consistency (LABEL_INCONSISTENT), confident-learning style: the agreement of a sample with
+  its given label is the mean of the share of its k nearest reference neighbours (cosine, in
+  the penultimate features) that carry that label and the network's softmax posterior of it.
+
+Thresholds are calibrated on the held-out fifth to target false-quarantine rates.
+
+On disk (``save`` / ``load``): ``images.npy``, ``labels.npy``, ``embed.safetensors`` and
+``reference.json`` (class count, config, the three files' sha256 and the embedding's
+training digest). Everything else is refitted on load with fixed seeds; no pickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cloud_train.ingest.embed import (
+    EMBED_NAME,
+    EmbedConfig,
+    embed,
+    for_inference,
+    load_embedding,
+    save_embedding,
+    train_embedding,
+    training_digest,
+)
+from cloud_train.ingest.screens import FEATURE_SIDE, N_STATS, image_features, ks_2samp
+from edge_runtime.trust import sha256_hex
+from roadshield.errors import DatasetError
+from roadshield.fileio import atomic_write_bytes, atomic_write_json
+
+_REBUILD = "rebuild it with `roadshield data reference --store STORE` (build_reference())"
+
+
+@dataclass
+class ScreenConfig:
+    target_fp: float = 0.001    # Isolation Forest, on held-out reference samples
+    label_fp: float = 0.002     # label-consistency screen, on held-out reference samples
+    k: int = 20                 # neighbours in the learned feature space
+    n_components: int = 128     # PCA of the hand-made features (Isolation Forest, KS)
+    range_q: float = 0.0005     # per-stat two-sided range screen quantile
+    ks_alpha: float = 1e-3      # family-wise, Bonferroni over features
+    ks_min_effect: float = 0.2  # a batch shift must also be large to quarantine a batch
+    ks_features: int = 16       # KS on the first principal components
+    seed: int = 0
+    embed_epochs: int = 10      # the label screen's CNN (see ``embed.EmbedConfig``)
+    embed_min_steps: int = 150
+    embed_lr: float = 0.01
+    embed_batch: int = 128
+    embed_shift: int = 3
+    embed_scale: float = 0.15
+
+    def embed_config(self) -> EmbedConfig:
+        return EmbedConfig(epochs=self.embed_epochs, min_steps=self.embed_min_steps,
+                           lr=self.embed_lr, batch=self.embed_batch, shift=self.embed_shift,
+                           scale=self.embed_scale, seed=self.seed)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ScreenConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _check_images(images: np.ndarray) -> np.ndarray:
+    x = np.asarray(images)
+    if x.ndim != 4 or x.shape[1:] != (FEATURE_SIDE, FEATURE_SIDE, 3) or x.dtype != np.uint8:
+        raise DatasetError(f"the reference needs n x 32 x 32 x 3 uint8 RGB images, got "
+                           f"{x.shape} {x.dtype}", "resize with screens.to_feature_size() first")
+    return x
+
+
+class Reference:
+    """Trusted images + labels and the screens fitted on them (see the module doc).
+
+    ``images``: (n, 32, 32, 3) uint8 RGB; ``labels``: (n,) class indices. ``embedding``: an
+    already trained label-screen CNN for exactly these images and config (else one is
+    trained). ``features`` is (n, 859) float32 from ``image_features``.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, n_classes: int,
+                 config: ScreenConfig | None = None, embedding: Any = None) -> None:
+        from sklearn.ensemble import IsolationForest
+
+        self.images = _check_images(images)
+        self.labels = np.asarray(labels, np.int64)
+        if len(self.labels) != len(self.images):
+            raise DatasetError(f"{len(self.images)} reference images, {len(self.labels)} labels",
+                               "give one label per image")
+        self.n_classes = int(n_classes)
+        self.cfg = config or ScreenConfig()
+        self.features = image_features(self.images)
+        hold = np.random.default_rng(self.cfg.seed).random(len(self.labels)) < 0.2
+        fit_x, fit_y = self.features[~hold], self.labels[~hold]
+        self.mu = fit_x.mean(axis=0)
+        self.sd = fit_x.std(axis=0) + 1e-3
+        z = self._z(fit_x)
+        _, vecs = np.linalg.eigh(z.T @ z)  # PCA via the covariance: cheap for D ~ 900
+        self.pcs = np.ascontiguousarray(vecs[:, ::-1][:, : self.cfg.n_components])
+        self.ref_proj = (z @ self.pcs)[:, : self.cfg.ks_features]
+        self.iforest = IsolationForest(n_estimators=100, random_state=self.cfg.seed).fit(z)
+        stats = fit_x[:, -N_STATS:]
+        self.lo = np.quantile(stats, self.cfg.range_q, axis=0)
+        self.hi = np.quantile(stats, 1 - self.cfg.range_q, axis=0)
+
+        ecfg = self.cfg.embed_config()
+        self.embed_digest = training_digest(self.images[~hold], fit_y, self.n_classes, ecfg)
+        self.embed_trained = embedding is None
+        self.embedding = (embedding if embedding is not None else
+                          train_embedding(self.images[~hold], fit_y, self.n_classes, ecfg))
+        self._fast = for_inference(self.embedding)
+        self.fit_emb, _ = embed(self._fast, self.images[~hold])
+        self.fit_labels = fit_y
+
+        held_x, held_y = self.features[hold], self.labels[hold]
+        self.if_threshold = float(np.quantile(self.iforest.score_samples(self._z(held_x)),
+                                              self.cfg.target_fp))
+        self.label_threshold = float(np.quantile(
+            self.label_scores(self.images[hold], held_y), self.cfg.label_fp))
+
+    def _z(self, feats: np.ndarray) -> np.ndarray:
+        return (np.asarray(feats, np.float32) - self.mu) / self.sd
+
+    def label_scores(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Agreement with the given label in [0, 1] per image: the mean of the kNN share
+        and the CNN posterior (n x 32 x 32 x 3 uint8 RGB images, n labels)."""
+        labels = np.asarray(labels, np.int64)
+        if not len(labels):
+            return np.zeros(0)
+        emb, post = embed(self._fast, _check_images(images))
+        share = (self.fit_labels[self._neighbours(emb)] == labels[:, None]).mean(axis=1)
+        ok = (labels >= 0) & (labels < post.shape[1])
+        p = np.where(ok, post[np.arange(len(labels)), labels.clip(0, post.shape[1] - 1)], 0.0)
+        return 0.5 * share + 0.5 * p
+
+    def _neighbours(self, emb: np.ndarray, chunk: int = 2048) -> np.ndarray:
+        """Indices (n, k) of the k most cosine-similar fit samples (unit vectors: a matmul)."""
+        import torch
+
+        k = min(self.cfg.k, len(self.fit_labels))
+        fit = torch.from_numpy(self.fit_emb)
+        out = [(torch.from_numpy(emb[i:i + chunk]) @ fit.T).topk(k, dim=1).indices.numpy()
+               for i in range(0, len(emb), chunk)]
+        return np.concatenate(out) if out else np.zeros((0, k), np.int64)
+
+    def batch_shift(self, feats: np.ndarray) -> dict[str, Any]:
+        """KS per principal component, batch vs reference; 'shifted' if significant and large."""
+        proj = (self._z(feats) @ self.pcs)[:, : self.cfg.ks_features]
+        worst_d, worst_p, worst_j = 0.0, 1.0, -1
+        for j in range(proj.shape[1]):
+            d, p = ks_2samp(proj[:, j], self.ref_proj[:, j])
+            if d > worst_d:
+                worst_d, worst_p, worst_j = d, p, j
+        alpha = self.cfg.ks_alpha / proj.shape[1]
+        shifted = len(feats) >= 20 and worst_p < alpha and worst_d >= self.cfg.ks_min_effect
+        return {"shifted": bool(shifted), "max_ks": round(worst_d, 4), "p": worst_p,
+                "feature": f"pc{worst_j}"}
+
+    def screen(self, feats: np.ndarray, labels: np.ndarray,
+               images: np.ndarray) -> list[list[str]]:
+        """Reason codes per sample: OUTLIER (Isolation Forest), OUT_OF_RANGE (global stats
+        outside the reference's range), LABEL_INCONSISTENT (learned neighbours and posterior
+        disagree with the label). ``feats`` from ``image_features(images)``."""
+        out: list[list[str]] = [[] for _ in range(len(labels))]
+        if not len(labels):
+            return out
+        iso = self.iforest.score_samples(self._z(feats))
+        stats = feats[:, -N_STATS:]
+        span = self.hi - self.lo
+        outside = (stats < self.lo - 0.05 * span) | (stats > self.hi + 0.05 * span)
+        off: np.ndarray = np.asarray(outside.any(axis=1))
+        agree = self.label_scores(images, labels)
+        for i in range(len(labels)):
+            if iso[i] < self.if_threshold:
+                out[i].append("OUTLIER")
+            if off[i]:
+                out[i].append("OUT_OF_RANGE")
+            if agree[i] < self.label_threshold or agree[i] == 0.0:
+                out[i].append("LABEL_INCONSISTENT")
+        return out
+
+    # ------------------------------------------------------------ on disk
+    def _meta(self) -> dict[str, Any]:
+        return {"n_classes": self.n_classes, "config": asdict(self.cfg),
+                "embed_trained_on": self.embed_digest}
+
+    def save(self, folder: str | os.PathLike[str]) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = self._meta()
+        for name, arr in (("images", self.images), ("labels", self.labels)):
+            data = _npy_bytes(arr)
+            atomic_write_bytes(folder / f"{name}.npy", data)
+            meta[f"{name}_sha256"] = sha256_hex(data)
+        meta["embed_sha256"] = save_embedding(self.embedding, folder / EMBED_NAME,
+                                              self.embed_digest, self.cfg.embed_config())
+        atomic_write_json(folder / "reference.json", meta)  # last: it vouches for the rest
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str]) -> Reference:
+        """Load and refit; the embedding comes from the cache when its sha256 and training
+        digest match (else it is retrained and the cache rewritten)."""
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / "reference.json").read_text())
+            if "images_sha256" not in meta:
+                raise DatasetError(f"the screening reference in {folder} predates the learned "
+                                   "label screen (it holds no images.npy)", _REBUILD)
+            arrays = {}
+            for name in ("images", "labels"):
+                data = (folder / f"{name}.npy").read_bytes()
+                if sha256_hex(data) != meta[f"{name}_sha256"]:
+                    raise DatasetError(f"reference {folder / name}.npy does not match its hash",
+                                       _REBUILD)
+                arrays[name] = np.load(folder / f"{name}.npy", allow_pickle=False)
+            cfg = ScreenConfig.from_dict(meta["config"])
+            n_classes = int(meta["n_classes"])
+        except (OSError, KeyError, ValueError, TypeError) as err:
+            raise DatasetError(f"no usable screening reference in {folder}: {err}",
+                               _REBUILD) from err
+        hold = np.random.default_rng(cfg.seed).random(len(arrays["labels"])) < 0.2
+        digest = training_digest(arrays["images"][~hold], arrays["labels"][~hold], n_classes,
+                                 cfg.embed_config())
+        cached = load_embedding(folder / EMBED_NAME, meta.get("embed_sha256"), digest)
+        ref = cls(arrays["images"], arrays["labels"], n_classes, cfg, embedding=cached)
+        if cached is None:  # rewrite the cache so the next load does not train again
+            meta.update(ref._meta(), embed_sha256=save_embedding(
+                ref.embedding, folder / EMBED_NAME, ref.embed_digest, cfg.embed_config()))
+            atomic_write_json(folder / "reference.json", meta)
+        return ref
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
