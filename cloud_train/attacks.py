@@ -39,8 +39,9 @@ def register_attack(fn: AttackFn) -> AttackFn:
 
 
 def _load_builtin_attacks() -> None:
-    # The strong evaluation attacks (APGD, Square, PGD-L2) live in their own module, which
-    # imports this one; importing it here at call time registers them without a cycle.
+    # The strong evaluation attacks (APGD, Square, PGD-L2) and the ROA sticker attack live in
+    # their own modules, which import this one; importing them here at call time registers
+    # them without a cycle.
     import cloud_train.roa  # noqa: F401
     import cloud_train.strong_attacks  # noqa: F401
 
@@ -73,8 +74,9 @@ def create_attack(name: str, **kw: Any) -> Callable[[nn.Module, torch.Tensor, to
         raise ConfigError(f"attack {name!r} needs parameter(s) {missing}",
                           "pass them as keyword arguments, e.g. eps=8/255")
     full = {p: kw.get(p, params[p].default) for p in allowed}
-    validate_params(**{k: v for k, v in full.items() if k in ("eps", "alpha", "steps",
-                                                                "restarts")})
+    # an attack without an L-inf radius (e.g. a patch attack) still has its steps checked
+    validate_params(**{"eps": 0.0, **{k: v for k, v in full.items()
+                                      if k in ("eps", "alpha", "steps", "restarts")}})
     bound = functools.partial(fn, **kw)
     bound.__name__ = name  # type: ignore[attr-defined]
     return bound

@@ -139,3 +139,18 @@ def test_evaluate_rejects_bad_inputs(trained) -> None:
         evaluate(model, x * 255, y)
     with pytest.raises(ConfigError):
         evaluate(model, x[:4], y[:4], eps=2.0)
+
+
+def test_an_attack_without_eps_still_has_its_steps_checked():
+    def patchy(model, x, y, steps: int = 3):  # a registry attack with no L-inf radius
+        return x
+
+    from cloud_train import attacks
+
+    attacks._ATTACKS["patchy"] = patchy
+    try:
+        assert create_attack("patchy", steps=2) is not None
+        with pytest.raises(ConfigError, match="steps"):
+            create_attack("patchy", steps=0)
+    finally:
+        del attacks._ATTACKS["patchy"]
