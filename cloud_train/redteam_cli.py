@@ -1,4 +1,5 @@
-"""``roadshield redteam data`` (the handler imports the red-team run lazily).
+"""``roadshield redteam data`` and ``roadshield redteam backdoor`` (handlers import the red-team
+runs lazily).
 
 Exit codes: 0 when every target of the issue is met, 3 when some target is missed (each miss
 is printed), 2 for a usage or run error (raised as a RoadshieldError, reported by the CLI).
@@ -14,9 +15,10 @@ EXIT_TARGET_MISSED = 3
 
 
 def add_redteam_parsers(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """Add ``roadshield redteam`` and its ``data`` verb to the top-level subparsers.
+    """Add ``roadshield redteam`` and its ``data`` and ``backdoor`` verbs to the top-level
+    subparsers.
 
-    Returns the ``redteam`` subparsers, so other red-team verbs can be added beside ``data``.
+    Returns the ``redteam`` subparsers, so other red-team verbs can be added beside them.
     """
     red = subparsers.add_parser("redteam", help="run the attacks against the defences")
     rsub = red.add_subparsers(dest="redteam_cmd", required=True)
@@ -33,7 +35,33 @@ def add_redteam_parsers(subparsers: argparse._SubParsersAction) -> argparse._Sub
     data.add_argument("--json", action="store_true", help="print the result as JSON")
     data.add_argument("--no-progress", action="store_true", help="no progress bar")
     data.set_defaults(func=cmd_redteam_data)
+    _add_backdoor_parser(rsub)
     return rsub
+
+
+def _add_backdoor_parser(rsub: argparse._SubParsersAction) -> None:
+    bd = rsub.add_parser(
+        "backdoor", help="BadNets / blended backdoors against Neural Cleanse, activation "
+        "clustering and spectral signatures",
+        description="Per seed, trains an infected and a clean model on the synthetic signs, "
+        "scans both with the three defences, mitigates the infected one, writes "
+        "OUT/redteam_backdoor.json (after every seed), .md and .png, prints the table; exit 0 "
+        "when every target is met, 3 when some target is missed.")
+    bd.add_argument("--out", required=True, help="folder for redteam_backdoor.{json,md,png}")
+    bd.add_argument("--seeds", type=int, default=None,
+                    help="number of seeds (default: tiny 1, quick 3, full 10)")
+    bd.add_argument("--scale", choices=("tiny", "quick", "full"), default="quick",
+                    help="tiny: a smoke test; quick: minutes per seed on 2 cores; full: larger "
+                    "sets, ten seeds")
+    bd.add_argument("--poison-rate", type=float, default=0.01,
+                    help="fraction of the training set poisoned (default 0.01)")
+    bd.add_argument("--trigger", choices=("patch", "blend"), default="patch",
+                    help="patch: BadNets corner patch; blend: full-image blended pattern")
+    bd.add_argument("--resume", action="store_true",
+                    help="keep the seeds already in OUT/redteam_backdoor.json")
+    bd.add_argument("--json", action="store_true", help="print the result as JSON")
+    bd.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bd.set_defaults(func=cmd_redteam_backdoor)
 
 
 def cmd_redteam_data(args: argparse.Namespace) -> int:
@@ -46,9 +74,29 @@ def cmd_redteam_data(args: argparse.Namespace) -> int:
     else:
         print(text_table(result))
         print("report: " + ", ".join(result["files"].values()))
+    return _exit_code(result, args.json)
+
+
+def cmd_redteam_backdoor(args: argparse.Namespace) -> int:
+    from cloud_train.backdoor.report import text_table
+    from cloud_train.redteam_backdoor import run_backdoor_redteam
+
+    result: dict[str, Any] = run_backdoor_redteam(
+        args.out, seeds=args.seeds, scale=args.scale, poison_rate=args.poison_rate,
+        trigger=args.trigger, resume=args.resume,
+        progress=not (args.no_progress or args.json))
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(text_table(result))
+        print("report: " + ", ".join(result["files"].values()))
+    return _exit_code(result, args.json)
+
+
+def _exit_code(result: dict[str, Any], as_json: bool) -> int:
     if result["all_targets_met"]:
         return 0
-    if args.json:  # stdout stays pure JSON; the misses are in it and repeated on stderr
+    if as_json:  # stdout stays pure JSON; the misses are in it and repeated on stderr
         import sys
 
         for m in result["missed"]:

@@ -1,0 +1,371 @@
+"""``roadshield redteam backdoor``: infected and clean models against three backdoor scans.
+
+Per seed: render the 14-class synthetic sign world (train, test, and a small clean set the
+defender holds; 32 x 32 x 3 uint8 RGB, seeded), poison the training set with a BadNets patch
+(or a blended trigger) toward a random target class, train one infected and one clean model
+with the standard trainer, and measure clean accuracy and attack success rate (ASR) on the
+test split. Then scan both models:
+
+- Neural Cleanse (Wang et al. 2019) on the defender's clean images; mitigation: unlearning;
+- activation clustering (Chen et al. 2018; robust whitening before 2-means) on the training
+  set; mitigation: drop the flagged examples and retrain from scratch with the same recipe;
+- spectral signatures (Tran et al. 2018; scored after robust whitening, SPECTRE-style) on the
+  training set; same mitigation.
+
+Only infected models are mitigated (clean models report false flags only). A scan that flags
+nothing leaves the model as it was. Each seed's record is written to OUT/redteam_backdoor.json
+as soon as the seed ends (atomically), and ``resume=True`` skips the seeds already there, so
+a crash loses at most the seed in progress.
+
+Targets (the issue's, as fractions of the seeds run): undefended ASR >= 90% (mean); after
+each defence's mitigation, mean ASR <= 5% with mean clean accuracy down by at most 2 points;
+Neural Cleanse flags the target class in >= 90% of the infected models and flags some class
+in <= 10% of the clean models (9/10 and 1/10 at ten seeds).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from roadshield.errors import ConfigError
+from roadshield.fileio import atomic_write_bytes, atomic_write_json
+
+SCHEMA = "roadshield.redteam.backdoor/v1"
+DEFENCES = ("neural_cleanse", "activation_clustering", "spectral")
+ASR_MIN = 0.90  # undefended attack must be real
+ASR_AFTER_MAX = 0.05
+CLEAN_DROP_MAX = 0.02  # accuracy fraction (2 points)
+NC_DETECT_MIN = 0.90
+NC_FALSE_MAX = 0.10
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Sizes of one run; per-class counts are over the 14 synthetic classes."""
+
+    train_per_class: int
+    test_per_class: int
+    defender_per_class: int  # clean images held by the defender (Neural Cleanse, unlearning)
+    arch: str
+    epochs: int
+    seeds: int  # default number of seeds
+    nc_steps: int  # Adam steps per class for Neural Cleanse
+    unlearn_epochs: int
+    trigger_size: int  # BadNets patch side in pixels
+
+
+# The defender holds 100 clean images per class: unlearning (5 epochs at its default rate) with
+# the true trigger on them kept clean accuracy within 0.4 points (97.3 -> 97.0%) and took ASR
+# from 97% to 0.8%; with 40 per class fine-tuning cost 1.6-2.3 points of clean accuracy.
+SCALES: dict[str, Scale] = {
+    "tiny": Scale(40, 10, 12, "signnet_tiny", 3, 1, 20, 1, 4),
+    "quick": Scale(300, 40, 100, "signnet_tiny", 12, 3, 300, 5, 4),
+    "full": Scale(400, 80, 100, "signnet_tiny", 15, 10, 300, 5, 4),
+}
+
+
+def make_trigger(kind: str, target: int, sc: Scale, seed: int) -> Any:
+    """The attack's trigger: a ``trigger_size`` black-and-white checkerboard in the
+    bottom-right corner (BadNets; 4 px on 32 px images as in Neural Cleanse's GTSRB setup),
+    or a full-image random pattern blended at alpha 0.1 (Chen et al.).
+
+    Chosen by measurement at 1% poison without augmentation: an 8 px random-colour patch
+    reached 73% ASR where a 6 px checker reached 92% (200 per class, 10 epochs); at the quick
+    scale a 4 px checker reached 97%. A larger patch is no stronger attack here and is a
+    worse test of Neural Cleanse: a 6 px (36 pixel) trigger reversed to an L1 norm of 38
+    while clean classes' smallest triggers measured 44-93, an anomaly index of 1.7, so the
+    scan cannot call it small."""
+    from cloud_train.backdoor.triggers import Trigger
+
+    if kind == "patch":
+        return Trigger("patch", target, size=sc.trigger_size, position="bottom_right",
+                       pattern="checker", seed=seed)
+    if kind == "blend":
+        return Trigger("blend", target, alpha=0.1, pattern="random", seed=seed)
+    raise ConfigError(f"trigger kind {kind!r} is unknown", "use patch or blend")
+
+
+def world(sc: Scale, seed: int) -> dict[str, np.ndarray]:
+    """Train, test and defender sets of one seed (uint8 N x 32 x 32 x 3 RGB, int64 labels).
+
+    The same renderer as ``redteam data`` (``render_images``); the defender's images use
+    their own seed, so none of them is a test or training image.
+    """
+    from cloud_train.ingest.attacks import render_images
+
+    xtr, ytr = render_images(sc.train_per_class, seed=10_000 + seed, split="train")
+    xte, yte = render_images(sc.test_per_class, seed=10_000 + seed, split="test")
+    xdf, ydf = render_images(sc.defender_per_class, seed=20_000 + seed, split="test")
+    return {"xtr": xtr, "ytr": ytr.astype(np.int64), "xte": xte, "yte": yte.astype(np.int64),
+            "xdf": xdf, "ydf": ydf.astype(np.int64)}
+
+
+def _train_cfg(sc: Scale, seed: int) -> Any:
+    from cloud_train.train import TrainConfig
+
+    # no augmentation: the random crop would shift the corner trigger out of the image
+    return TrainConfig(trainer="standard", epochs=sc.epochs, batch_size=64, lr=0.05,
+                       seed=seed, device="cpu")
+
+
+def _fit(sc: Scale, x: np.ndarray, y: np.ndarray, seed: int) -> Any:
+    import torch
+
+    from cloud_train.models import create_model
+    from cloud_train.tensors import make_loader
+    from cloud_train.train import train
+
+    torch.manual_seed(seed)
+    model = create_model(sc.arch, int(y.max()) + 1)
+    train(model, make_loader(x, y, 64, shuffle=True, seed=seed), _train_cfg(sc, seed),
+          progress=False)
+    return model.eval()
+
+
+def _measure(model: Any, w: dict[str, np.ndarray], trig: Any) -> dict[str, float]:
+    import torch
+
+    from cloud_train.backdoor.poison import attack_success_rate
+    from cloud_train.tensors import to_tensor
+
+    x, y = to_tensor(w["xte"]), torch.as_tensor(w["yte"])
+    with torch.no_grad():
+        acc = float((model.eval()(x).argmax(1) == y).float().mean())
+    return {"clean_acc": round(acc, 4),
+            "asr": round(attack_success_rate(model, w["xte"], w["yte"], trig), 4)}
+
+
+def run_seed(sc: Scale, seed: int, kind: str, rate: float,
+             tick: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """One seed's full record: attack, both models, three scans, mitigations."""
+    from cloud_train.backdoor.activation_clustering import activation_clustering
+    from cloud_train.backdoor.features import dataset_features
+    from cloud_train.backdoor.neural_cleanse import neural_cleanse
+    from cloud_train.backdoor.poison import poison_dataset
+    from cloud_train.backdoor.retrain import retrain_without
+    from cloud_train.backdoor.spectral import spectral_signatures
+    from cloud_train.backdoor.unlearn import unlearn
+
+    t0 = time.perf_counter()
+    w = world(sc, seed)
+    n_classes = int(w["ytr"].max()) + 1
+    target = int(np.random.default_rng(seed).integers(n_classes))
+    trig = make_trigger(kind, target, sc, seed)
+    pd = poison_dataset(w["xtr"], w["ytr"], trig, rate, seed=seed, num_classes=n_classes)
+    tick("render + poison")
+    models = {"infected": _fit(sc, pd.images, pd.labels, seed),
+              "clean": _fit(sc, w["xtr"], w["ytr"], seed)}
+    train_s = time.perf_counter() - t0
+    tick("train infected + clean")
+    rec: dict[str, Any] = {"seed": seed, "target": target, "trigger": trig.to_dict(),
+                           "poisoned": int(len(pd.poisoned_idx)), "train_size": len(pd.labels),
+                           "train_seconds_two_models": round(train_s, 2)}
+    for name, m in models.items():
+        rec[name] = _measure(m, w, trig)
+    data = {"infected": (pd.images, pd.labels), "clean": (w["xtr"], w["ytr"])}
+    defs: dict[str, Any] = {d: {} for d in DEFENCES}
+    poisoned = set(pd.poisoned_idx.tolist())
+    cfg = _train_cfg(sc, seed)
+    for name, m in models.items():
+        xs, ys = data[name]
+        feats = dataset_features(m, xs, ys)
+        t = time.perf_counter()
+        nc = neural_cleanse(m, w["xdf"], w["ydf"], steps=sc.nc_steps, seed=seed)
+        defs["neural_cleanse"][name] = _scan_row(nc.flagged, target, name, time.perf_counter() - t,
+                                                 anomaly=[round(float(a), 3)
+                                                          for a in nc.anomaly_index],
+                                                 norms=[round(float(v), 2) for v in nc.norms],
+                                                 attack_success=[round(float(v), 3) for v in
+                                                                 nc.attack_success])
+        tick(f"neural cleanse ({name})")
+        t = time.perf_counter()
+        ac = activation_clustering(m, xs, ys, features=feats, seed=seed)
+        defs["activation_clustering"][name] = _scan_row(
+            ac.flagged, target, name, time.perf_counter() - t,
+            silhouette=[round(c.silhouette, 3) for c in ac.classes],
+            silhouette_anomaly=[round(c.silhouette_anomaly, 2) for c in ac.classes],
+            relative_size=[round(c.relative_size, 3) for c in ac.classes],
+            removed=int(len(ac.suspicious_idx)),
+            poison_removed=len(poisoned & set(ac.suspicious_idx.tolist())))
+        t = time.perf_counter()
+        # eps: poisoned fraction of one class if the whole budget went into it
+        eps = min(1 / 1.5, rate * n_classes)
+        sp = spectral_signatures(m, xs, ys, eps=eps, whiten=True, features=feats, seed=seed)
+        defs["spectral"][name] = _scan_row(
+            sp.flagged, target, name, time.perf_counter() - t,
+            ratio=[round(c.ratio, 3) for c in sp.classes],
+            removed=int(len(sp.removed_idx)),
+            poison_removed=len(poisoned & set(sp.removed_idx.tolist())))
+        tick(f"AC + spectral ({name})")
+        if name != "infected":
+            continue
+        t = time.perf_counter()
+        fixed = unlearn(copy.deepcopy(m), w["xdf"], w["ydf"], nc, epochs=sc.unlearn_epochs,
+                        seed=seed)
+        defs["neural_cleanse"]["after"] = _measure(fixed, w, trig)
+        defs["neural_cleanse"]["mitigation_seconds"] = round(time.perf_counter() - t, 2)
+        tick("unlearn")
+        for dname, idx in (("activation_clustering", ac.suspicious_idx),
+                           ("spectral", sp.removed_idx)):
+            t = time.perf_counter()
+            if len(idx) == 0:  # nothing flagged: the model stays as it was
+                defs[dname]["after"] = dict(rec["infected"])
+            else:
+                new = retrain_without(m, xs, ys, idx, cfg, seed=seed).model
+                defs[dname]["after"] = _measure(new, w, trig)
+            defs[dname]["mitigation_seconds"] = round(time.perf_counter() - t, 2)
+            tick(f"retrain ({dname})")
+    rec["defences"] = defs
+    rec["seconds"] = round(time.perf_counter() - t0, 2)
+    return rec
+
+
+def _scan_row(flagged: list[int], target: int, model: str, seconds: float,
+              **extra: Any) -> dict[str, Any]:
+    flagged = [int(c) for c in flagged]
+    row: dict[str, Any] = {"flagged": flagged, "seconds": round(seconds, 2), **extra}
+    if model == "infected":
+        row["detected"] = target in flagged
+        row["other_flags"] = [c for c in flagged if c != target]
+    else:
+        row["false_flag"] = bool(flagged)
+    return row
+
+
+def summarise(seeds: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+    """Per-defence means and per-seed lists, and the missed targets (text)."""
+    inf_asr = [s["infected"]["asr"] for s in seeds]
+    inf_acc = [s["infected"]["clean_acc"] for s in seeds]
+    summary: dict[str, Any] = {
+        "seeds": [s["seed"] for s in seeds], "targets": [s["target"] for s in seeds],
+        "undefended": {"asr_mean": _mean(inf_asr), "asr": inf_asr,
+                       "clean_acc_mean": _mean(inf_acc), "clean_acc": inf_acc,
+                       "clean_model_acc_mean": _mean([s["clean"]["clean_acc"] for s in seeds]),
+                       "clean_model_asr_mean": _mean([s["clean"]["asr"] for s in seeds])},
+        "defences": {}}
+    missed: list[str] = []
+    n = len(seeds)
+    if _mean(inf_asr) < ASR_MIN:
+        missed.append(f"undefended ASR {_mean(inf_asr):.1%} < {ASR_MIN:.0%}")
+    for d in DEFENCES:
+        rows = [s["defences"][d] for s in seeds]
+        det = sum(r["infected"]["detected"] for r in rows)
+        false = sum(r["clean"]["false_flag"] for r in rows)
+        asr_after = [r["after"]["asr"] for r in rows]
+        acc_after = [r["after"]["clean_acc"] for r in rows]
+        drop = _mean(inf_acc) - _mean(acc_after)
+        summary["defences"][d] = {
+            "detected": det, "detection_rate": round(det / n, 4),
+            "false_flags": false, "false_flag_rate": round(false / n, 4),
+            "asr_before_mean": _mean(inf_asr), "asr_after_mean": _mean(asr_after),
+            "asr_after": asr_after, "clean_acc_before_mean": _mean(inf_acc),
+            "clean_acc_after_mean": _mean(acc_after), "clean_acc_after": acc_after,
+            "clean_acc_drop_points": round(100 * drop, 2)}
+        if _mean(asr_after) > ASR_AFTER_MAX:
+            missed.append(f"{d}: ASR after mitigation {_mean(asr_after):.1%} > "
+                          f"{ASR_AFTER_MAX:.0%}")
+        if drop > CLEAN_DROP_MAX + 1e-9:
+            missed.append(f"{d}: clean accuracy down {100 * drop:.2f} points > "
+                          f"{100 * CLEAN_DROP_MAX:.0f}")
+    nc = summary["defences"]["neural_cleanse"]
+    if nc["detection_rate"] < NC_DETECT_MIN:
+        missed.append(f"neural_cleanse flagged the target in {nc['detected']}/{n} infected "
+                      f"models < {NC_DETECT_MIN:.0%}")
+    if nc["false_flag_rate"] > NC_FALSE_MAX:
+        missed.append(f"neural_cleanse flagged {nc['false_flags']}/{n} clean models "
+                      f"> {NC_FALSE_MAX:.0%}")
+    return summary, missed
+
+
+def _mean(v: list[float]) -> float:
+    return round(float(np.mean(v)), 4) if v else 0.0
+
+
+def _config(sc: Scale, scale: str, kind: str, rate: float) -> dict[str, Any]:
+    return {"scale": scale, "sizes": asdict(sc), "trigger_kind": kind, "poison_rate": rate}
+
+
+def _load_done(path: Path, config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot resume from {path}: {err}",
+                          "run without --resume to start over") from err
+    if old.get("schema") != SCHEMA or old.get("config") != config:
+        raise ConfigError(f"{path} was written with other settings ({old.get('config')})",
+                          "resume with the same --scale, --trigger and --poison-rate, or "
+                          "start over without --resume")
+    return {str(s["seed"]): s for s in old.get("per_seed", [])}
+
+
+def run_backdoor_redteam(out: str | Path, seeds: int | None = None, scale: str = "quick",
+                         poison_rate: float = 0.01, trigger: str = "patch",
+                         resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Run seeds 0..seeds-1, write OUT/redteam_backdoor.{json,md,png}, return the result.
+
+    ``seeds`` defaults to the scale's. Bad settings raise ConfigError before any work.
+    """
+    from tqdm.auto import tqdm
+
+    from cloud_train.backdoor.poison import check_rate
+    from cloud_train.backdoor.report import chart_png, markdown
+
+    if scale not in SCALES:
+        raise ConfigError(f"unknown scale {scale!r}", f"use one of: {', '.join(SCALES)}")
+    sc = SCALES[scale]
+    n_seeds = sc.seeds if seeds is None else seeds
+    if not isinstance(n_seeds, int) or n_seeds < 1:
+        raise ConfigError(f"seeds must be an integer >= 1, got {n_seeds!r}", "use e.g. 10")
+    rate = check_rate(poison_rate)
+    make_trigger(trigger, 0, sc, 0)  # unknown kind -> ConfigError now, not after rendering
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "redteam_backdoor.json"
+    config = _config(sc, scale, trigger, rate)
+    done = _load_done(json_path, config) if resume and json_path.exists() else {}
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    t0 = time.perf_counter()
+    bar = tqdm(total=n_seeds * 9, desc="redteam backdoor", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+
+    def tick(what: str) -> None:
+        bar.set_postfix_str(what, refresh=False)
+        bar.update()
+
+    def result(final: bool) -> dict[str, Any]:
+        per_seed = [done[str(s)] for s in range(n_seeds) if str(s) in done]
+        summary, missed = summarise(per_seed) if per_seed else ({}, ["no seed finished"])
+        return {"schema": SCHEMA, "config": config, "started": started, "complete": final,
+                "seeds_requested": n_seeds, "seconds": round(time.perf_counter() - t0, 2),
+                "cpu_count": os.cpu_count(), "per_seed": per_seed, "summary": summary,
+                "all_targets_met": final and not missed, "missed": missed,
+                "files": {k: str(out / f"redteam_backdoor.{k}") for k in ("json", "md", "png")}}
+
+    try:
+        for s in range(n_seeds):
+            if str(s) in done:
+                bar.update(9)
+                continue
+            def seed_tick(what: str, s: int = s) -> None:
+                tick(f"seed {s}: {what}")
+
+            done[str(s)] = run_seed(sc, s, trigger, rate, seed_tick)
+            atomic_write_json(json_path, result(final=False))  # a crash loses one seed at most
+    finally:
+        bar.close()
+    res = result(final=True)
+    atomic_write_bytes(out / "redteam_backdoor.png", chart_png(res))
+    atomic_write_bytes(out / "redteam_backdoor.md", markdown(res).encode())
+    atomic_write_json(json_path, res)
+    return res

@@ -1,0 +1,155 @@
+"""``roadshield redteam backdoor``: one real tiny seed end to end, then resume, crash safety,
+targets and the CLI with a stand-in seed runner (the per-seed work is tested for real once)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import cloud_train.redteam_backdoor as rb
+from cloud_train.backdoor.report import text_table
+from cloud_train.redteam_cli import EXIT_TARGET_MISSED, add_redteam_parsers
+from roadshield.errors import ConfigError
+
+
+def test_tiny_seed_end_to_end(tmp_path: Path):
+    res = rb.run_backdoor_redteam(tmp_path, seeds=1, scale="tiny", progress=False)
+    for kind in ("json", "md", "png"):
+        assert (tmp_path / f"redteam_backdoor.{kind}").stat().st_size > 0
+    on_disk = json.loads((tmp_path / "redteam_backdoor.json").read_text())
+    assert on_disk["complete"] and on_disk["per_seed"] == res["per_seed"]
+    seed = res["per_seed"][0]
+    assert seed["poisoned"] == round(0.01 * seed["train_size"])
+    assert 0 <= seed["target"] < 14
+    for name in ("infected", "clean"):
+        assert 0.0 <= seed[name]["asr"] <= 1.0 and 0.0 <= seed[name]["clean_acc"] <= 1.0
+    for d in rb.DEFENCES:
+        row = seed["defences"][d]
+        assert row["infected"]["detected"] == (seed["target"] in row["infected"]["flagged"])
+        assert row["clean"]["false_flag"] == bool(row["clean"]["flagged"])
+        assert set(row["after"]) == {"asr", "clean_acc"}
+    assert len(seed["defences"]["neural_cleanse"]["infected"]["anomaly"]) == 14
+    # the verdict is the summary's, and a miss is spelled out
+    assert res["all_targets_met"] == (not res["missed"])
+    assert (tmp_path / "redteam_backdoor.png").read_bytes()[:4] == b"\x89PNG"
+    assert "Neural Cleanse" in (tmp_path / "redteam_backdoor.md").read_text()
+
+
+def _fake_record(seed: int, asr: float = 0.97, after: float = 0.01, nc_hit: bool = True,
+                 clean_flag: bool = False) -> dict[str, Any]:
+    target = seed % 14
+    anomaly = [0.1] * 14
+    anomaly[target] = 4.0 if nc_hit else 0.5
+
+    def scan(hit: bool, false: bool) -> dict[str, Any]:
+        return {"infected": {"flagged": [target] if hit else [], "detected": hit,
+                             "other_flags": [], "anomaly": anomaly},
+                "clean": {"flagged": [3] if false else [], "false_flag": false,
+                          "anomaly": [0.5] * 14},
+                "after": {"asr": after, "clean_acc": 0.95}}
+
+    return {"seed": seed, "target": target, "poisoned": 30, "train_size": 3000,
+            "trigger": {}, "infected": {"asr": asr, "clean_acc": 0.955},
+            "clean": {"asr": 0.02, "clean_acc": 0.96}, "seconds": 1.0,
+            "defences": {"neural_cleanse": scan(nc_hit, clean_flag),
+                         "activation_clustering": scan(True, False),
+                         "spectral": scan(True, False)}}
+
+
+def test_resume_skips_finished_seeds_and_a_crash_keeps_them(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    calls: list[int] = []
+
+    def crashing(sc, seed, kind, rate, tick=None):
+        calls.append(seed)
+        if seed == 2:
+            raise RuntimeError("power cut")
+        return _fake_record(seed)
+
+    monkeypatch.setattr(rb, "run_seed", crashing)
+    with pytest.raises(RuntimeError, match="power cut"):
+        rb.run_backdoor_redteam(tmp_path, seeds=4, scale="tiny", progress=False)
+    saved = json.loads((tmp_path / "redteam_backdoor.json").read_text())
+    assert [s["seed"] for s in saved["per_seed"]] == [0, 1] and not saved["complete"]
+
+    calls.clear()
+    monkeypatch.setattr(rb, "run_seed", lambda sc, seed, kind, rate, tick=None:
+                        calls.append(seed) or _fake_record(seed))
+    res = rb.run_backdoor_redteam(tmp_path, seeds=4, scale="tiny", resume=True,
+                                  progress=False)
+    assert calls == [2, 3]
+    assert [s["seed"] for s in res["per_seed"]] == [0, 1, 2, 3]
+    assert res["all_targets_met"] and res["complete"]
+    with pytest.raises(ConfigError, match="other settings"):
+        rb.run_backdoor_redteam(tmp_path, seeds=4, scale="tiny", poison_rate=0.05,
+                                resume=True, progress=False)
+
+
+def test_targets_are_checked_per_fraction_of_seeds():
+    good = [_fake_record(s) for s in range(10)]
+    assert rb.summarise(good)[1] == []
+    one_miss = good[:9] + [_fake_record(9, nc_hit=False, clean_flag=True)]
+    assert rb.summarise(one_miss)[1] == []  # 9/10 detected, 1/10 false flag: still met
+    two = one_miss[:8] + [_fake_record(8, nc_hit=False, clean_flag=True), one_miss[9]]
+    missed = rb.summarise(two)[1]
+    assert any("8/10 infected" in m for m in missed)
+    assert any("2/10 clean" in m for m in missed)
+    weak = [_fake_record(s, asr=0.5, after=0.2) for s in range(3)]
+    missed = rb.summarise(weak)[1]
+    assert any(m.startswith("undefended ASR 50.0%") for m in missed)
+    assert sum("ASR after mitigation 20.0%" in m for m in missed) == 3
+
+
+def test_bad_settings_fail_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(rb, "run_seed", lambda *a, **k: pytest.fail("work started"))
+    with pytest.raises(ConfigError, match="poison rate 1.5"):
+        rb.run_backdoor_redteam(tmp_path, poison_rate=1.5, progress=False)
+    with pytest.raises(ConfigError, match="huge"):
+        rb.run_backdoor_redteam(tmp_path, scale="huge", progress=False)
+    with pytest.raises(ConfigError, match="sticker"):
+        rb.run_backdoor_redteam(tmp_path, trigger="sticker", progress=False)
+    with pytest.raises(ConfigError, match="seeds"):
+        rb.run_backdoor_redteam(tmp_path, seeds=0, progress=False)
+
+
+def _cli(argv: list[str]):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_redteam_parsers(parser.add_subparsers(dest="cmd"))
+    return parser.parse_args(argv)
+
+
+def test_cli_exit_codes_and_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture):
+    monkeypatch.setattr(rb, "run_seed", lambda sc, seed, kind, rate, tick=None:
+                        _fake_record(seed))
+    args = _cli(["redteam", "backdoor", "--out", str(tmp_path), "--seeds", "2", "--scale",
+                 "tiny", "--no-progress"])
+    assert args.func(args) == 0
+    assert "all targets met" in capsys.readouterr().out
+    monkeypatch.setattr(rb, "run_seed", lambda sc, seed, kind, rate, tick=None:
+                        _fake_record(seed, asr=0.4))
+    args = _cli(["redteam", "backdoor", "--out", str(tmp_path), "--seeds", "2", "--json",
+                 "--poison-rate", "0.02", "--trigger", "blend"])
+    assert args.func(args) == EXIT_TARGET_MISSED
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["config"]["poison_rate"] == 0.02 and out["config"]["trigger_kind"] == "blend"
+    assert "target missed: undefended ASR 40.0%" in captured.err
+    assert "MISSED" in text_table(out)
+    # the data verb is still there
+    assert _cli(["redteam", "data", "--out", str(tmp_path)]).func.__name__ == "cmd_redteam_data"
+
+
+def test_triggers_of_the_run():
+    sc = rb.SCALES["quick"]
+    patch = rb.make_trigger("patch", 5, sc, seed=2)
+    assert (patch.kind, patch.target, patch.size, patch.pattern) == ("patch", 5, 4, "checker")
+    blend = rb.make_trigger("blend", 5, sc, seed=2)
+    assert (blend.kind, blend.alpha, blend.pattern) == ("blend", 0.1, "random")
+    blend.validate((32, 32), 14)
+    patch.validate((32, 32), 14)
