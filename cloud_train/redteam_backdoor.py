@@ -69,7 +69,7 @@ class Scale:
 # the true trigger on them kept clean accuracy within 0.4 points (97.3 -> 97.0%) and took ASR
 # from 97% to 0.8%; with 40 per class fine-tuning cost 1.6-2.3 points of clean accuracy.
 SCALES: dict[str, Scale] = {
-    "tiny": Scale(40, 10, 12, "signnet_tiny", 3, 1, 20, 1, 4),
+    "tiny": Scale(30, 10, 12, "signnet_tiny", 2, 1, 20, 1, 4),
     "quick": Scale(300, 40, 100, "signnet_tiny", 12, 3, 300, 5, 4),
     "full": Scale(400, 80, 100, "signnet_tiny", 15, 10, 300, 5, 4),
 }

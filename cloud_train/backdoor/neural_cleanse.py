@@ -4,10 +4,11 @@ flag classes whose trigger is abnormally small.
 
 For each candidate target class ``t`` a mask ``m`` (H x W) and a pattern ``p`` (3 x H x W),
 both ``tanh(w) / 2 + 0.5`` of free parameters so they stay in [0, 1], are optimised with Adam
-(betas 0.5 / 0.9, as in the authors' code) so that the stamped image ``(1 - m) * x + m * p``
-is classified as ``t`` on the defender's clean images, minimising
-``CE(f(x'), t) + cost * |m|_1``. Images whose true class is ``t`` are left out of the loss and
-of the success rate (they need no trigger).
+(betas 0.5 / 0.9, as in the authors' code; the step size decays from ``lr`` to 5% of it on a
+cosine, so the masks settle instead of jittering around the cost balance) so that the
+stamped image ``(1 - m) * x + m * p`` is classified as ``t`` on the defender's clean images,
+minimising ``CE(f(x'), t) + cost * |m|_1``. Images whose true class is ``t`` are left out of
+the loss and of the success rate (they need no trigger).
 
 Cost schedule (section IV.B of the paper, ``cost_multiplier`` 2 as in the authors' code):
 ``cost`` starts at ``init_cost``; after ``patience`` consecutive steps whose mini-batch attack
@@ -53,6 +54,7 @@ MAD_CONSISTENCY = 1.4826  # 1 / Phi^-1(3/4): MAD -> standard deviation for norma
 DEFAULT_STEPS = 300
 DEFAULT_LR = 0.1
 DEFAULT_BATCH = 32
+LR_FLOOR = 0.05  # the Adam step size decays (cosine) from lr to LR_FLOOR * lr over the steps
 
 
 @dataclass
@@ -320,6 +322,11 @@ def _reverse_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, part: lis
     wm = _unsquash(torch.rand(k, 1, h, w, generator=gen)).to(device).requires_grad_(True)
     wp = _unsquash(torch.rand(k, 3, h, w, generator=gen)).to(device).requires_grad_(True)
     opt = torch.optim.Adam([wm, wp], lr=o.lr, betas=(0.5, 0.9))
+    # cosine decay of the step size to LR_FLOOR * lr: at a constant rate the masks jitter
+    # around the cost balance to the end and the best norm is a noisy minimum over that jitter
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda t: LR_FLOOR + (1 - LR_FLOOR) * 0.5 * (1 + np.cos(np.pi * min(t, o.steps)
+                                                                      / o.steps)))
     tgt = torch.tensor(part, device=device)
     cost = torch.full((k,), o.init_cost, dtype=torch.float64)
     up = torch.zeros(k, dtype=torch.int64)
@@ -357,6 +364,7 @@ def _reverse_chunk(model: nn.Module, x: torch.Tensor, y: torch.Tensor, part: lis
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        sched.step()
         with torch.no_grad():
             hit = ((logits.argmax(2) == t.unsqueeze(1)).float() * keep).sum(1) / count
             ok = (hit >= o.success_threshold).cpu() & (keep.sum(1) > 0).cpu()

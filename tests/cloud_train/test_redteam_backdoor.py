@@ -4,6 +4,7 @@ targets and the CLI with a stand-in seed runner (the per-seed work is tested for
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,19 @@ from cloud_train.redteam_cli import EXIT_TARGET_MISSED, add_redteam_parsers
 from roadshield.errors import ConfigError
 
 
-def test_tiny_seed_end_to_end(tmp_path: Path):
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared 2-core machine, two spinning threads per process
+    made these small models several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_tiny_seed_end_to_end(tmp_path: Path, one_thread: None):
     res = rb.run_backdoor_redteam(tmp_path, seeds=1, scale="tiny", progress=False)
     for kind in ("json", "md", "png"):
         assert (tmp_path / f"redteam_backdoor.{kind}").stat().st_size > 0
