@@ -20,6 +20,7 @@ batch-norm running statistics only ever see the batches trained on, and dropout 
   ``cfg.roa_*`` rectangle, search grid and candidates and ``cfg.pgd_steps`` steps of
   ``cloud_train.roa.default_alpha`` from a random fill (fresh stickers every batch); loss =
   cross-entropy on the occluded batch. ``eps`` does not apply: the sticker is unbounded.
+  Its guard measures the same sticker attack (``roa_guard_attack``), not L-inf PGD.
 """
 
 from __future__ import annotations
@@ -85,7 +86,16 @@ def trades_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainCo
     return F.cross_entropy(logits, y) + cfg.trades_beta * robust, logits
 
 
-@register_trainer("roa", adversarial=True)
+def roa_guard_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                     cfg: TrainConfig) -> torch.Tensor:
+    """The ROA trainer's guard: the sticker attack it trains against (``cfg.guard_steps``
+    fill steps, deterministic grey start), not L-inf PGD, which is another threat model."""
+    return roa(model, x, y, height=cfg.roa_height, width=cfg.roa_width, stride=cfg.roa_stride,
+               candidates=cfg.roa_candidates, steps=cfg.guard_steps,
+               alpha=default_alpha(cfg.guard_steps))
+
+
+@register_trainer("roa", adversarial=True, guard_attack=roa_guard_attack)
 def roa_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
              eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Adversarial training with rectangular occlusions: CE on ``roa(x)``; logits of it."""

@@ -10,6 +10,7 @@ their costs and results compare directly.
 
 Catastrophic overfitting (FGSM training suddenly losing all PGD robustness) is
 guarded against simply: after every epoch of an adversarial trainer, PGD accuracy
+(or accuracy under the trainer's own ``guard_attack``, e.g. stickers for ROA)
 is measured on a small fixed batch (from ``val`` when given, else the first
 training batch, as in the paper's early-stopping check) and the weights of the
 best epoch are kept. Training does not stop early; a patience-based early-stopping
@@ -69,6 +70,8 @@ log = logging.getLogger(__name__)
 #: argmax is reported as training accuracy: of the clean or of the attacked batch)
 StepFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, "TrainConfig", float],
                   tuple[torch.Tensor, torch.Tensor]]
+# the guard's attack: ``attack(model, x, y, cfg) -> x_adv``, in the trainer's threat model
+GuardAttack = Callable[[nn.Module, torch.Tensor, torch.Tensor, "TrainConfig"], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -76,17 +79,24 @@ class Trainer:
     name: str
     step: StepFn
     adversarial: bool
+    guard_attack: GuardAttack | None = None  # None: L-inf PGD at cfg.eps
 
 
 _TRAINERS: dict[str, Trainer] = {}
 
 
-def register_trainer(name: str, adversarial: bool) -> Callable[[StepFn], StepFn]:
-    """Register a per-batch step ``step(model, x, y, cfg, eps) -> (loss, logits)``."""
+def register_trainer(name: str, adversarial: bool,
+                     guard_attack: GuardAttack | None = None) -> Callable[[StepFn], StepFn]:
+    """Register a per-batch step ``step(model, x, y, cfg, eps) -> (loss, logits)``.
+
+    ``guard_attack`` is the attack the catastrophic-overfitting guard measures an
+    adversarial trainer against; None means L-inf PGD at ``cfg.eps``. A trainer with another
+    threat model (e.g. stickers) passes its own, so the kept epoch is the one most robust to
+    the attack it trains against."""
     def deco(fn: StepFn) -> StepFn:
         if name in _TRAINERS:
             raise ConfigError(f"trainer {name!r} is registered twice", "use a unique name")
-        _TRAINERS[name] = Trainer(name, fn, adversarial)
+        _TRAINERS[name] = Trainer(name, fn, adversarial, guard_attack)
         return fn
     return deco
 

@@ -11,6 +11,7 @@ no autocast): they measure, they do not train.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -71,9 +72,18 @@ def guard_batch(guard_size: int, loader: DataLoader,
     return x[:guard_size].to(device), y[:guard_size].to(device)
 
 
+def pgd_guard_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Any) -> torch.Tensor:
+    """The default guard attack: ``cfg.guard_steps`` steps of L-inf PGD at ``cfg.eps``."""
+    # step 2.5 * eps / steps (Madry et al.) lets a short PGD still cross the whole ball
+    return pgd_linf(model, x, y, eps=cfg.eps, alpha=min(1.0, 2.5 * cfg.eps / cfg.guard_steps),
+                    steps=cfg.guard_steps)
+
+
 def guard_accuracy(model: nn.Module, guard: tuple[torch.Tensor, torch.Tensor], cfg: Any,
-                   epoch: int, ctx: DistContext | None = None) -> float:
-    """PGD accuracy (``cfg.guard_steps`` steps at ``cfg.eps``) on the guard batch.
+                   epoch: int, ctx: DistContext | None = None,
+                   attack: Callable[..., torch.Tensor] = pgd_guard_attack) -> float:
+    """Accuracy under ``attack(model, x, y, cfg)`` (default: ``cfg.guard_steps`` steps of
+    L-inf PGD at ``cfg.eps``) on the guard batch.
 
     Each chunk's random start is seeded from ``(cfg.seed, epoch, chunk index)`` inside a
     forked generator, so the check neither depends on the rank count nor shifts the
@@ -86,10 +96,7 @@ def guard_accuracy(model: nn.Module, guard: tuple[torch.Tensor, torch.Tensor], c
         with torch.random.fork_rng(devices=fork):
             seed = np.random.SeedSequence([cfg.seed, epoch, i]).generate_state(1)[0]
             torch.manual_seed(int(seed))
-            # step 2.5 * eps / steps (Madry et al.) lets a short PGD still cross the whole ball
-            x_adv = pgd_linf(model, x[lo:hi], y[lo:hi], eps=cfg.eps,
-                             alpha=min(1.0, 2.5 * cfg.eps / cfg.guard_steps),
-                             steps=cfg.guard_steps)
+            x_adv = attack(model, x[lo:hi], y[lo:hi], cfg)
         with eval_mode(model), torch.no_grad():
             hits += int((model(x_adv).argmax(1) == y[lo:hi]).sum())
     return _fraction(hits, len(x), ctx, x.device)

@@ -233,7 +233,9 @@ def run_training(model: nn.Module, train_loader: DataLoader, cfg: TrainConfig,
             if val_xy is not None:
                 stats.val_acc = train_checks.accuracy(model, *val_xy, ctx)
             if guard is not None:
-                stats.guard_pgd_acc = train_checks.guard_accuracy(model, guard, cfg, epoch, ctx)
+                stats.guard_pgd_acc = train_checks.guard_accuracy(
+                    model, guard, cfg, epoch, ctx,
+                    trainer.guard_attack or train_checks.pgd_guard_attack)
                 if stats.guard_pgd_acc >= best_guard - cfg.guard_tolerance:
                     kept_state = copy.deepcopy(model.state_dict())
                     history.kept_epoch = epoch

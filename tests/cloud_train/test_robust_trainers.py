@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from toy_data import toy_shapes
 
 from cloud_train import train as train_mod
+from cloud_train import train_checks
 from cloud_train.attacks import pgd_linf
 from cloud_train.models import create_model
-from cloud_train.robust_trainers import inner_step, trades_adversary
+from cloud_train.robust_trainers import inner_step, roa_guard_attack, trades_adversary
 from cloud_train.tensors import make_loader, to_tensor
 from cloud_train.train import TrainConfig, TrainHistory, list_trainers, train
 from roadshield.errors import ConfigError
@@ -161,3 +162,29 @@ def test_roa_trainer_rejects_a_rectangle_larger_than_the_images(data) -> None:
     loader = make_loader(data["xtr"][:32], data["ytr"][:32], 32)
     with pytest.raises(ConfigError, match=f"{SIZE + 1} x 7"):
         train(model, loader, cfg, progress=False)
+
+
+@pytest.mark.parametrize("trainer", ["pgd_at", "roa"])
+def test_guard_measures_the_trainers_own_threat(data, trainer, monkeypatch) -> None:
+    # ROA trains against stickers, so its kept epoch must be chosen by sticker accuracy;
+    # the L-inf trainers keep the PGD guard
+    seen = []
+    real = train_checks.guard_accuracy
+
+    def spy(model, guard, cfg, epoch, ctx=None, attack=train_checks.pgd_guard_attack):
+        seen.append(attack)
+        return real(model, guard, cfg, epoch, ctx, attack)
+
+    monkeypatch.setattr(train_checks, "guard_accuracy", spy)
+    fit(data, trainer, epochs=1)
+    want = roa_guard_attack if trainer == "roa" else train_checks.pgd_guard_attack
+    assert seen == [want]
+
+
+def test_roa_guard_attack_is_a_sticker(trained, data) -> None:
+    model = trained["roa"][0]
+    x, y = to_tensor(data["xte"][:16]), torch.as_tensor(data["yte"][:16])
+    cfg = TrainConfig(trainer="roa", eps=EPS, guard_steps=3, **FAST)
+    changed = (roa_guard_attack(model, x, y, cfg) != x).any(1)  # N x H x W pixels touched
+    assert changed.any()
+    assert int(changed.flatten(1).sum(1).max()) <= FAST["roa_height"] * FAST["roa_width"]

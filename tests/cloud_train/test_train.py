@@ -99,7 +99,7 @@ def test_guard_keeps_the_weights_of_the_most_robust_epoch(data, monkeypatch) -> 
     scores = iter([0.5, 0.9, 0.1])
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
 
-    def scripted(model, guard, cfg, epoch, ctx=None):
+    def scripted(model, guard, cfg, epoch, ctx=None, attack=None):
         snapshots[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
         return next(scores)
 
