@@ -309,12 +309,26 @@ def _load_done(path: Path, config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {str(s["seed"]): s for s in old.get("per_seed", [])}
 
 
+def _no_tick(what: str) -> None:
+    """Progress sink of a seed run in a worker process (the parent counts finished seeds)."""
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def run_backdoor_redteam(out: str | Path, seeds: int | None = None, scale: str = "quick",
                          poison_rate: float = 0.01, trigger: str = "patch",
-                         resume: bool = False, progress: bool = True) -> dict[str, Any]:
+                         resume: bool = False, progress: bool = True,
+                         jobs: int = 1) -> dict[str, Any]:
     """Run seeds 0..seeds-1, write OUT/redteam_backdoor.{json,md,png}, return the result.
 
-    ``seeds`` defaults to the scale's. Bad settings raise ConfigError before any work.
+    ``seeds`` defaults to the scale's. ``jobs`` > 1 runs that many seeds at once in worker
+    processes (spawned, each with ``cpu_count // jobs`` torch threads: the models are small,
+    so seeds in parallel use the cores better than threads inside one seed); a seed's record
+    does not depend on which process ran it. Bad settings raise ConfigError before any work.
     """
     from tqdm.auto import tqdm
 
@@ -327,6 +341,9 @@ def run_backdoor_redteam(out: str | Path, seeds: int | None = None, scale: str =
     n_seeds = sc.seeds if seeds is None else seeds
     if not isinstance(n_seeds, int) or n_seeds < 1:
         raise ConfigError(f"seeds must be an integer >= 1, got {n_seeds!r}", "use e.g. 10")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ConfigError(f"jobs must be an integer >= 1, got {jobs!r}",
+                          f"use 1 to {os.cpu_count() or 1} (one per core at most)")
     rate = check_rate(poison_rate)
     make_trigger(trigger, 0, sc, 0)  # unknown kind -> ConfigError now, not after rendering
     out = Path(out)
@@ -352,16 +369,24 @@ def run_backdoor_redteam(out: str | Path, seeds: int | None = None, scale: str =
                 "all_targets_met": final and not missed, "missed": missed,
                 "files": {k: str(out / f"redteam_backdoor.{k}") for k in ("json", "md", "png")}}
 
+    todo = [s for s in range(n_seeds) if str(s) not in done]
+    bar.update(9 * (n_seeds - len(todo)))
     try:
-        for s in range(n_seeds):
-            if str(s) in done:
-                bar.update(9)
-                continue
-            def seed_tick(what: str, s: int = s) -> None:
-                tick(f"seed {s}: {what}")
+        if jobs == 1 or len(todo) < 2:
+            for s in todo:
+                def seed_tick(what: str, s: int = s) -> None:
+                    tick(f"seed {s}: {what}")
 
-            done[str(s)] = run_seed(sc, s, trigger, rate, seed_tick)
-            atomic_write_json(json_path, result(final=False))  # a crash loses one seed at most
+                done[str(s)] = run_seed(sc, s, trigger, rate, seed_tick)
+                # a crash loses one seed at most
+                atomic_write_json(json_path, result(final=False))
+        else:
+            def saved(s: int) -> None:
+                bar.set_postfix_str(f"seed {s} done", refresh=False)
+                bar.update(9)
+                atomic_write_json(json_path, result(final=False))
+
+            _run_parallel(todo, jobs, sc, trigger, rate, done, saved)
     finally:
         bar.close()
     res = result(final=True)
@@ -369,3 +394,26 @@ def run_backdoor_redteam(out: str | Path, seeds: int | None = None, scale: str =
     atomic_write_bytes(out / "redteam_backdoor.md", markdown(res).encode())
     atomic_write_json(json_path, res)
     return res
+
+
+def _run_parallel(todo: list[int], jobs: int, sc: Scale, trigger: str, rate: float,
+                  done: dict[str, dict[str, Any]], finished: Callable[[int], None]) -> None:
+    """Run ``todo`` seeds in ``jobs`` spawned processes; record each as it completes and call
+    ``finished(seed)`` (which saves), so a crash keeps every seed that had finished."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(max_workers=min(jobs, len(todo)),
+                             mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = {pool.submit(run_seed, sc, s, trigger, rate, _no_tick): s for s in todo}
+        try:
+            for fut in as_completed(futures):
+                s = futures[fut]
+                done[str(s)] = fut.result()
+                finished(s)
+        except BaseException:
+            for fut in futures:
+                fut.cancel()  # seeds not started yet; running ones finish and are dropped
+            raise

@@ -59,6 +59,9 @@ def _add_backdoor_parser(rsub: argparse._SubParsersAction) -> None:
                     help="patch: BadNets corner patch; blend: full-image blended pattern")
     bd.add_argument("--resume", action="store_true",
                     help="keep the seeds already in OUT/redteam_backdoor.json")
+    bd.add_argument("--jobs", type=int, default=1,
+                    help="seeds run at once in worker processes (default 1; e.g. the number "
+                    "of cores)")
     bd.add_argument("--json", action="store_true", help="print the result as JSON")
     bd.add_argument("--no-progress", action="store_true", help="no progress bar")
     bd.set_defaults(func=cmd_redteam_backdoor)
@@ -83,7 +86,7 @@ def cmd_redteam_backdoor(args: argparse.Namespace) -> int:
 
     result: dict[str, Any] = run_backdoor_redteam(
         args.out, seeds=args.seeds, scale=args.scale, poison_rate=args.poison_rate,
-        trigger=args.trigger, resume=args.resume,
+        trigger=args.trigger, resume=args.resume, jobs=args.jobs,
         progress=not (args.no_progress or args.json))
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))

@@ -4,7 +4,6 @@ targets and the CLI with a stand-in seed runner (the per-seed work is tested for
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,21 +14,33 @@ from cloud_train.backdoor.report import text_table
 from cloud_train.redteam_cli import EXIT_TARGET_MISSED, add_redteam_parsers
 from roadshield.errors import ConfigError
 
+TIMES = {"seconds", "mitigation_seconds", "train_seconds_two_models"}
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine, two spinning threads per process
-    made these small models several times slower."""
+
+def _without_times(obj: Any) -> Any:
+    """A seed record with its wall times taken out (they differ from run to run)."""
+    if isinstance(obj, dict):
+        return {k: _without_times(v) for k, v in obj.items() if k not in TIMES}
+    if isinstance(obj, list):
+        return [_without_times(v) for v in obj]
+    return obj
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    torch.set_num_threads(1)  # as in a worker process of a 2-core machine
+    try:
+        out = tmp_path_factory.mktemp("tiny")
+        return out, rb.run_backdoor_redteam(out, seeds=1, scale="tiny", progress=False)
+    finally:
+        torch.set_num_threads(before)
 
 
-def test_tiny_seed_end_to_end(tmp_path: Path, one_thread: None):
-    res = rb.run_backdoor_redteam(tmp_path, seeds=1, scale="tiny", progress=False)
+def test_tiny_seed_end_to_end(tiny_run: tuple[Path, dict[str, Any]]):
+    tmp_path, res = tiny_run
     for kind in ("json", "md", "png"):
         assert (tmp_path / f"redteam_backdoor.{kind}").stat().st_size > 0
     on_disk = json.loads((tmp_path / "redteam_backdoor.json").read_text())
@@ -49,6 +60,19 @@ def test_tiny_seed_end_to_end(tmp_path: Path, one_thread: None):
     assert res["all_targets_met"] == (not res["missed"])
     assert (tmp_path / "redteam_backdoor.png").read_bytes()[:4] == b"\x89PNG"
     assert "Neural Cleanse" in (tmp_path / "redteam_backdoor.md").read_text()
+
+
+def test_seeds_in_worker_processes_match_a_single_process(
+        tmp_path: Path, tiny_run: tuple[Path, dict[str, Any]], monkeypatch: pytest.MonkeyPatch):
+    # two cores: one thread per worker, as the single-process run above used
+    monkeypatch.setattr(rb.os, "cpu_count", lambda: 2)
+    res = rb.run_backdoor_redteam(tmp_path, seeds=2, scale="tiny", progress=False, jobs=2)
+    assert [s["seed"] for s in res["per_seed"]] == [0, 1] and res["complete"]
+    assert _without_times(res["per_seed"][0]) == _without_times(tiny_run[1]["per_seed"][0])
+    assert res["per_seed"][1]["target"] != res["per_seed"][0]["target"] or \
+        res["per_seed"][1]["infected"] != res["per_seed"][0]["infected"]
+    saved = json.loads((tmp_path / "redteam_backdoor.json").read_text())
+    assert saved["per_seed"] == res["per_seed"]
 
 
 def _fake_record(seed: int, asr: float = 0.97, after: float = 0.01, nc_hit: bool = True,
@@ -126,6 +150,8 @@ def test_bad_settings_fail_before_any_work(tmp_path: Path, monkeypatch: pytest.M
         rb.run_backdoor_redteam(tmp_path, trigger="sticker", progress=False)
     with pytest.raises(ConfigError, match="seeds"):
         rb.run_backdoor_redteam(tmp_path, seeds=0, progress=False)
+    with pytest.raises(ConfigError, match="jobs"):
+        rb.run_backdoor_redteam(tmp_path, jobs=0, progress=False)
 
 
 def _cli(argv: list[str]):
