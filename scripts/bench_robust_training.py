@@ -15,7 +15,10 @@ optimisation pass (``TrainHistory.seconds_per_epoch``) and its ratio to ``standa
 in this run; clean accuracy on the whole test set; the worst case over APGD-CE, APGD-DLR and
 Square at L-inf ``--eps`` (``cloud_train.robust_eval.strong_evaluate``) and the ROA sticker
 attack (``cloud_train.roa.roa``, ``--roa-size`` square, ``--roa-steps`` steps) on a seeded
-``--n-eval`` test subset. Writes OUT/robust_training.json, .md (table) and .png (bars: clean,
+``--n-eval`` test subset, with the evaluation's sanity checks (``sanity_checks``: monotone in
+eps, unbounded attack near 0 %, more steps no better, black box no stronger; a model that
+fails one cannot meet the target). Saves each trained model as OUT/<trainer>.pt. Writes
+OUT/robust_training.json, .md (table) and .png (bars: clean,
 robust and sticker accuracy per trainer, labelled with the cost ratio), prints the table, and
 says whether the issue's target (best robust model: robust >= 60 % with clean >= 90 %) is met.
 Progress: one log line per trainer and epoch. Threads: OMP_NUM_THREADS (default 2).
@@ -103,12 +106,13 @@ def step_seconds(model: Any, cfg: Any, batch: tuple[Any, Any], repeats: int) -> 
 
 def evaluate_trainer(model: Any, test: tuple[np.ndarray, np.ndarray], pick: np.ndarray,
                      args: argparse.Namespace) -> dict[str, Any]:
-    """Clean accuracy on all of ``test``; strong L-inf and ROA accuracy on ``test[pick]``."""
+    """Clean accuracy on all of ``test``; strong L-inf accuracy with the evaluation's sanity
+    checks (eps/2, eps, 2 eps) and ROA accuracy on ``test[pick]``."""
     import torch
 
     from cloud_train.evaluate import eval_tensors
     from cloud_train.roa import roa
-    from cloud_train.robust_eval import strong_evaluate
+    from cloud_train.robust_eval import sanity_checks, strong_evaluate
 
     x, y, _ = eval_tensors(model, *test)
     with torch.no_grad():
@@ -117,6 +121,10 @@ def evaluate_trainer(model: Any, test: tuple[np.ndarray, np.ndarray], pick: np.n
     xs, ys = x[pick], y[pick]
     strong = strong_evaluate(model, xs, ys, eps=args.eps, apgd_steps=args.apgd_steps,
                              square_queries=args.square_queries, seed=args.seed)
+    t = time.perf_counter()
+    sanity = sanity_checks(model, xs, ys, [args.eps / 2, args.eps, min(1.0, 2 * args.eps)],
+                           square_queries=args.square_queries, seed=args.seed)
+    sanity_s = time.perf_counter() - t
     t = time.perf_counter()
     hits = 0
     for i in range(0, len(xs), 256):
@@ -129,7 +137,8 @@ def evaluate_trainer(model: Any, test: tuple[np.ndarray, np.ndarray], pick: np.n
             "robust_acc": strong["robust_acc"],
             **{f"{a}_acc": strong[f"{a}_acc"] for a in strong["attacks"]},
             "roa_acc": hits / len(ys), "strong_eval_seconds": strong["seconds"],
-            "roa_eval_seconds": time.perf_counter() - t}
+            "sanity": sanity, "sanity_passed": sanity["all_passed"],
+            "sanity_seconds": sanity_s, "roa_eval_seconds": time.perf_counter() - t}
 
 
 def pct(v: float | None) -> str:
@@ -140,8 +149,8 @@ def table_md(rows: list[dict[str, Any]]) -> list[str]:
     out = ["| trainer | s/epoch | cost vs standard | step cost vs standard | clean % | "
            "clean % (eval set) | "
            "robust % (strong) | APGD-CE % | APGD-DLR % | Square % | sticker (ROA) % | "
-           "kept epoch |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "kept epoch | sanity checks |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         ratio = "-" if r["cost_ratio"] is None else f"{r['cost_ratio']:.2f}x"
         step = "-" if r["step_ratio"] is None else f"{r['step_ratio']:.2f}x"
@@ -149,15 +158,26 @@ def table_md(rows: list[dict[str, Any]]) -> list[str]:
                    f"{pct(r['clean_acc'])} | {pct(r['eval_clean_acc'])} | {pct(r['robust_acc'])} | "
                    f"{pct(r.get('apgd_ce_acc'))} "
                    f"| {pct(r.get('apgd_dlr_acc'))} | {pct(r.get('square_acc'))} | "
-                   f"{pct(r['roa_acc'])} | {r['kept_epoch']} |")
+                   f"{pct(r['roa_acc'])} | {r['kept_epoch']} | {sanity_cell(r)} |")
     return out
 
 
+def sanity_cell(row: dict[str, Any]) -> str:
+    """'pass', or the names of the failed checks (a robust figure not worth quoting)."""
+    checks = row.get("sanity")
+    if checks is None:
+        return "-"
+    failed = [k for k, v in checks.items() if isinstance(v, dict) and not v["passed"]]
+    return "pass" if not failed else "FAIL: " + ", ".join(failed)
+
+
 def verdict(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's target on the best robust model (highest strong robust accuracy)."""
+    """The issue's target on the best robust model (highest strong robust accuracy); a
+    model whose evaluation failed a sanity check cannot meet it."""
     best = max(rows, key=lambda r: (r["robust_acc"], r["clean_acc"]))
     met = [r["trainer"] for r in rows
-           if r["robust_acc"] >= TARGET_ROBUST and r["clean_acc"] >= TARGET_CLEAN]
+           if r["robust_acc"] >= TARGET_ROBUST and r["clean_acc"] >= TARGET_CLEAN
+           and r.get("sanity_passed", False)]
     return {"best_robust_trainer": best["trainer"], "best_robust_acc": best["robust_acc"],
             "best_clean_acc": best["clean_acc"], "target_met": bool(met),
             "trainers_meeting_target": met,
@@ -252,8 +272,10 @@ def main() -> int:
 
     import torch
 
+    from cloud_train.checkpoint import save_checkpoint
     from cloud_train.models import create_model
     from cloud_train.roa import check_rectangle
+    from cloud_train.signs import SYNTHETIC_CLASSES
     from cloud_train.tensors import make_loader
     from cloud_train.train import TrainConfig, list_trainers, train
     from roadshield.errors import ConfigError, RoadshieldError
@@ -283,6 +305,7 @@ def main() -> int:
         check_rectangle(args.roa_size, args.roa_size, args.roa_stride, args.roa_candidates,
                         (args.size, args.size))
         out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         train_set = render(args.per_class, "train", args.seed, args.size)
         val_set = render(args.val_per_class, "train", args.seed, args.size, first=args.per_class)
@@ -306,10 +329,15 @@ def main() -> int:
             history = train(model, loader, configs[name], val=val_set, progress=False)
             train_s = time.perf_counter() - t
             device = history.device
+            # kept, so a figure can be checked again later (roadshield eval --strong)
+            ckpt = out / f"{name}.pt"
+            digest = save_checkpoint(model, ckpt, {"class_names": list(SYNTHETIC_CLASSES),
+                                                   "train_config": configs[name]})
             metrics = evaluate_trainer(model, test_set, pick, args)
             rows.append({"trainer": name, "seconds_per_epoch": history.seconds_per_epoch,
                          "train_seconds": train_s, "kept_epoch": history.kept_epoch,
                          "step_seconds": step_s, "cost_ratio": None, "step_ratio": None,
+                         "checkpoint": str(ckpt), "checkpoint_sha256": digest,
                          **metrics, "history": history.to_dict()})
             print(f"{name}: {history.seconds_per_epoch:.2f} s/epoch, clean "
                   f"{pct(metrics['clean_acc'])} %, robust {pct(metrics['robust_acc'])} %, "
