@@ -181,7 +181,8 @@ def run_seed(sc: Scale, seed: int, kind: str, rate: float,
         xs, ys = data[name]
         feats = dataset_features(m, xs, ys)
         t = time.perf_counter()
-        nc = neural_cleanse(m, w["xdf"], w["ydf"], steps=sc.nc_steps, seed=seed)
+        nc = neural_cleanse(m, w["xdf"], w["ydf"], steps=sc.nc_steps, seed=seed, restarts=2,
+                            early_stop=80)
         defs["neural_cleanse"][name] = _scan_row(nc.flagged, target, name, time.perf_counter() - t,
                                                  anomaly=[round(float(a), 3)
                                                           for a in nc.anomaly_index],

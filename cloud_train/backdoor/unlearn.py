@@ -41,7 +41,7 @@ from roadshield.errors import ConfigError
 DEFAULT_ROUNDS = 4
 # Neural Cleanse settings reused when a round reverses the flagged triggers again
 _NC_KEYS = ("steps", "lr", "init_cost", "batch_size", "success_threshold", "patience",
-            "cost_multiplier", "early_stop")
+            "cost_multiplier", "early_stop", "restarts")
 
 
 def stamp(x: torch.Tensor, masks: torch.Tensor, patterns: torch.Tensor,

@@ -157,6 +157,36 @@ def test_same_seed_same_result() -> None:
     assert runs[0].steps_run == [4, 4]
 
 
+def test_restarts_keep_the_smallest_mask_that_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cloud_train.backdoor.neural_cleanse as ncm
+
+    torch.manual_seed(3)
+    model = create_model("signnet_tiny", 4, input_size=SIZE).eval()
+    x, y = toy_shapes(24, seed=1, size=SIZE)
+    seen: list[tuple] = []
+    real = ncm.reverse_rows
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append((args[3], *out))
+        return out
+
+    monkeypatch.setattr(ncm, "reverse_rows", spy)
+    # a success threshold any trigger holds, so every restart counts and the smallest wins
+    res = neural_cleanse(model, x, y, steps=6, batch_size=8, classes=[1, 3], seed=5,
+                         restarts=3, success_threshold=1e-6, patience=1)
+    (rows, masks, _, ran, reached), = seen
+    assert rows == [1, 3, 1, 3, 1, 3] and all(reached) and ran == [6] * 6
+    norms = masks.flatten(1).sum(1)
+    for k, c in enumerate([1, 3]):
+        mine = norms[k::2]
+        assert res.norms[res.row(c)] == pytest.approx(float(mine.min()), rel=1e-5)
+        assert res.norms[res.row(c)] < float(mine.max())  # restarts really differ
+    assert res.steps_run == [18, 18] and res.settings["restarts"] == 3
+    with pytest.raises(ConfigError, match="restarts"):
+        neural_cleanse(model, x, y, steps=2, restarts=0)
+
+
 @pytest.fixture(scope="module")
 def tiny() -> tuple[torch.nn.Module, np.ndarray, np.ndarray]:
     torch.manual_seed(0)
