@@ -310,10 +310,6 @@ def _load_done(path: Path, config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {str(s["seed"]): s for s in old.get("per_seed", [])}
 
 
-def _no_tick(what: str) -> None:
-    """Progress sink of a seed run in a worker process (the parent counts finished seeds)."""
-
-
 def _worker_init(threads: int) -> None:
     import torch
 
@@ -400,7 +396,8 @@ def run_backdoor_redteam(out: str | Path, seeds: int | None = None, scale: str =
 def _run_parallel(todo: list[int], jobs: int, sc: Scale, trigger: str, rate: float,
                   done: dict[str, dict[str, Any]], finished: Callable[[int], None]) -> None:
     """Run ``todo`` seeds in ``jobs`` spawned processes; record each as it completes and call
-    ``finished(seed)`` (which saves), so a crash keeps every seed that had finished."""
+    ``finished(seed)`` (which saves), so a crash keeps every seed that had finished. Workers
+    report no progress inside a seed (the parent counts finished seeds)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -408,7 +405,7 @@ def _run_parallel(todo: list[int], jobs: int, sc: Scale, trigger: str, rate: flo
     with ProcessPoolExecutor(max_workers=min(jobs, len(todo)),
                              mp_context=multiprocessing.get_context("spawn"),
                              initializer=_worker_init, initargs=(threads,)) as pool:
-        futures = {pool.submit(run_seed, sc, s, trigger, rate, _no_tick): s for s in todo}
+        futures = {pool.submit(run_seed, sc, s, trigger, rate): s for s in todo}
         try:
             for fut in as_completed(futures):
                 s = futures[fut]

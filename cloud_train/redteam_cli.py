@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from typing import Any
 
 EXIT_TARGET_MISSED = 3
@@ -72,12 +73,7 @@ def cmd_redteam_data(args: argparse.Namespace) -> int:
 
     result: dict[str, Any] = run_data_redteam(args.out, seed=args.seed, scale=args.scale,
                                               progress=not (args.no_progress or args.json))
-    if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
-    else:
-        print(text_table(result))
-        print("report: " + ", ".join(result["files"].values()))
-    return _exit_code(result, args.json)
+    return _finish(result, text_table, args.json)
 
 
 def cmd_redteam_backdoor(args: argparse.Namespace) -> int:
@@ -88,15 +84,17 @@ def cmd_redteam_backdoor(args: argparse.Namespace) -> int:
         args.out, seeds=args.seeds, scale=args.scale, poison_rate=args.poison_rate,
         trigger=args.trigger, resume=args.resume, jobs=args.jobs,
         progress=not (args.no_progress or args.json))
-    if args.json:
+    return _finish(result, text_table, args.json)
+
+
+def _finish(result: dict[str, Any], text_table: Callable[[dict[str, Any]], str],
+            as_json: bool) -> int:
+    """Print the result (JSON, or the table and the report files) and return the exit code."""
+    if as_json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:
         print(text_table(result))
         print("report: " + ", ".join(result["files"].values()))
-    return _exit_code(result, args.json)
-
-
-def _exit_code(result: dict[str, Any], as_json: bool) -> int:
     if result["all_targets_met"]:
         return 0
     if as_json:  # stdout stays pure JSON; the misses are in it and repeated on stderr

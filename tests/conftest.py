@@ -1,4 +1,5 @@
-"""Shared fixtures: a CUDA ``device`` that skips itself, and a tiny classifier
+"""Shared fixtures: a CUDA ``device`` that skips itself, ``one_torch_thread`` for files of
+small models, and a tiny classifier
 exported once per session as ONNX (with the metadata ``roadshield distill export``
 writes) and as a ``torch.export`` ``.pt2`` program.
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -125,3 +127,16 @@ def tiny_pt2(tiny_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny_pt2") / "tiny.pt2"
     torch.export.save(program, str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op torch thread for a test module (``pytestmark = pytest.mark.usefixtures(
+    "one_torch_thread")``): small models gain nothing from a second thread, and one keeps
+    the file fast when the cores are shared."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

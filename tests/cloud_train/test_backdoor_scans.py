@@ -8,8 +8,6 @@ bottom-right corner, target class 1), signnet_tiny trained 5 epochs without augm
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -30,14 +28,7 @@ TRIG = Trigger("patch", target=1, size=6, pattern="checker")
 CFG = TrainConfig(trainer="standard", epochs=5, batch_size=64, seed=0, device="cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # small models gain nothing from a second thread, and one keeps the file fast when the
-    # cores are shared
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _fit(x: np.ndarray, y: np.ndarray) -> torch.nn.Module:

@@ -3,8 +3,6 @@ inside [0, 1], the gradient search against an exhaustive one, and its size check
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -25,14 +23,7 @@ from roadshield.errors import ConfigError
 N = 100
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # these tiny models gain nothing from a second thread, and one keeps the file fast when
-    # the cores are shared
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,6 @@ touch the batch-norm statistics."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -28,14 +26,7 @@ EPS = 32 / 255
 FAST = {"pgd_steps": 3, "roa_height": 5, "roa_width": 5, "roa_candidates": 4}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # these tiny models gain nothing from a second thread, and one keeps the file fast when
-    # the cores are shared
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
