@@ -246,6 +246,7 @@ def _scan_row(flagged: list[int], target: int, model: str, seconds: float,
 
 def summarise(seeds: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
     """Per-defence means and per-seed lists, and the missed targets (text)."""
+    from cloud_train.backdoor.neural_cleanse import null_flag_rate
     inf_asr = [s["infected"]["asr"] for s in seeds]
     inf_acc = [s["infected"]["clean_acc"] for s in seeds]
     summary: dict[str, Any] = {
@@ -280,12 +281,18 @@ def summarise(seeds: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
             missed.append(f"{d}: clean accuracy down {100 * drop:.2f} points > "
                           f"{100 * CLEAN_DROP_MAX:.0f}")
     nc = summary["defences"]["neural_cleanse"]
+    # what the MAD rule alone would flag on clean models with normal per-class norms: the
+    # yardstick for the measured false flags
+    n_classes = len(seeds[0]["defences"]["neural_cleanse"]["clean"]["anomaly"]) if seeds else 0
+    nc["null_flag_rate"] = round(null_flag_rate(n_classes), 4) if n_classes >= 3 else None
     if nc["detection_rate"] < NC_DETECT_MIN:
         missed.append(f"neural_cleanse flagged the target in {nc['detected']}/{n} infected "
                       f"models < {NC_DETECT_MIN:.0%}")
     if nc["false_flag_rate"] > NC_FALSE_MAX:
+        chance = "" if nc["null_flag_rate"] is None else \
+            f" (the rule's rate under a normal null: {nc['null_flag_rate']:.0%})"
         missed.append(f"neural_cleanse flagged {nc['false_flags']}/{n} clean models "
-                      f"> {NC_FALSE_MAX:.0%}")
+                      f"> {NC_FALSE_MAX:.0%}{chance}")
     return summary, missed
 
 

@@ -75,7 +75,7 @@ DEFAULT_LR = 0.1
 DEFAULT_BATCH = 32
 DEFAULT_RESTARTS = 1
 __all__ = ["NeuralCleanseResult", "anomaly_indices", "check_clean_data", "flag_classes",
-           "frozen_copy", "model_classes", "neural_cleanse"]
+           "frozen_copy", "model_classes", "neural_cleanse", "null_flag_rate"]
 
 
 @dataclass
@@ -143,6 +143,27 @@ def flag_classes(norms: Sequence[float], classes: Sequence[int],
     idx = anomaly_indices(norms)
     order = np.argsort(-idx, kind="stable")
     return idx, [int(classes[i]) for i in order if idx[i] > threshold]
+
+
+def null_flag_rate(num_classes: int, threshold: float = 2.0, draws: int = 20_000,
+                   seed: int = 0) -> float:
+    """How often the MAD rule flags some class of a model without any backdoor when its
+    per-class norms are independent draws of one normal distribution (seeded Monte Carlo).
+
+    The rule's false-flag rate depends only on the class count and the shape of the natural
+    norms' distribution, not their scale: with 14 classes at threshold 2 it is 0.38 for
+    normal norms, 0.15 for uniform and 0.09 for right-skewed (lognormal, sigma 0.5) ones
+    (200,000 draws each). A report shows it beside the false flags measured on clean models.
+    """
+    if not _is_int(num_classes) or num_classes < 3:
+        raise ConfigError(f"null_flag_rate num_classes={num_classes!r} must be an integer >= 3",
+                          "the median absolute deviation needs at least 3 norms")
+    threshold = _positive("threshold", threshold, "use 2.0 (the paper's anomaly threshold)")
+    draws = _count("draws", draws, "use e.g. 20000 Monte Carlo draws")
+    norms = np.random.default_rng(seed).standard_normal((draws, int(num_classes)))
+    med = np.median(norms, axis=1, keepdims=True)
+    scale = MAD_CONSISTENCY * np.median(np.abs(norms - med), axis=1, keepdims=True)
+    return float((((med - norms) / scale).max(axis=1) > threshold).mean())
 
 
 def _is_int(v: object) -> bool:

@@ -75,6 +75,12 @@ def markdown(result: dict[str, Any]) -> str:
     out.append("| " + " | ".join(rows[0]) + " |")
     out.append("|---" + "|---:" * (len(rows[0]) - 1) + "|")
     out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    null = result["summary"]["defences"].get("neural_cleanse", {}).get("null_flag_rate")
+    if null is not None:
+        out += ["", f"For scale: with this many classes the anomaly rule (index > 2) flags some "
+                f"class of a clean model {100 * null:.0f}% of the time when the per-class trigger "
+                "norms are plain normal draws; it flags fewer only where the natural norms have "
+                "a light low tail."]
     out += ["", "## Per seed", "",
             "| seed | target | poisoned | ASR % | clean % | clean model % | NC anomaly "
             "(target) | NC max anomaly (clean model) | NC flags inf / clean | AC flags inf / "

@@ -28,6 +28,7 @@ from cloud_train.backdoor.neural_cleanse import (
     anomaly_indices,
     flag_classes,
     neural_cleanse,
+    null_flag_rate,
 )
 from cloud_train.backdoor.poison import attack_success_rate, poison_dataset
 from cloud_train.backdoor.triggers import Trigger
@@ -89,6 +90,19 @@ def test_anomaly_index_is_the_papers_mad_statistic() -> None:
     assert flag_classes([1.0, 2.0, 3.0, 4.0, 100.0], [7, 8, 9, 10, 11], 0.5)[1] == [7, 8]
     # equal norms (MAD 0) flag nothing
     assert flag_classes([5.0, 5.0, 5.0], [0, 1, 2], 2.0)[1] == []
+
+
+def test_null_flag_rate_is_the_rules_chance_false_flags() -> None:
+    rates = [null_flag_rate(14, threshold=t) for t in (1.0, 2.0, 3.0)]
+    assert rates[0] > rates[1] > rates[2]
+    # more classes, more chances for a chance outlier on the low side
+    assert null_flag_rate(43) > rates[1] > null_flag_rate(5)
+    assert 0.35 < rates[1] < 0.41  # 0.382 with 200,000 draws
+    assert null_flag_rate(14, seed=3) == null_flag_rate(14, seed=3)
+    for bad in ({"num_classes": 2}, {"num_classes": 14, "threshold": 0},
+                {"num_classes": 14, "draws": 0}):
+        with pytest.raises(ConfigError):
+            null_flag_rate(**bad)
 
 
 def test_poisoned_model_is_really_backdoored(world: dict) -> None:

@@ -59,7 +59,10 @@ def test_tiny_seed_end_to_end(tiny_run: tuple[Path, dict[str, Any]]):
     # the verdict is the summary's, and a miss is spelled out
     assert res["all_targets_met"] == (not res["missed"])
     assert (tmp_path / "redteam_backdoor.png").read_bytes()[:4] == b"\x89PNG"
-    assert "Neural Cleanse" in (tmp_path / "redteam_backdoor.md").read_text()
+    md = (tmp_path / "redteam_backdoor.md").read_text()
+    assert "Neural Cleanse" in md
+    rate = res["summary"]["defences"]["neural_cleanse"]["null_flag_rate"]
+    assert f"a clean model {100 * rate:.0f}% of the time" in md
 
 
 def test_seeds_in_worker_processes_match_a_single_process(
@@ -134,6 +137,10 @@ def test_targets_are_checked_per_fraction_of_seeds():
     missed = rb.summarise(two)[1]
     assert any("8/10 infected" in m for m in missed)
     assert any("2/10 clean" in m for m in missed)
+    # the miss is put beside what the anomaly rule flags by chance with 14 classes
+    summary = rb.summarise(two)[0]
+    assert 0.3 < summary["defences"]["neural_cleanse"]["null_flag_rate"] < 0.45
+    assert any("normal null: 38%" in m for m in missed)
     weak = [_fake_record(s, asr=0.5, after=0.2) for s in range(3)]
     missed = rb.summarise(weak)[1]
     assert any(m.startswith("undefended ASR 50.0%") for m in missed)
