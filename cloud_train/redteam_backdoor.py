@@ -304,17 +304,20 @@ def _config(sc: Scale, scale: str, kind: str, rate: float) -> dict[str, Any]:
     return {"scale": scale, "sizes": asdict(sc), "trigger_kind": kind, "poison_rate": rate}
 
 
-def _load_done(path: Path, config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _load_done(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The interrupted run's record (ConfigError when unreadable or made with other settings)."""
     try:
-        old = json.loads(path.read_text())
+        old: Any = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot resume from {path}: {err}",
                           "run without --resume to start over") from err
+    if not isinstance(old, dict):
+        raise ConfigError(f"{path} holds no red-team record", "run without --resume to start over")
     if old.get("schema") != SCHEMA or old.get("config") != config:
         raise ConfigError(f"{path} was written with other settings ({old.get('config')})",
                           "resume with the same --scale, --trigger and --poison-rate, or "
                           "start over without --resume")
-    return {str(s["seed"]): s for s in old.get("per_seed", [])}
+    return dict(old)
 
 
 def _worker_init(threads: int) -> None:
@@ -354,8 +357,11 @@ def run_backdoor_redteam(out: str | Path, seeds: int | None = None, scale: str =
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "redteam_backdoor.json"
     config = _config(sc, scale, trigger, rate)
-    done = _load_done(json_path, config) if resume and json_path.exists() else {}
-    started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    before = _load_done(json_path, config) if resume and json_path.exists() else {}
+    done = {str(s["seed"]): s for s in before.get("per_seed", [])}
+    # a resumed run keeps its first start and adds the earlier runs' wall time to its own
+    started = before.get("started") or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    earlier_s = float(before.get("seconds", 0.0))
     t0 = time.perf_counter()
     bar = tqdm(total=n_seeds * 9, desc="redteam backdoor", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
@@ -368,7 +374,8 @@ def run_backdoor_redteam(out: str | Path, seeds: int | None = None, scale: str =
         per_seed = [done[str(s)] for s in range(n_seeds) if str(s) in done]
         summary, missed = summarise(per_seed) if per_seed else ({}, ["no seed finished"])
         return {"schema": SCHEMA, "config": config, "started": started, "complete": final,
-                "seeds_requested": n_seeds, "seconds": round(time.perf_counter() - t0, 2),
+                "seeds_requested": n_seeds,
+                "seconds": round(earlier_s + time.perf_counter() - t0, 2),
                 "cpu_count": os.cpu_count(), "per_seed": per_seed, "summary": summary,
                 "all_targets_met": final and not missed, "missed": missed,
                 "files": {k: str(out / f"redteam_backdoor.{k}") for k in ("json", "md", "png")}}

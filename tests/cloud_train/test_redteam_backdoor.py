@@ -114,6 +114,9 @@ def test_resume_skips_finished_seeds_and_a_crash_keeps_them(tmp_path: Path,
         rb.run_backdoor_redteam(tmp_path, seeds=4, scale="tiny", progress=False)
     saved = json.loads((tmp_path / "redteam_backdoor.json").read_text())
     assert [s["seed"] for s in saved["per_seed"]] == [0, 1] and not saved["complete"]
+    # the resumed run keeps the first start and counts the earlier wall time too
+    saved["seconds"] = 1000.0
+    (tmp_path / "redteam_backdoor.json").write_text(json.dumps(saved))
 
     calls.clear()
     monkeypatch.setattr(rb, "run_seed", lambda sc, seed, kind, rate, tick=None:
@@ -123,9 +126,13 @@ def test_resume_skips_finished_seeds_and_a_crash_keeps_them(tmp_path: Path,
     assert calls == [2, 3]
     assert [s["seed"] for s in res["per_seed"]] == [0, 1, 2, 3]
     assert res["all_targets_met"] and res["complete"]
+    assert res["started"] == saved["started"] and 1000.0 <= res["seconds"] < 1100.0
     with pytest.raises(ConfigError, match="other settings"):
         rb.run_backdoor_redteam(tmp_path, seeds=4, scale="tiny", poison_rate=0.05,
                                 resume=True, progress=False)
+    (tmp_path / "redteam_backdoor.json").write_text("[]")
+    with pytest.raises(ConfigError, match="no red-team record"):
+        rb.run_backdoor_redteam(tmp_path, seeds=4, scale="tiny", resume=True, progress=False)
 
 
 def test_targets_are_checked_per_fraction_of_seeds():
