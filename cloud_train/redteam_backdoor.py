@@ -329,10 +329,12 @@ def _worker_init(threads: int) -> None:
 def run_backdoor_redteam(out: str | Path, seeds: int | None = None, scale: str = "quick",
                          poison_rate: float = 0.01, trigger: str = "patch",
                          resume: bool = False, progress: bool = True,
-                         jobs: int = 1) -> dict[str, Any]:
-    """Run seeds 0..seeds-1, write OUT/redteam_backdoor.{json,md,png}, return the result.
+                         jobs: int = 1, first_seed: int = 0) -> dict[str, Any]:
+    """Run seeds first_seed .. first_seed+seeds-1, write OUT/redteam_backdoor.{json,md,png},
+    return the result.
 
-    ``seeds`` defaults to the scale's. ``jobs`` > 1 runs that many seeds at once in worker
+    ``seeds`` defaults to the scale's; ``first_seed`` > 0 draws fresh worlds, attacks and
+    models for a second sample of seeds. ``jobs`` > 1 runs that many seeds at once in worker
     processes (spawned, each with ``cpu_count // jobs`` torch threads: the models are small,
     so seeds in parallel use the cores better than threads inside one seed); a seed's record
     does not depend on which process ran it. Bad settings raise ConfigError before any work.
@@ -348,6 +350,10 @@ def run_backdoor_redteam(out: str | Path, seeds: int | None = None, scale: str =
     n_seeds = sc.seeds if seeds is None else seeds
     if not isinstance(n_seeds, int) or n_seeds < 1:
         raise ConfigError(f"seeds must be an integer >= 1, got {n_seeds!r}", "use e.g. 10")
+    if isinstance(first_seed, bool) or not isinstance(first_seed, int) or first_seed < 0:
+        raise ConfigError(f"first seed must be an integer >= 0, got {first_seed!r}",
+                          "use 0, or e.g. 10 for a second sample of ten seeds")
+    wanted = list(range(first_seed, first_seed + n_seeds))
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ConfigError(f"jobs must be an integer >= 1, got {jobs!r}",
                           f"use 1 to {os.cpu_count() or 1} (one per core at most)")
@@ -359,6 +365,10 @@ def run_backdoor_redteam(out: str | Path, seeds: int | None = None, scale: str =
     config = _config(sc, scale, trigger, rate)
     before = _load_done(json_path, config) if resume and json_path.exists() else {}
     done = {str(s["seed"]): s for s in before.get("per_seed", [])}
+    stray = sorted(int(k) for k in done if int(k) not in wanted)
+    if stray:  # writing the new record would drop them
+        raise ConfigError(f"{json_path} holds seeds {stray} outside {wanted[0]}..{wanted[-1]}",
+                          "resume with the same --seeds and --first-seed, or use another --out")
     # a resumed run keeps its first start and adds the earlier runs' wall time to its own
     started = before.get("started") or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     earlier_s = float(before.get("seconds", 0.0))
@@ -371,16 +381,16 @@ def run_backdoor_redteam(out: str | Path, seeds: int | None = None, scale: str =
         bar.update()
 
     def result(final: bool) -> dict[str, Any]:
-        per_seed = [done[str(s)] for s in range(n_seeds) if str(s) in done]
+        per_seed = [done[str(s)] for s in wanted if str(s) in done]
         summary, missed = summarise(per_seed) if per_seed else ({}, ["no seed finished"])
         return {"schema": SCHEMA, "config": config, "started": started, "complete": final,
-                "seeds_requested": n_seeds,
+                "seeds_requested": n_seeds, "first_seed": first_seed,
                 "seconds": round(earlier_s + time.perf_counter() - t0, 2),
                 "cpu_count": os.cpu_count(), "per_seed": per_seed, "summary": summary,
                 "all_targets_met": final and not missed, "missed": missed,
                 "files": {k: str(out / f"redteam_backdoor.{k}") for k in ("json", "md", "png")}}
 
-    todo = [s for s in range(n_seeds) if str(s) not in done]
+    todo = [s for s in wanted if str(s) not in done]
     bar.update(9 * (n_seeds - len(todo)))
     try:
         if jobs == 1 or len(todo) < 2:

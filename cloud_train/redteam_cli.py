@@ -51,6 +51,8 @@ def _add_backdoor_parser(rsub: argparse._SubParsersAction) -> None:
     bd.add_argument("--out", required=True, help="folder for redteam_backdoor.{json,md,png}")
     bd.add_argument("--seeds", type=int, default=None,
                     help="number of seeds (default: tiny 1, quick 3, full 10)")
+    bd.add_argument("--first-seed", type=int, default=0,
+                    help="first seed (default 0; e.g. 10 for a second sample of seeds)")
     bd.add_argument("--scale", choices=("tiny", "quick", "full"), default="quick",
                     help="tiny: a smoke test; quick: minutes per seed on 2 cores; full: larger "
                     "sets, ten seeds")
@@ -82,7 +84,7 @@ def cmd_redteam_backdoor(args: argparse.Namespace) -> int:
 
     result: dict[str, Any] = run_backdoor_redteam(
         args.out, seeds=args.seeds, scale=args.scale, poison_rate=args.poison_rate,
-        trigger=args.trigger, resume=args.resume, jobs=args.jobs,
+        trigger=args.trigger, resume=args.resume, jobs=args.jobs, first_seed=args.first_seed,
         progress=not (args.no_progress or args.json))
     return _finish(result, text_table, args.json)
 

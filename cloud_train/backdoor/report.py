@@ -35,6 +35,11 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+def _seed_span(result: dict[str, Any]) -> str:
+    seeds = [s["seed"] for s in result["per_seed"]]
+    return f"{len(seeds)} seeds ({min(seeds)}..{max(seeds)})"
+
+
 def text_table(result: dict[str, Any]) -> str:
     """Fixed-width summary for a terminal, then the targets."""
     if not result["per_seed"]:
@@ -50,7 +55,7 @@ def text_table(result: dict[str, Any]) -> str:
                  f"{', '.join(_pct(a) for a in u['asr'])}), infected clean acc "
                  f"{_pct(u['clean_acc_mean'])}%, clean models {_pct(u['clean_model_acc_mean'])}%")
     lines.append(f"scale {cfg['scale']}, {cfg['trigger_kind']} trigger, poison rate "
-                 f"{cfg['poison_rate']}, {len(result['per_seed'])} seeds, {result['seconds']} s: "
+                 f"{cfg['poison_rate']}, {_seed_span(result)}, {result['seconds']} s: "
                  + ("all targets met" if result["all_targets_met"] else "targets MISSED:"))
     lines += [f"  - {m}" for m in result["missed"]]
     return "\n".join(lines)

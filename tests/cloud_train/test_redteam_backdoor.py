@@ -135,6 +135,22 @@ def test_resume_skips_finished_seeds_and_a_crash_keeps_them(tmp_path: Path,
         rb.run_backdoor_redteam(tmp_path, seeds=4, scale="tiny", resume=True, progress=False)
 
 
+def test_first_seed_runs_a_second_sample_and_resume_keeps_its_range(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    calls: list[int] = []
+    monkeypatch.setattr(rb, "run_seed", lambda sc, seed, kind, rate, tick=None:
+                        calls.append(seed) or _fake_record(seed))
+    res = rb.run_backdoor_redteam(tmp_path, seeds=3, first_seed=10, scale="tiny",
+                                  progress=False)
+    assert calls == [10, 11, 12] and res["summary"]["seeds"] == [10, 11, 12]
+    assert "3 seeds (10..12)" in text_table(res)
+    # resuming with another range would drop seeds 10..12 from the record: refused
+    with pytest.raises(ConfigError, match=r"seeds \[10, 11, 12\] outside 0..2"):
+        rb.run_backdoor_redteam(tmp_path, seeds=3, scale="tiny", resume=True, progress=False)
+    with pytest.raises(ConfigError, match="first seed"):
+        rb.run_backdoor_redteam(tmp_path, seeds=3, first_seed=-1, scale="tiny", progress=False)
+
+
 def test_targets_are_checked_per_fraction_of_seeds():
     good = [_fake_record(s) for s in range(10)]
     assert rb.summarise(good)[1] == []
