@@ -82,7 +82,7 @@ def markdown(result: dict[str, Any]) -> str:
     out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     null = result["summary"]["defences"].get("neural_cleanse", {}).get("null_flag_rate")
     if null is not None:
-        out += ["", f"For scale: with this many classes the anomaly rule (index > 2) flags some "
+        out += ["", f"Chance level: with this many classes the anomaly rule (index > 2) flags some "
                 f"class of a clean model {100 * null:.0f}% of the time when the per-class trigger "
                 "norms are plain normal draws; it flags fewer only where the natural norms have "
                 "a light low tail."]
