@@ -304,7 +304,7 @@ def _config(sc: Scale, scale: str, kind: str, rate: float) -> dict[str, Any]:
     return {"scale": scale, "sizes": asdict(sc), "trigger_kind": kind, "poison_rate": rate}
 
 
-def _load_done(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+def _load_record(path: Path, config: dict[str, Any]) -> dict[str, Any]:
     """The interrupted run's record (ConfigError when unreadable or made with other settings)."""
     try:
         old: Any = json.loads(path.read_text())
@@ -317,7 +317,7 @@ def _load_done(path: Path, config: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"{path} was written with other settings ({old.get('config')})",
                           "resume with the same --scale, --trigger and --poison-rate, or "
                           "start over without --resume")
-    return dict(old)
+    return old
 
 
 def _worker_init(threads: int) -> None:
@@ -363,7 +363,7 @@ def run_backdoor_redteam(out: str | Path, seeds: int | None = None, scale: str =
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "redteam_backdoor.json"
     config = _config(sc, scale, trigger, rate)
-    before = _load_done(json_path, config) if resume and json_path.exists() else {}
+    before = _load_record(json_path, config) if resume and json_path.exists() else {}
     done = {str(s["seed"]): s for s in before.get("per_seed", [])}
     stray = sorted(int(k) for k in done if int(k) not in wanted)
     if stray:  # writing the new record would drop them

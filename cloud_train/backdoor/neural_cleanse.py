@@ -134,8 +134,9 @@ class NeuralCleanseResult:
                 "settings": dict(self.settings)}
 
 
-def anomaly_indices(norms: Sequence[float]) -> np.ndarray:
-    """``(median - l_k) / (1.4826 * MAD)`` per norm: positive below the median.
+def anomaly_indices(norms: Sequence[float] | np.ndarray) -> np.ndarray:
+    """``(median - l_k) / (1.4826 * MAD)`` per norm: positive below the median. A 2-D array
+    is read as one model's norms per row (each row its own median and MAD).
 
     When more than half the norms are equal the MAD is 0; the scale then falls back to a
     tiny positive value, so equal norms get 0 and smaller ones a huge (finite) index.
@@ -143,9 +144,9 @@ def anomaly_indices(norms: Sequence[float]) -> np.ndarray:
     values = np.asarray(norms, dtype=np.float64)
     if values.size == 0:
         return values
-    med = float(np.median(values))
-    scale = MAD_CONSISTENCY * float(np.median(np.abs(values - med)))
-    scale = max(scale, 1e-12 * max(1.0, abs(med)))
+    med = np.median(values, axis=-1, keepdims=True)
+    scale = MAD_CONSISTENCY * np.median(np.abs(values - med), axis=-1, keepdims=True)
+    scale = np.maximum(scale, 1e-12 * np.maximum(1.0, np.abs(med)))
     return (med - values) / scale
 
 
@@ -173,9 +174,7 @@ def null_flag_rate(num_classes: int, threshold: float = 2.0, draws: int = 20_000
     threshold = _positive("threshold", threshold, "use 2.0 (the paper's anomaly threshold)")
     draws = _count("draws", draws, "use e.g. 20000 Monte Carlo draws")
     norms = np.random.default_rng(seed).standard_normal((draws, int(num_classes)))
-    med = np.median(norms, axis=1, keepdims=True)
-    scale = MAD_CONSISTENCY * np.median(np.abs(norms - med), axis=1, keepdims=True)
-    return float((((med - norms) / scale).max(axis=1) > threshold).mean())
+    return float((anomaly_indices(norms).max(axis=1) > threshold).mean())
 
 
 def _is_int(v: object) -> bool:
