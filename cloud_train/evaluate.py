@@ -26,7 +26,9 @@ def eval_tensors(model: nn.Module, images: np.ndarray | torch.Tensor,
     """Images and labels as tensors on ``device`` (default: the model's), checked to be a
     non-empty set with one label per image (DatasetError otherwise)."""
     x = to_tensor(images)
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    # a tensor may live on the GPU already (NumPy cannot read it there)
+    y = labels.to(torch.int64) if isinstance(labels, torch.Tensor) \
+        else torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     if len(x) != len(y) or len(x) == 0:
         raise DatasetError(f"{len(x)} images and {len(y)} labels",
                            "pass a non-empty set with one label per image")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from toy_data import trained_toy_model
 
 from cloud_train.attacks import create_attack, fgsm, list_attacks, pgd_linf
-from cloud_train.evaluate import evaluate, format_table
+from cloud_train.evaluate import eval_tensors, evaluate, format_table
+from cloud_train.robust_eval import strong_evaluate
 from roadshield.errors import ConfigError, DatasetError
 
 #: on this toy set a standardly trained model is robust at 8/255 but not at 32/255
@@ -154,3 +157,19 @@ def test_an_attack_without_eps_still_has_its_steps_checked():
             create_attack("patchy", steps=0)
     finally:
         del attacks._ATTACKS["patchy"]
+
+
+def test_eval_tensors_takes_label_tensors_of_any_integer_type(trained) -> None:
+    model, x, y = trained
+    xs, ys, dev = eval_tensors(model, x[:8], y[:8].to(torch.int32))
+    assert ys.dtype == torch.int64 and torch.equal(ys, y[:8]) and dev == torch.device("cpu")
+
+
+@pytest.mark.gpu
+def test_the_strong_evaluation_takes_tensors_already_on_the_gpu(device, trained) -> None:
+    model, x, y = trained
+    gpu_model = copy.deepcopy(model).to(device)
+    on_gpu = strong_evaluate(gpu_model, x[:32].to(device), y[:32].to(device), eps=EPS,
+                             apgd_steps=5, square_queries=20)
+    on_cpu = strong_evaluate(model, x[:32], y[:32], eps=EPS, apgd_steps=5, square_queries=20)
+    assert on_gpu["clean_acc"] == on_cpu["clean_acc"]
