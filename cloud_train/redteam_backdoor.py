@@ -3,8 +3,9 @@
 Per seed: render the 14-class synthetic sign world (train, test, and a small clean set the
 defender holds; 32 x 32 x 3 uint8 RGB, seeded), poison the training set with a BadNets patch
 (or a blended trigger) toward a random target class, train one infected and one clean model
-with the standard trainer, and measure clean accuracy and attack success rate (ASR) on the
-test split. Then scan both models:
+with the standard trainer (or another registered one, e.g. fast_at, to measure adversarial
+training against the backdoor: the retraining mitigations then use it too), and measure
+clean accuracy and attack success rate (ASR) on the test split. Then scan both models:
 
 - Neural Cleanse (Wang et al. 2019) on the defender's clean images; mitigation: unlearning;
 - activation clustering (Chen et al. 2018; robust whitening before 2-means) on the training
@@ -111,15 +112,15 @@ def world(sc: Scale, seed: int) -> dict[str, np.ndarray]:
             "xdf": xdf, "ydf": ydf.astype(np.int64)}
 
 
-def _train_cfg(sc: Scale, seed: int) -> Any:
+def _train_cfg(sc: Scale, seed: int, trainer: str = "standard") -> Any:
     from cloud_train.train import TrainConfig
 
     # no augmentation: the random crop would shift the corner trigger out of the image
-    return TrainConfig(trainer="standard", epochs=sc.epochs, batch_size=64, lr=0.05,
+    return TrainConfig(trainer=trainer, epochs=sc.epochs, batch_size=64, lr=0.05,
                        seed=seed, device="cpu")
 
 
-def _fit(sc: Scale, x: np.ndarray, y: np.ndarray, seed: int) -> Any:
+def _fit(sc: Scale, x: np.ndarray, y: np.ndarray, seed: int, trainer: str = "standard") -> Any:
     import torch
 
     from cloud_train.models import create_model
@@ -128,7 +129,7 @@ def _fit(sc: Scale, x: np.ndarray, y: np.ndarray, seed: int) -> Any:
 
     torch.manual_seed(seed)
     model = create_model(sc.arch, int(y.max()) + 1)
-    train(model, make_loader(x, y, 64, shuffle=True, seed=seed), _train_cfg(sc, seed),
+    train(model, make_loader(x, y, 64, shuffle=True, seed=seed), _train_cfg(sc, seed, trainer),
           progress=False)
     return model.eval()
 
@@ -147,8 +148,10 @@ def _measure(model: Any, w: dict[str, np.ndarray], trig: Any) -> dict[str, float
 
 
 def run_seed(sc: Scale, seed: int, kind: str, rate: float,
-             tick: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """One seed's full record: attack, both models, three scans, mitigations."""
+             tick: Callable[[str], None] = lambda s: None,
+             trainer: str = "standard") -> dict[str, Any]:
+    """One seed's full record: attack, both models (trained by ``trainer``), three scans,
+    mitigations."""
     from cloud_train.backdoor.activation_clustering import activation_clustering
     from cloud_train.backdoor.features import dataset_features
     from cloud_train.backdoor.neural_cleanse import neural_cleanse
@@ -164,8 +167,8 @@ def run_seed(sc: Scale, seed: int, kind: str, rate: float,
     trig = make_trigger(kind, target, sc, seed)
     pd = poison_dataset(w["xtr"], w["ytr"], trig, rate, seed=seed, num_classes=n_classes)
     tick("render + poison")
-    models = {"infected": _fit(sc, pd.images, pd.labels, seed),
-              "clean": _fit(sc, w["xtr"], w["ytr"], seed)}
+    models = {"infected": _fit(sc, pd.images, pd.labels, seed, trainer),
+              "clean": _fit(sc, w["xtr"], w["ytr"], seed, trainer)}
     train_s = time.perf_counter() - t0
     tick("train infected + clean")
     rec: dict[str, Any] = {"seed": seed, "target": target, "trigger": trig.to_dict(),
@@ -176,7 +179,7 @@ def run_seed(sc: Scale, seed: int, kind: str, rate: float,
     data = {"infected": (pd.images, pd.labels), "clean": (w["xtr"], w["ytr"])}
     defs: dict[str, Any] = {d: {} for d in DEFENCES}
     poisoned = set(pd.poisoned_idx.tolist())
-    cfg = _train_cfg(sc, seed)
+    cfg = _train_cfg(sc, seed, trainer)
     for name, m in models.items():
         xs, ys = data[name]
         feats = dataset_features(m, xs, ys)
@@ -300,8 +303,9 @@ def _mean(v: list[float]) -> float:
     return round(float(np.mean(v)), 4) if v else 0.0
 
 
-def _config(sc: Scale, scale: str, kind: str, rate: float) -> dict[str, Any]:
-    return {"scale": scale, "sizes": asdict(sc), "trigger_kind": kind, "poison_rate": rate}
+def _config(sc: Scale, scale: str, kind: str, rate: float, trainer: str) -> dict[str, Any]:
+    return {"scale": scale, "sizes": asdict(sc), "trigger_kind": kind, "poison_rate": rate,
+            "trainer": trainer}
 
 
 def _load_record(path: Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -315,7 +319,8 @@ def _load_record(path: Path, config: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"{path} holds no red-team record", "run without --resume to start over")
     if old.get("schema") != SCHEMA or old.get("config") != config:
         raise ConfigError(f"{path} was written with other settings ({old.get('config')})",
-                          "resume with the same --scale, --trigger and --poison-rate, or "
+                          "resume with the same --scale, --trigger, --poison-rate and "
+                          "--trainer, or "
                           "start over without --resume")
     return old
 
@@ -329,12 +334,14 @@ def _worker_init(threads: int) -> None:
 def run_backdoor_redteam(out: str | Path, seeds: int | None = None, scale: str = "quick",
                          poison_rate: float = 0.01, trigger: str = "patch",
                          resume: bool = False, progress: bool = True,
-                         jobs: int = 1, first_seed: int = 0) -> dict[str, Any]:
+                         jobs: int = 1, first_seed: int = 0,
+                         trainer: str = "standard") -> dict[str, Any]:
     """Run seeds first_seed .. first_seed+seeds-1, write OUT/redteam_backdoor.{json,md,png},
     return the result.
 
     ``seeds`` defaults to the scale's; ``first_seed`` > 0 draws fresh worlds, attacks and
-    models for a second sample of seeds. ``jobs`` > 1 runs that many seeds at once in worker
+    models for a second sample of seeds. ``trainer`` trains both models and the retraining
+    mitigations (a registered trainer name). ``jobs`` > 1 runs that many seeds at once in worker
     processes (spawned, each with ``cpu_count // jobs`` torch threads: the models are small,
     so seeds in parallel use the cores better than threads inside one seed); a seed's record
     does not depend on which process ran it. Bad settings raise ConfigError before any work.
@@ -359,10 +366,11 @@ def run_backdoor_redteam(out: str | Path, seeds: int | None = None, scale: str =
                           f"use 1 to {os.cpu_count() or 1} (one per core at most)")
     rate = check_rate(poison_rate)
     make_trigger(trigger, 0, sc, 0)  # unknown kind -> ConfigError now, not after rendering
+    _train_cfg(sc, 0, trainer)  # unknown trainer likewise
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "redteam_backdoor.json"
-    config = _config(sc, scale, trigger, rate)
+    config = _config(sc, scale, trigger, rate, trainer)
     before = _load_record(json_path, config) if resume and json_path.exists() else {}
     done = {str(s["seed"]): s for s in before.get("per_seed", [])}
     stray = sorted(int(k) for k in done if int(k) not in wanted)
@@ -398,7 +406,7 @@ def run_backdoor_redteam(out: str | Path, seeds: int | None = None, scale: str =
                 def seed_tick(what: str, s: int = s) -> None:
                     tick(f"seed {s}: {what}")
 
-                done[str(s)] = run_seed(sc, s, trigger, rate, seed_tick)
+                done[str(s)] = run_seed(sc, s, trigger, rate, seed_tick, trainer=trainer)
                 # a crash loses one seed at most
                 atomic_write_json(json_path, result(final=False))
         else:
@@ -407,7 +415,7 @@ def run_backdoor_redteam(out: str | Path, seeds: int | None = None, scale: str =
                 bar.update(9)
                 atomic_write_json(json_path, result(final=False))
 
-            _run_parallel(todo, jobs, sc, trigger, rate, done, saved)
+            _run_parallel(todo, jobs, sc, trigger, rate, trainer, done, saved)
     finally:
         bar.close()
     res = result(final=True)
@@ -418,7 +426,8 @@ def run_backdoor_redteam(out: str | Path, seeds: int | None = None, scale: str =
 
 
 def _run_parallel(todo: list[int], jobs: int, sc: Scale, trigger: str, rate: float,
-                  done: dict[str, dict[str, Any]], finished: Callable[[int], None]) -> None:
+                  trainer: str, done: dict[str, dict[str, Any]],
+                  finished: Callable[[int], None]) -> None:
     """Run ``todo`` seeds in ``jobs`` spawned processes; record each as it completes and call
     ``finished(seed)`` (which saves), so a crash keeps every seed that had finished. Workers
     report no progress inside a seed (the parent counts finished seeds)."""
@@ -429,7 +438,8 @@ def _run_parallel(todo: list[int], jobs: int, sc: Scale, trigger: str, rate: flo
     with ProcessPoolExecutor(max_workers=min(jobs, len(todo)),
                              mp_context=multiprocessing.get_context("spawn"),
                              initializer=_worker_init, initargs=(threads,)) as pool:
-        futures = {pool.submit(run_seed, sc, s, trigger, rate): s for s in todo}
+        futures = {pool.submit(run_seed, sc, s, trigger, rate, trainer=trainer): s
+                   for s in todo}
         try:
             for fut in as_completed(futures):
                 s = futures[fut]

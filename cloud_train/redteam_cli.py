@@ -60,6 +60,10 @@ def _add_backdoor_parser(rsub: argparse._SubParsersAction) -> None:
                     help="fraction of the training set poisoned (default 0.01)")
     bd.add_argument("--trigger", choices=("patch", "blend"), default="patch",
                     help="patch: BadNets corner patch; blend: full-image blended pattern")
+    bd.add_argument("--trainer", default="standard",
+                    help="trainer of both models and of the retraining mitigations (default "
+                    "standard; e.g. fast_at measures adversarial training against the "
+                    "backdoor)")
     bd.add_argument("--resume", action="store_true",
                     help="keep the seeds already in OUT/redteam_backdoor.json")
     bd.add_argument("--jobs", type=int, default=1,
@@ -85,7 +89,7 @@ def cmd_redteam_backdoor(args: argparse.Namespace) -> int:
     result: dict[str, Any] = run_backdoor_redteam(
         args.out, seeds=args.seeds, scale=args.scale, poison_rate=args.poison_rate,
         trigger=args.trigger, resume=args.resume, jobs=args.jobs, first_seed=args.first_seed,
-        progress=not (args.no_progress or args.json))
+        trainer=args.trainer, progress=not (args.no_progress or args.json))
     return _finish(result, text_table, args.json)
 
 

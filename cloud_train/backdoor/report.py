@@ -55,10 +55,15 @@ def text_table(result: dict[str, Any]) -> str:
                  f"{', '.join(_pct(a) for a in u['asr'])}), infected clean acc "
                  f"{_pct(u['clean_acc_mean'])}%, clean models {_pct(u['clean_model_acc_mean'])}%")
     lines.append(f"scale {cfg['scale']}, {cfg['trigger_kind']} trigger, poison rate "
-                 f"{cfg['poison_rate']}, {_seed_span(result)}, {result['seconds']} s: "
+                 f"{cfg['poison_rate']}, {_trainer(cfg)} trainer, {_seed_span(result)}, "
+                 f"{result['seconds']} s: "
                  + ("all targets met" if result["all_targets_met"] else "targets MISSED:"))
     lines += [f"  - {m}" for m in result["missed"]]
     return "\n".join(lines)
+
+
+def _trainer(cfg: dict[str, Any]) -> str:
+    return str(cfg.get("trainer", "standard"))  # records from before the option: standard
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -67,7 +72,8 @@ def markdown(result: dict[str, Any]) -> str:
     out = ["# Red team: backdoor attacks against Neural Cleanse, activation clustering and "
            "spectral signatures", "",
            f"Scale `{cfg['scale']}` ({cfg['sizes']}), {cfg['trigger_kind']} trigger, poison "
-           f"rate {cfg['poison_rate']}, {len(result['per_seed'])} seeds, {result['seconds']} s "
+           f"rate {cfg['poison_rate']}, models trained by the {_trainer(cfg)} trainer, "
+           f"{len(result['per_seed'])} seeds, {result['seconds']} s "
            f"on {result['cpu_count']} CPUs, started {result['started']}.", "",
            "Detected: the scan flagged the attack's target class on the infected model. False "
            "flags: clean models (same data, no poison) on which the scan flagged any class. "

@@ -103,7 +103,7 @@ def test_resume_skips_finished_seeds_and_a_crash_keeps_them(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch):
     calls: list[int] = []
 
-    def crashing(sc, seed, kind, rate, tick=None):
+    def crashing(sc, seed, kind, rate, tick=None, trainer="standard"):
         calls.append(seed)
         if seed == 2:
             raise RuntimeError("power cut")
@@ -119,7 +119,7 @@ def test_resume_skips_finished_seeds_and_a_crash_keeps_them(tmp_path: Path,
     (tmp_path / "redteam_backdoor.json").write_text(json.dumps(saved))
 
     calls.clear()
-    monkeypatch.setattr(rb, "run_seed", lambda sc, seed, kind, rate, tick=None:
+    monkeypatch.setattr(rb, "run_seed", lambda sc, seed, *_, **__:
                         calls.append(seed) or _fake_record(seed))
     res = rb.run_backdoor_redteam(tmp_path, seeds=4, scale="tiny", resume=True,
                                   progress=False)
@@ -127,9 +127,10 @@ def test_resume_skips_finished_seeds_and_a_crash_keeps_them(tmp_path: Path,
     assert [s["seed"] for s in res["per_seed"]] == [0, 1, 2, 3]
     assert res["all_targets_met"] and res["complete"]
     assert res["started"] == saved["started"] and 1000.0 <= res["seconds"] < 1100.0
-    with pytest.raises(ConfigError, match="other settings"):
-        rb.run_backdoor_redteam(tmp_path, seeds=4, scale="tiny", poison_rate=0.05,
-                                resume=True, progress=False)
+    for other in ({"poison_rate": 0.05}, {"trainer": "fast_at"}):
+        with pytest.raises(ConfigError, match="other settings"):
+            rb.run_backdoor_redteam(tmp_path, seeds=4, scale="tiny", resume=True,
+                                    progress=False, **other)
     (tmp_path / "redteam_backdoor.json").write_text("[]")
     with pytest.raises(ConfigError, match="no red-team record"):
         rb.run_backdoor_redteam(tmp_path, seeds=4, scale="tiny", resume=True, progress=False)
@@ -138,7 +139,7 @@ def test_resume_skips_finished_seeds_and_a_crash_keeps_them(tmp_path: Path,
 def test_first_seed_runs_a_second_sample_and_resume_keeps_its_range(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     calls: list[int] = []
-    monkeypatch.setattr(rb, "run_seed", lambda sc, seed, kind, rate, tick=None:
+    monkeypatch.setattr(rb, "run_seed", lambda sc, seed, *_, **__:
                         calls.append(seed) or _fake_record(seed))
     res = rb.run_backdoor_redteam(tmp_path, seeds=3, first_seed=10, scale="tiny",
                                   progress=False)
@@ -182,6 +183,8 @@ def test_bad_settings_fail_before_any_work(tmp_path: Path, monkeypatch: pytest.M
         rb.run_backdoor_redteam(tmp_path, seeds=0, progress=False)
     with pytest.raises(ConfigError, match="jobs"):
         rb.run_backdoor_redteam(tmp_path, jobs=0, progress=False)
+    with pytest.raises(ConfigError, match="unknown trainer 'madry'"):
+        rb.run_backdoor_redteam(tmp_path, trainer="madry", progress=False)
 
 
 def _cli(argv: list[str]):
@@ -194,20 +197,24 @@ def _cli(argv: list[str]):
 
 def test_cli_exit_codes_and_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture):
-    monkeypatch.setattr(rb, "run_seed", lambda sc, seed, kind, rate, tick=None:
+    monkeypatch.setattr(rb, "run_seed", lambda sc, seed, *_, **__:
                         _fake_record(seed))
     args = _cli(["redteam", "backdoor", "--out", str(tmp_path), "--seeds", "2", "--scale",
                  "tiny", "--no-progress"])
     assert args.func(args) == 0
     assert "all targets met" in capsys.readouterr().out
-    monkeypatch.setattr(rb, "run_seed", lambda sc, seed, kind, rate, tick=None:
-                        _fake_record(seed, asr=0.4))
+    trainers: list[str] = []
+    monkeypatch.setattr(rb, "run_seed", lambda sc, seed, *_, trainer="standard", **__:
+                        trainers.append(trainer) or _fake_record(seed, asr=0.4))
     args = _cli(["redteam", "backdoor", "--out", str(tmp_path), "--seeds", "2", "--json",
-                 "--poison-rate", "0.02", "--trigger", "blend"])
+                 "--poison-rate", "0.02", "--trigger", "blend", "--trainer", "fast_at"])
     assert args.func(args) == EXIT_TARGET_MISSED
     captured = capsys.readouterr()
     out = json.loads(captured.out)
     assert out["config"]["poison_rate"] == 0.02 and out["config"]["trigger_kind"] == "blend"
+    assert out["config"]["trainer"] == "fast_at" and trainers == ["fast_at", "fast_at"]
+    assert "fast_at trainer" in text_table(out)
+    assert "trained by the fast_at trainer" in (tmp_path / "redteam_backdoor.md").read_text()
     assert "target missed: undefended ASR 40.0%" in captured.err
     assert "MISSED" in text_table(out)
     # the data verb is still there
