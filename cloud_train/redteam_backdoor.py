@@ -320,8 +320,7 @@ def _load_record(path: Path, config: dict[str, Any]) -> dict[str, Any]:
     if old.get("schema") != SCHEMA or old.get("config") != config:
         raise ConfigError(f"{path} was written with other settings ({old.get('config')})",
                           "resume with the same --scale, --trigger, --poison-rate and "
-                          "--trainer, or "
-                          "start over without --resume")
+                          "--trainer, or start over without --resume")
     return old
 
 
