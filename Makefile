@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench lint clean kernels bench-kernels
+.PHONY: demo test test-gpu bench lint clean kernels bench-kernels
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# only the tests that need a CUDA device (kernel parity on every binding, torch on CUDA,
+# mixed precision); each skips itself where no GPU answers
+test-gpu: $(VENV)/.installed kernels
+	$(PY) -m pytest -m gpu -rs $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) scripts/bench_edge.py
