@@ -120,17 +120,18 @@ def _train_cfg(sc: Scale, seed: int, trainer: str = "standard") -> Any:
                        seed=seed, device="cpu")
 
 
-def _fit(sc: Scale, x: np.ndarray, y: np.ndarray, seed: int, trainer: str = "standard") -> Any:
+def _fit(sc: Scale, x: np.ndarray, y: np.ndarray, cfg: Any) -> Any:
+    """A fresh ``sc.arch`` model trained on ``x, y`` with ``cfg`` (its seed: weights, order)."""
     import torch
 
     from cloud_train.models import create_model
     from cloud_train.tensors import make_loader
     from cloud_train.train import train
 
-    torch.manual_seed(seed)
+    torch.manual_seed(cfg.seed)
     model = create_model(sc.arch, int(y.max()) + 1)
-    train(model, make_loader(x, y, 64, shuffle=True, seed=seed), _train_cfg(sc, seed, trainer),
-          progress=False)
+    loader = make_loader(x, y, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    train(model, loader, cfg, progress=False)
     return model.eval()
 
 
@@ -167,8 +168,9 @@ def run_seed(sc: Scale, seed: int, kind: str, rate: float,
     trig = make_trigger(kind, target, sc, seed)
     pd = poison_dataset(w["xtr"], w["ytr"], trig, rate, seed=seed, num_classes=n_classes)
     tick("render + poison")
-    models = {"infected": _fit(sc, pd.images, pd.labels, seed, trainer),
-              "clean": _fit(sc, w["xtr"], w["ytr"], seed, trainer)}
+    cfg = _train_cfg(sc, seed, trainer)  # both models and the retraining mitigations
+    models = {"infected": _fit(sc, pd.images, pd.labels, cfg),
+              "clean": _fit(sc, w["xtr"], w["ytr"], cfg)}
     train_s = time.perf_counter() - t0
     tick("train infected + clean")
     rec: dict[str, Any] = {"seed": seed, "target": target, "trigger": trig.to_dict(),
@@ -179,7 +181,6 @@ def run_seed(sc: Scale, seed: int, kind: str, rate: float,
     data = {"infected": (pd.images, pd.labels), "clean": (w["xtr"], w["ytr"])}
     defs: dict[str, Any] = {d: {} for d in DEFENCES}
     poisoned = set(pd.poisoned_idx.tolist())
-    cfg = _train_cfg(sc, seed, trainer)
     for name, m in models.items():
         xs, ys = data[name]
         feats = dataset_features(m, xs, ys)
