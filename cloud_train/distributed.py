@@ -26,6 +26,7 @@ with them agree in distribution only.
 
 from __future__ import annotations
 
+import gc
 import inspect
 import logging
 import os
@@ -278,6 +279,10 @@ def setup(device: str = "auto", backend: str = "auto", expected_world_size: int 
 def teardown(ctx: DistContext) -> None:
     """Leave the process group if ``ctx`` created it."""
     if ctx.owns_group and dist.is_initialized():
+        # a DistributedDataParallel wrapper left in a reference cycle would keep the group
+        # alive until interpreter exit, where gloo's worker threads abort the process
+        # (SIGABRT, "terminate called without an active exception"): free it first
+        gc.collect()
         dist.destroy_process_group()
         ctx.owns_group = False
 
