@@ -39,10 +39,11 @@ def register_attack(fn: AttackFn) -> AttackFn:
 
 
 def _load_builtin_attacks() -> None:
-    # The strong evaluation attacks (APGD, Square, PGD-L2) and the ROA sticker attack live in
-    # their own modules, which import this one; importing them here at call time registers
-    # them without a cycle.
+    # The strong evaluation attacks (APGD, Square, PGD-L2), the ROA rectangle and the RP2
+    # sticker live in their own modules, which import this one; importing them here at call
+    # time registers them without a cycle.
     import cloud_train.roa  # noqa: F401
+    import cloud_train.sticker.digital  # noqa: F401
     import cloud_train.strong_attacks  # noqa: F401
 
 

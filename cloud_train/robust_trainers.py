@@ -1,4 +1,5 @@
-"""Multi-step adversarial trainers (PGD-AT, TRADES, ROA), registered into ``cloud_train.train``.
+"""Multi-step adversarial trainers (PGD-AT, TRADES, ROA) and masked training for PatchCleanser,
+registered into ``cloud_train.train``.
 
 Each is a per-batch step ``step(model, x, y, cfg, eps) -> (loss, logits)`` run by
 ``cloud_train.train.train`` with the same SGD optimiser, one-cycle schedule, eps warm-up and
@@ -21,17 +22,29 @@ batch-norm running statistics only ever see the batches trained on, and dropout 
   ``cloud_train.roa.default_alpha`` from a random fill (fresh stickers every batch); loss =
   cross-entropy on the occluded batch. ``eps`` does not apply: the sticker is unbounded.
   Its guard measures the same sticker attack (``roa_guard_attack``), not L-inf PGD.
+- ``masked``, the masked fine-tuning of PatchCleanser (Xiang, Mahloujifar and Mittal 2022,
+  "PatchCleanser: Certifiably Robust Defense against Adversarial Patches for Any Image
+  Classifier", USENIX Security), which trains like Cutout (DeVries and Taylor 2017) with the
+  defence's own masks: every example is covered by one grey (0.5) square of
+  ``cfg.mask_size`` pixels, or by two with probability ``cfg.mask_double_rate``, at
+  uniformly random positions inside the image (fresh masks every batch); loss =
+  cross-entropy on the masked batch. The defence classifies crops under one and two such
+  masks, so its model must stay accurate there. Not adversarial: no attack, no guard, and
+  ``eps`` does not apply.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cloud_train.attacks import eval_mode, pgd_linf
-from cloud_train.roa import default_alpha, roa
+from cloud_train.roa import GREY, default_alpha, rectangle_mask, roa
 from cloud_train.train import TrainConfig, register_trainer
+from roadshield.errors import ConfigError
 
 
 def inner_step(cfg: TrainConfig, eps: float) -> float:
@@ -103,4 +116,63 @@ def roa_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfi
                 candidates=cfg.roa_candidates, steps=cfg.pgd_steps,
                 alpha=default_alpha(cfg.pgd_steps), random_start=True)
     logits = model(x_adv)
+    return F.cross_entropy(logits, y), logits
+
+
+def patchcleanser_mask_side(size: int, patch_share: float = 0.1, masks_per_axis: int = 6) -> int:
+    """Side in pixels of PatchCleanser's masks for a ``size`` x ``size`` input: a patch of up
+    to ``patch_share`` of the area has side p = ceil(sqrt(share) * size), the masks stride
+    s = ceil((size - p + 1) / k) and have side m = p + s - 1 (14 for 32 px, 10 % and k = 6)."""
+    patch = math.ceil(math.sqrt(patch_share) * size)
+    stride = math.ceil((size - patch + 1) / masks_per_axis)
+    return min(size, patch + stride - 1)
+
+
+def mask_side(cfg: TrainConfig, image_hw: tuple[int, int]) -> int:
+    """The ``masked`` trainer's square side for images of ``image_hw``: ``cfg.mask_size``, or
+    PatchCleanser's mask side for the shorter image side when it is None. ConfigError when
+    the square does not fit the image."""
+    side = cfg.mask_size if cfg.mask_size is not None else patchcleanser_mask_side(min(image_hw))
+    if side > min(image_hw):
+        raise ConfigError(f"mask_size={side} does not fit the {image_hw[0]} x {image_hw[1]} "
+                          "images", f"use a mask side of at most {min(image_hw)} pixels, or "
+                          "None for PatchCleanser's side at this input size")
+    return side
+
+
+def random_grey_masks(n: int, image_hw: tuple[int, int], side: int, double_rate: float = 0.5,
+                      device: torch.device | str = "cpu",
+                      generator: torch.Generator | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where ``n`` examples get masked: (mask bool [n, 1, H, W], masks per example int64 [n]).
+
+    Each example gets one ``side`` x ``side`` square at a uniformly random position where it
+    fits the image, and a second, independent one with probability ``double_rate`` (the two
+    may overlap). Draws from ``generator`` (on ``device``), else torch's default generator.
+    """
+    h, w = image_hw
+    kw = {"device": device, "generator": generator}
+    counts = 1 + (torch.rand(n, **kw) < double_rate).long()
+    mask = torch.zeros(n, 1, h, w, dtype=torch.bool, device=device)
+    for k in range(2):
+        tops = torch.randint(0, h - side + 1, (n,), **kw)
+        lefts = torch.randint(0, w - side + 1, (n,), **kw)
+        mask |= rectangle_mask(tops, lefts, side, side, (h, w)) & (counts > k)[:, None, None, None]
+    return mask, counts
+
+
+def apply_grey_masks(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x (float [N, 3, H, W]) with the pixels under ``mask`` (bool [N, 1, H, W]) set to grey."""
+    return torch.where(mask, torch.full_like(x, GREY), x)
+
+
+@register_trainer("masked", adversarial=False)
+def masked_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PatchCleanser's masked training: CE on ``x`` under one or two random grey squares;
+    the logits returned are those of the masked batch."""
+    side = mask_side(cfg, (x.shape[2], x.shape[3]))
+    mask, _ = random_grey_masks(len(x), (x.shape[2], x.shape[3]), side, cfg.mask_double_rate,
+                                device=x.device)
+    logits = model(apply_grey_masks(x, mask))
     return F.cross_entropy(logits, y), logits

@@ -23,6 +23,7 @@ import numpy as np
 
 from cloud_train.render import fractal_noise, lighting_lut, palette, sign_corners, texture_bank
 from cloud_train.sign_art import ART_SIZE, check_class_index, sign_pyramid, sign_rgba
+from cloud_train.sticker.placement import PlacedSticker, sticker_art
 from edge_runtime.frames import SignTruth
 from roadshield.errors import ConfigError, DatasetError
 
@@ -225,7 +226,8 @@ def _sticker_art(class_index: int, sticker: np.ndarray,
 
 def place_sign(frame_rgb: np.ndarray, layout: SceneLayout, class_index: int, sign_px: float,
                pose_seed: int, sticker: np.ndarray | None = None,
-               sticker_rng: np.random.Generator | None = None,
+               sticker_rng: np.random.Generator | None = None, *,
+               placed: PlacedSticker | None = None,
                ) -> tuple[tuple[int, int, int, int], np.ndarray]:
     """Draw pole and sign into ``frame_rgb`` (H x W x 3 uint8 RGB, in place).
 
@@ -233,6 +235,10 @@ def place_sign(frame_rgb: np.ndarray, layout: SceneLayout, class_index: int, sig
     ``sign_px`` shows one sign approaching. Returns (box, mask): the tight box (x0, y0, x1,
     y1), x1/y1 exclusive, of pixels the plate covers at least half, and an H x W bool mask
     of every pixel the plate touches.
+
+    sticker (RGBA uint8) is stuck at a random place drawn from ``sticker_rng``; placed is a
+    sticker at an exact place on its own sign class (``cloud_train.sticker.placement``),
+    drawn only when ``class_index`` is that class, and then instead of ``sticker``.
     """
     h, w = frame_rgb.shape[:2]
     s = float(sign_px)
@@ -247,7 +253,9 @@ def place_sign(frame_rgb: np.ndarray, layout: SceneLayout, class_index: int, sig
     x1 = min(w, int(math.ceil(cx + corners[:, 0].max())) + 3)
     y1 = min(h, int(math.ceil(cy + corners[:, 1].max())) + 3)
     local = corners + np.array([cx - x0, cy - y0], np.float32)
-    if sticker is None:
+    if placed is not None and placed.class_index == int(class_index):
+        levels = sticker_art(class_index, placed)
+    elif sticker is None:
         levels = sign_pyramid(class_index)
     else:
         levels = _sticker_art(class_index, sticker, sticker_rng or np.random.default_rng(0))

@@ -9,12 +9,26 @@ one sign approaches for 8-20 frames, growing from ~24 px to ~120 px (its size fo
 picks a class from ``classes`` and, with probability ``sticker_rate``, puts a sticker on the
 sign (a random one from ``make_sticker``, or the PNG given by ``sticker``). Everything
 follows from ``seed``: iterating again gives the same frames, byte for byte.
+
+``sticker=PATH`` takes two kinds of sticker:
+
+- a print folder from ``cloud_train.sticker.printout.write_sticker``: PATH is the folder,
+  its ``sticker.json`` or the PNG that json names (a PNG with a ``sticker.json`` beside it
+  is read as part of that folder, and must be the PNG it names). Only encounters of the
+  json's ``sign`` class carry it (each with probability ``sticker_rate``), stuck exactly
+  where the json places it, so it moves and turns with the sign; every other class stays
+  clean.
+- any other image (a PNG with alpha, or opaque): stuck on signs of every class at a
+  random place on the face, covering 10-25% of the plate.
+
+A frame's ``truth.stickered`` is True only when a sticker was drawn on its sign.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -29,6 +43,7 @@ from cloud_train.scenes import (
     scene_lut,
 )
 from cloud_train.signs import SYNTHETIC_CLASSES
+from cloud_train.sticker.placement import STICKER_JSON, PlacedSticker, load_placed_sticker
 from edge_runtime.frames import Frame, FrameSource, SignTruth, register_source
 from roadshield.errors import CameraError, RoadshieldError
 
@@ -88,10 +103,11 @@ class SyntheticCamera(FrameSource):
                               "choose from: " + ", ".join(SYNTHETIC_CLASSES))
         self.classes = tuple(SYNTHETIC_CLASSES.index(c) for c in names) or tuple(
             range(len(SYNTHETIC_CLASSES)))
-        self._sticker = None
+        self._sticker: np.ndarray | None = None
+        self._placed: PlacedSticker | None = None
         if q.get("sticker"):
             try:
-                self._sticker = load_sticker(q["sticker"])
+                self._load_sticker(q["sticker"])
             except RoadshieldError as e:
                 raise CameraError(f"sticker in '{uri}': {e.args[0]}", e.hint) from e
         self._max_px = float(min(120.0, self.height * 0.3, self.width * 0.22))
@@ -113,6 +129,18 @@ class SyntheticCamera(FrameSource):
                               f"{key} takes a {kind.__name__} in {rng}")
         return value
 
+    def _load_sticker(self, path: str) -> None:
+        """A placed sticker when a sticker.json goes with ``path``, else a plain image."""
+        p = Path(path)
+        if p.is_dir() or p.suffix.lower() == ".json" or (p.parent / STICKER_JSON).is_file():
+            self._placed = load_placed_sticker(p)
+            return
+        sticker = load_sticker(p)
+        if not (sticker[..., 3] > 0).any():
+            raise CameraError(f"sticker image {p} is fully transparent",
+                              "give an image with the sticker's pixels at alpha 255")
+        self._sticker = sticker
+
     @property
     def frame_count(self) -> int:
         """Frames one iteration yields."""
@@ -124,14 +152,17 @@ class SyntheticCamera(FrameSource):
         hi = self._max_px
         lo = min(24.0, hi / 3)
         while True:
-            yield Encounter(
-                class_index=int(self.classes[int(rng.integers(0, len(self.classes)))]),
-                gap=int(rng.integers(12, 25)),  # 0.8-1.6 s of empty road at 15 fps
-                length=int(rng.integers(8, 21)),
-                start_px=float(lo * rng.uniform(0.9, 1.15)),
-                end_px=float(hi * rng.uniform(0.85, 1.0)),
-                stickered=bool(rng.random() < self.sticker_rate),
-            )
+            cls = int(self.classes[int(rng.integers(0, len(self.classes)))])
+            gap = int(rng.integers(12, 25))  # 0.8-1.6 s of empty road at 15 fps
+            length = int(rng.integers(8, 21))
+            start_px = float(lo * rng.uniform(0.9, 1.15))
+            end_px = float(hi * rng.uniform(0.85, 1.0))
+            hit = bool(rng.random() < self.sticker_rate)
+            # A placed sticker belongs to one sign class; the draw happens regardless, so
+            # the plan is the same with or without it.
+            if self._placed is not None and cls != self._placed.class_index:
+                hit = False
+            yield Encounter(cls, gap, length, start_px, end_px, hit)
 
     def __iter__(self) -> Iterator[Frame]:
         if self._closed:
@@ -141,8 +172,10 @@ class SyntheticCamera(FrameSource):
             bg, layout = scene_background(np.random.default_rng((self.seed, 1, e_idx)),
                                           self.width, self.height)
             lut = scene_lut(np.random.default_rng((self.seed, 4, e_idx)))
-            sticker = None
-            if enc.stickered:
+            sticker, placed = None, None
+            if enc.stickered and self._placed is not None:
+                placed = self._placed
+            elif enc.stickered:
                 sticker = self._sticker if self._sticker is not None else make_sticker(
                     np.random.default_rng((self.seed, 2, e_idx)))
             pose_seed = int(np.random.default_rng((self.seed, 5, e_idx)).integers(0, 2**62))
@@ -157,8 +190,9 @@ class SyntheticCamera(FrameSource):
                     px = 1.0 / ((1 - t) / enc.start_px + t / enc.end_px)  # 1/size is linear in t
                     # The same placement rng each frame keeps the sticker where it was stuck.
                     box, _ = place_sign(frame, layout, enc.class_index, px, pose_seed, sticker,
-                                        np.random.default_rng((self.seed, 3, e_idx)))
-                    truth = SignTruth(name, box, stickered=sticker is not None)
+                                        np.random.default_rng((self.seed, 3, e_idx)),
+                                        placed=placed)
+                    truth = SignTruth(name, box, stickered=enc.stickered)
                 image = camera_finish(frame, lut, np.random.default_rng((self.seed, 6, index)))
                 yield Frame(image=image, index=index, timestamp=index / self.fps, truth=truth)
                 index += 1

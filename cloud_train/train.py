@@ -128,6 +128,11 @@ class TrainConfig:
     on a grid of ``roa_stride`` pixels among the ``roa_candidates`` positions with the largest
     input gradient, then filled by ``pgd_steps`` steps.
 
+    ``masked`` (training for PatchCleanser): each example is covered by one grey square of
+    ``mask_size`` pixels, or by two with probability ``mask_double_rate``; ``mask_size=None``
+    takes the side of PatchCleanser's masks for the input size (14 px at 32 x 32, see
+    ``cloud_train.robust_trainers.patchcleanser_mask_side``).
+
     ``amp`` (float16 autocast + GradScaler) and ``channels_last``: None = on with CUDA, off
     on the CPU; True on a CPU device is refused when training starts.
     """
@@ -154,6 +159,8 @@ class TrainConfig:
     roa_width: int = 7
     roa_stride: int = 2
     roa_candidates: int = 10
+    mask_size: int | None = None
+    mask_double_rate: float = 0.5
     amp: bool | None = None
     channels_last: bool | None = None
 
@@ -201,6 +208,14 @@ class TrainConfig:
         for side in ("roa_height", "roa_width", "roa_stride", "roa_candidates"):
             v = getattr(self, side)
             need(is_int(v) and v >= 1, f"{side}={v!r}", "use a whole number of pixels >= 1")
+        need(self.mask_size is None or (is_int(self.mask_size) and self.mask_size >= 1),
+             f"mask_size={self.mask_size!r}",
+             "use None (PatchCleanser's mask side for the input size) or pixels >= 1")
+        need(isinstance(self.mask_double_rate, (int, float))
+             and not isinstance(self.mask_double_rate, bool)
+             and 0.0 <= self.mask_double_rate <= 1.0,
+             f"mask_double_rate={self.mask_double_rate!r}",
+             "use a probability in [0, 1]; 0.5 mixes one and two masks evenly")
         for flag in ("amp", "channels_last"):
             v = getattr(self, flag)
             need(v is None or isinstance(v, bool), f"{flag}={v!r}",

@@ -1,7 +1,8 @@
 """Draw what the run loop saw and decided onto frames, and write them to a video.
 
-Colours (BGR): located candidates thin grey, classified signs green, the ground-truth box
-magenta, the decision banner dark with white text and the command in amber.
+Colours (BGR): located candidates thin grey, classified signs green, signs the defence
+abstained on ("unknown (patch?)") red, the ground-truth box magenta, the decision banner
+dark with white text and the command in amber. A certified label ends in "cert".
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from roadshield.errors import ConfigError
 
 from .frames import SignTruth
 from .locate import Candidate
-from .policy import Decision, Prediction
+from .policy import UNKNOWN, Decision, Prediction
 
 _CANDIDATE = (160, 160, 160)
 _PREDICTION = (40, 200, 40)
+_UNKNOWN = (40, 40, 230)
 _TRUTH = (220, 40, 220)
 _COMMAND = (0, 190, 255)
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
@@ -61,9 +63,12 @@ def annotate(frame_bgr: np.ndarray, candidates: Sequence[Candidate],
         _label(img, tag, x0, y1 + int(40 * scale), _TRUTH, scale * 0.8)
     for pred in predictions:
         x0, y0, x1, y1 = pred.box
-        cv2.rectangle(img, (x0, y0), (x1 - 1, y1 - 1), _PREDICTION, 2)
-        _label(img, f"{pred.class_name} {pred.confidence:.2f}", x0, y0 - 2, _PREDICTION,
-               scale * 0.8)
+        unknown = pred.class_name == UNKNOWN
+        colour = _UNKNOWN if unknown else _PREDICTION
+        cv2.rectangle(img, (x0, y0), (x1 - 1, y1 - 1), colour, 2)
+        name = "unknown (patch?)" if unknown else pred.class_name
+        cert = " cert" if pred.certified else ""
+        _label(img, f"{name} {pred.confidence:.2f}{cert}", x0, y0 - 2, colour, scale * 0.8)
     line = int(28 * scale)
     if decision is not None:
         _label(img, f"{decision.action}: {decision.reason}"[:110], 4, line, (255, 255, 255),

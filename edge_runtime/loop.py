@@ -4,8 +4,11 @@ Every part arrives through the constructor, so the same loop runs a Jetson CSI c
 TensorRT and a serial actuator, or a list of drawn frames with a fake runner in a test.
 ``build_loop`` wires the defaults by name. Per frame it times each stage, logs every
 decision as one JSON line (append-only), and, when frames carry ground truth, scores the
-locator, the classifier and the actions taken per sign encounter. Any error, and Ctrl-C,
-first puts the actuator into its safe state, then propagates.
+locator, the classifier and the actions taken per sign encounter. A runner may also
+return "abstain" (N,) bool, as the PatchCleanser defence does (``build_loop(...,
+defence=...)``): those crops become the class ``UNKNOWN``, which the policy treats
+cautiously. Any error, and Ctrl-C, first puts the actuator into its safe state, then
+propagates.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from roadshield.fileio import atomic_write_json
 from .annotate import annotate
 from .frames import Frame, FrameSource
 from .locate import Candidate, box_iou
-from .policy import Decision, Observation, Policy, Prediction
+from .patchcleanser import PatchCleanserRunner
+from .policy import UNKNOWN, Decision, Observation, Policy, Prediction
 from .runners.base import BaseRunner
 from .sanitize import SanitizeChain
 
@@ -70,19 +74,27 @@ class TruthScorer:
 
     Locator recall: a candidate overlaps the truth box with IoU >= ``iou``. Accuracy: the
     prediction for that candidate names the truth class (only when it was classified),
-    split clean vs stickered. Encounter: consecutive frames showing the same truth class.
-    It is right when the policy's voted decisions include a class with the truth class's
-    rule (a stop sign voted "stop" or "no_entry") and no command went out under another
-    rule; for a class whose rule changes nothing, when no command went out under a rule.
+    split clean vs stickered. With ``abstains`` (the runner can abstain) each split also
+    counts the crops that abstained (classified, never correct) and their rate; where a
+    defence certified its labels, the certified crops and those also correct.
+    Encounter: consecutive frames showing the same truth class. It is right when the
+    policy's voted decisions include a class with the truth class's rule (a stop sign voted
+    "stop" or "no_entry") and no command went out under another rule; for a class whose
+    rule changes nothing, when no command went out under a rule.
     Voted, not sent: a speed limit already in force is a right decision with no command.
     """
 
-    def __init__(self, rule_for: Callable[[str], Any] | None, iou: float = 0.5) -> None:
+    def __init__(self, rule_for: Callable[[str], Any] | None, iou: float = 0.5, *,
+                 abstains: bool = False) -> None:
         self.rule_for = rule_for
         self.iou = iou
+        self.abstains = abstains
         self.counts = {"frames_with_truth": 0, "located": 0, "frames_without_truth": 0,
                        "false_detection_frames": 0}
         self.split = {k: {"classified": 0, "correct": 0} for k in ("clean", "stickered")}
+        self.defended = {k: {"abstained": 0, "certified": 0, "certified_correct": 0}
+                         for k in ("clean", "stickered")}
+        self._certify_seen = False
         self._done: list[dict[str, Any]] = []
         self._open: dict[str, Any] | None = None
 
@@ -101,9 +113,17 @@ class TruthScorer:
         if hits:
             self.counts["located"] += 1
             if hits[0] < len(predictions):
-                part = self.split["stickered" if truth.stickered else "clean"]
-                part["classified"] += 1
-                part["correct"] += predictions[hits[0]].class_name == truth.class_name
+                key = "stickered" if truth.stickered else "clean"
+                pred = predictions[hits[0]]
+                correct = pred.class_name == truth.class_name
+                self.split[key]["classified"] += 1
+                self.split[key]["correct"] += correct
+                extra = self.defended[key]
+                extra["abstained"] += pred.class_name == UNKNOWN
+                if pred.certified is not None:
+                    self._certify_seen = True
+                    extra["certified"] += pred.certified
+                    extra["certified_correct"] += pred.certified and correct
         if self._open is None:
             self._open = {"class_name": truth.class_name, "stickered": truth.stickered,
                           "first_frame": frame.index, "last_frame": frame.index, "frames": 0,
@@ -146,8 +166,18 @@ class TruthScorer:
         out: dict[str, Any] = dict(self.counts)
         out["locator_recall"] = _ratio(self.counts["located"], self.counts["frames_with_truth"])
         out.update(classified=classified, correct=correct, accuracy=_ratio(correct, classified))
+        abstained = sum(p["abstained"] for p in self.defended.values())
         for key, part in self.split.items():
             out[key] = {**part, "accuracy": _ratio(part["correct"], part["classified"])}
+            extra = self.defended[key]
+            if self.abstains or abstained:
+                out[key].update(abstained=extra["abstained"],
+                                abstain_rate=_ratio(extra["abstained"], part["classified"]))
+            if self._certify_seen:
+                out[key].update(certified=extra["certified"],
+                                certified_correct=extra["certified_correct"])
+        if self.abstains or abstained:
+            out["abstained"] = abstained
         right = sum(bool(e.get("right")) for e in encs)
         out.update(encounters=len(encs), encounters_right=right,
                    encounter_accuracy=_ratio(right, len(encs)))
@@ -171,6 +201,8 @@ class LoopReport:
     source: str = ""
     runner: str = ""
     sanitize: str = ""  # the sanitizer chain's spec; "" when none ran
+    defence: str = ""  # the input-patch defence's spec; "" when none ran
+    defence_stats: dict[str, int] | None = None  # the defence's cost counters for this run
     interrupted: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -187,6 +219,8 @@ class EdgeLoop:
     locator: frame_bgr -> candidates, best first. preprocess: see ``Preprocess``.
     runner: a BaseRunner taking {input_name: (N, 3, S, S)} and returning
         {output_name: (N, len(class_names)) logits}; activated here if it is not already.
+        It may add "abstain" (N,) bool (those crops become ``UNKNOWN`` predictions, their
+        confidence the softmax maximum) and "certified" (N,) bool, kept on the predictions.
     input_size: S, the classifier's square input side in pixels.
     annotator: optional frame writer (e.g. ``VideoAnnotator``) for annotated frames.
     decision_log: JSON-lines file, opened in append mode, one line per decision.
@@ -269,13 +303,32 @@ class EdgeLoop:
         if not np.isfinite(logits).all():
             raise RoadshieldError(f"runner {self.runner.name} returned non-finite logits",
                                   "check the engine / model file and the input range [0, 1]")
+        abstain = self._row_flags(outputs, "abstain", len(chosen))
+        certified = self._row_flags(outputs, "certified", len(chosen))
         probs = softmax(logits)
         t2 = time.perf_counter()
         times["preprocess"].append((t1 - t0) * 1e3)
         times["infer"].append((t2 - t1) * 1e3)
         best = probs.argmax(axis=1)
-        return [Prediction(c.box, int(k), self.class_names[int(k)], float(probs[i, k]), c.score)
-                for i, (c, k) in enumerate(zip(chosen, best, strict=True))]
+        predictions = []
+        for i, (c, k) in enumerate(zip(chosen, best, strict=True)):
+            index, name = ((-1, UNKNOWN) if abstain is not None and abstain[i]
+                           else (int(k), self.class_names[int(k)]))
+            predictions.append(Prediction(c.box, index, name, float(probs[i, k]), c.score,
+                                          None if certified is None else bool(certified[i])))
+        return predictions
+
+    def _row_flags(self, outputs: dict[str, np.ndarray], key: str, n: int
+                   ) -> np.ndarray | None:
+        """The runner's optional per-crop bool output ``key`` as (n,) bool, or None."""
+        flags = outputs.get(key)
+        if flags is None:
+            return None
+        flags = np.asarray(flags)
+        if flags.shape != (n,):
+            raise ConfigError(f"runner {self.runner.name} returned '{key}' shaped "
+                              f"{flags.shape}, expected ({n},)", "return one flag per crop")
+        return flags.astype(bool)
 
     def _send(self, command: ActuatorCommand, report: LoopReport, keepalive: bool) -> None:
         self.actuator.send(command)
@@ -332,9 +385,13 @@ class EdgeLoop:
         """
         from tqdm import tqdm  # type: ignore[import-untyped]
 
+        defence = self.runner if isinstance(self.runner, PatchCleanserRunner) else None
         report = LoopReport(source=getattr(self.source, "uri", ""), runner=self.runner.name,
-                            sanitize=self.sanitizers.spec if self.sanitizers else "")
+                            sanitize=self.sanitizers.spec if self.sanitizers else "",
+                            defence=defence.spec if defence is not None else "")
         self.last_report = report
+        if defence is not None:
+            defence.reset_stats()
         times: dict[str, list[float]] = {name: [] for name in STAGES}
         scorer = TruthScorer(getattr(self.policy, "rule_for", None))
         self._last_send = float("-inf")
@@ -350,6 +407,7 @@ class EdgeLoop:
                 self.runner.activate()
                 activated = True
             report.runner = self.runner.name  # backends name their provider once active
+            scorer.abstains = "abstain" in self.runner.output_names
             if self.decision_log is not None:
                 self.decision_log.parent.mkdir(parents=True, exist_ok=True)
                 log_fh = open(self.decision_log, "a", encoding="utf-8")  # noqa: SIM115
@@ -378,6 +436,8 @@ class EdgeLoop:
                 log_fh.close()
             if activated:
                 self.runner.deactivate()
+            if defence is not None:
+                report.defence_stats = defence.stats()
             self._finish(report, times, scorer, time.perf_counter() - start)
         return report
 
@@ -412,12 +472,16 @@ def build_loop(source: str | FrameSource, model_path: str | os.PathLike[str], *,
                annotate_video: str | os.PathLike[str] | None = None, video_fps: float = 15.0,
                decision_log: str | os.PathLike[str] | None = None, max_rois: int = 3,
                keepalive_s: float | None = None,
-               sanitize: str | Sequence[str] | None = None) -> EdgeLoop:
+               sanitize: str | Sequence[str] | None = None,
+               defence: str | None = None) -> EdgeLoop:
     """Wire the default parts by name: a camera URI, a model file and a backend name.
 
     sanitize: a sanitizer chain spec (``edge_runtime.sanitize``), e.g.
     ``"bitdepth:bits=5,median:k=3"``; None or "" runs none. It is checked before the
     model or the camera is opened.
+    defence: an input-patch defence spec (``edge_runtime.patchcleanser``), e.g.
+    ``"patchcleanser:share=0.1,k=6"``, wrapped around the backend's runner; None or ""
+    runs none. It is checked before the model or the camera is opened too.
 
     The model's class names, input size and tensor names come from its metadata
     (``read_model_info``); the actuator defaults to an in-process RecordingActuator.
@@ -426,6 +490,7 @@ def build_loop(source: str | FrameSource, model_path: str | os.PathLike[str], *,
 
     from .locate import create_locator
     from .model_info import read_model_info
+    from .patchcleanser import create_defence, parse_defence
     from .policy import create_policy
     from .preprocess import preprocess_batch
     from .runners.registry import create_runner
@@ -433,6 +498,8 @@ def build_loop(source: str | FrameSource, model_path: str | os.PathLike[str], *,
     from .sources import open_source
 
     chain = build_chain(sanitize)
+    if defence:
+        parse_defence(defence)
     if str(model_path).endswith((".engine", ".plan")):
         from .runners.engine_meta import engine_model_info
 
@@ -440,8 +507,12 @@ def build_loop(source: str | FrameSource, model_path: str | os.PathLike[str], *,
     else:
         info = read_model_info(model_path)
     runner = create_runner(backend, model_path)
+    if defence:
+        runner = create_defence(defence, runner, info.input_size, input_name=info.input_name,
+                                output_name=info.output_name)
     if chain is not None:
         # a CUDA chain writes its fused preprocess straight into a TensorRT input buffer
+        # (not through a defence, which masks the batch on the host first)
         chain.attach_runner(runner)
     pol = create_policy(policy, **(policy_options or {})) if isinstance(policy, str) else policy
     loc = create_locator(locator, **(locator_options or {})) if isinstance(locator, str) \

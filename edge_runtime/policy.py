@@ -9,7 +9,9 @@ an encounter cannot loosen a stop. A speed-limit sign's limit outlives its encou
 is the road's new limit, never above ``max_speed_kmh``); stop and slow signs last for
 their encounter, after which the vehicle returns to the standing limit. Among the
 confident predictions of one frame it votes for the most restrictive, so a decoy next to
-a stop sign cannot hide it.
+a stop sign cannot hide it. A sighting of the class ``UNKNOWN`` (a defence such as
+PatchCleanser abstained: the sign may carry an adversarial patch) asks to slow down, and
+it votes whatever its confidence: it is sure that the sign cannot be trusted.
 
 Policies are chosen by name: ``create_policy("sign_rules", max_speed_kmh=40)``.
 """
@@ -38,6 +40,8 @@ SLOW_CLASSES: frozenset[str] = frozenset({
     "slippery_road", "ice_snow", "bumpy_road", "road_narrows_right",
     "dangerous_curve_left", "dangerous_curve_right", "double_curve",
 })
+#: The class of a sighting the classifier's defence abstained on: treated like a SLOW class.
+UNKNOWN = "unknown"
 _SPEED_LIMIT = re.compile(r"^speed_limit_(\d+)$")
 
 
@@ -46,6 +50,8 @@ class Prediction:
     """The classifier's answer for one located region.
 
     box: (x0, y0, x1, y1) frame pixels, x1/y1 exclusive; confidence: softmax probability.
+    An abstained crop has class_index -1 and class_name ``UNKNOWN``. certified: whether a
+    certifying defence proved the label robust (None when none checked).
     """
 
     box: Box
@@ -53,11 +59,16 @@ class Prediction:
     class_name: str
     confidence: float
     locator_score: float = 1.0
+    certified: bool | None = None
 
     def to_dict(self) -> dict[str, object]:
-        return {"box": list(self.box), "class_index": self.class_index,
-                "class_name": self.class_name, "confidence": round(self.confidence, 4),
-                "locator_score": round(self.locator_score, 4)}
+        out: dict[str, object] = {
+            "box": list(self.box), "class_index": self.class_index,
+            "class_name": self.class_name, "confidence": round(self.confidence, 4),
+            "locator_score": round(self.locator_score, 4)}
+        if self.certified is not None:
+            out["certified"] = self.certified
+        return out
 
 
 @dataclass(frozen=True)
@@ -118,11 +129,12 @@ class SignRulesPolicy:
     """Rules by class name with confidence gating, temporal voting and tighten-only encounters.
 
     max_speed_kmh: the highest cap ever commanded (km/h); the standing limit at start.
-    confidence: minimum softmax probability for a prediction to vote.
+    confidence: minimum softmax probability for a prediction to vote (``UNKNOWN`` sightings
+        vote at any confidence).
     votes_needed / window: act when one class won ``votes_needed`` of the last ``window``
         frames with a confident sighting.
     clear_after_s: seconds without any located sign that end an encounter.
-    slow_kmh / slow_brake: cap and brake level for SLOW_CLASSES.
+    slow_kmh / slow_brake: cap and brake level for SLOW_CLASSES and ``UNKNOWN``.
     ttl_ms: time-to-live put on every command.
     clock: seconds, used when an observation carries no timestamp (injectable for tests).
     """
@@ -167,7 +179,7 @@ class SignRulesPolicy:
         """The rule a class maps to, already capped at ``max_speed_kmh``."""
         if class_name in STOP_CLASSES:
             return Rule("stop", 0.0, 1.0)
-        if class_name in SLOW_CLASSES:
+        if class_name in SLOW_CLASSES or class_name == UNKNOWN:
             return Rule("slow", self.slow_kmh, self.slow_brake)
         match = _SPEED_LIMIT.match(class_name)
         if match:
@@ -207,7 +219,8 @@ class SignRulesPolicy:
         if not observation.predictions:
             return self._no_sign(now)
         self._last_seen = now
-        confident = [p for p in observation.predictions if p.confidence >= self.confidence]
+        confident = [p for p in observation.predictions
+                     if p.confidence >= self.confidence or p.class_name == UNKNOWN]
         if not confident:
             best = max(observation.predictions, key=lambda p: p.confidence)
             return Decision("hold", best.class_name, best.confidence, None,

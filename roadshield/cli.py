@@ -165,6 +165,9 @@ def _add_edge(sub: argparse._SubParsersAction) -> None:
                           " (bitdepth, median, jpeg, resize_pad; preprocess splits crop/batch);"
                           ' a "cuda:" prefix runs the chain as CUDA kernels, e.g. '
                           '"cuda:bitdepth:bits=5,median:k=3,preprocess"')
+    run.add_argument("--defence", default=None, metavar="SPEC",
+                     help='input-patch defence wrapped around the model, e.g. '
+                          '"patchcleanser:share=0.1,k=6"')
     run.add_argument("--serial", default=None,
                      help="drive a serial actuator: /dev/ttyACM0, /dev/roadshield-actuator, "
                           "or a simulator's pty")
@@ -188,6 +191,12 @@ def _add_redteam(sub: argparse._SubParsersAction) -> None:
     add_redteam_parsers(sub)
 
 
+def _add_attack(sub: argparse._SubParsersAction) -> None:
+    from cloud_train.sticker.cli import add_attack_parsers  # argparse only at this point
+
+    add_attack_parsers(sub)
+
+
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="the whole chain on this machine's CPU")
     demo.add_argument("--profile", default="quick", help="quick (default) or tiny")
@@ -206,8 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"roadshield {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_data, _add_train, _add_distill, _add_edge, _add_actuator, _add_redteam,
-                _add_demo):
+    for add in (_add_data, _add_train, _add_distill, _add_edge, _add_actuator, _add_attack,
+                _add_redteam, _add_demo):
         add(sub)
     return parser
 

@@ -143,7 +143,7 @@ def edge_run(args: argparse.Namespace) -> int:
                                    max_frames=args.max_frames, video=args.video,
                                    decision_log=args.decision_log,
                                    max_speed_kmh=args.max_speed, sanitize=args.sanitize,
-                                   actuator=actuator,
+                                   defence=args.defence, actuator=actuator,
                                    keepalive_s=0.2 if actuator is not None else None)
     finally:
         if actuator is not None:

@@ -230,11 +230,13 @@ def run_edge(model: str | Path, source: str, *, backend: str = "auto",
              max_frames: int | None = None, video: str | Path | None = None,
              decision_log: str | Path | None = None, max_speed_kmh: float = 50.0,
              actuator: Any = None, keepalive_s: float | None = None, progress: bool = True,
-             sanitize: str | None = None) -> Any:
+             sanitize: str | None = None, defence: str | None = None) -> Any:
     """Run the edge loop once over ``source``; return its LoopReport.
 
     sanitize: a sanitizer chain spec such as ``"bitdepth:bits=5,median:k=3"`` (see
     ``edge_runtime.sanitize``), applied to each located crop before the model.
+    defence: an input-patch defence spec such as ``"patchcleanser:share=0.1,k=6"`` (see
+    ``edge_runtime.patchcleanser``), wrapped around the model.
     keepalive_s: re-send the standing command this often (seconds) so a device whose
     commands expire (the serial actuator's TTL) keeps its state between decisions.
     """
@@ -245,6 +247,6 @@ def run_edge(model: str | Path, source: str, *, backend: str = "auto",
     loop = build_loop(source, model, backend=backend,
                       policy_options={"max_speed_kmh": max_speed_kmh}, actuator=actuator,
                       annotate_video=video, decision_log=decision_log, sanitize=sanitize,
-                      keepalive_s=keepalive_s)
+                      defence=defence, keepalive_s=keepalive_s)
     with loop:
         return loop.run(max_frames=max_frames, progress=progress)

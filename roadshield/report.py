@@ -18,6 +18,21 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f} %"
 
 
+def _defence_rows(rep: dict[str, Any]) -> list[tuple[str, str]]:
+    """The input-patch defence and its cost; none when no defence ran."""
+    if not rep.get("defence"):
+        return []
+    rows = [("input-patch defence", rep["defence"])]
+    cost = rep.get("defence_stats") or {}
+    if cost:
+        rows += [("defence model calls / images",
+                  f"{cost.get('calls', 0)} / {cost.get('images', 0)} for "
+                  f"{cost.get('crops', 0)} crops"),
+                 ("crops needing a second round", str(cost.get("second_round_crops", 0))),
+                 ("crops abstained (unknown)", str(cost.get("abstained", 0)))]
+    return rows
+
+
 def loop_rows(rep: dict[str, Any]) -> list[tuple[str, str]]:
     stages = rep.get("stages", {})
     rows = [("backend", rep.get("runner", "")),
@@ -26,6 +41,7 @@ def loop_rows(rep: dict[str, Any]) -> list[tuple[str, str]]:
             ("frames per second", f"{rep['fps']:.1f}"),
             ("frames with a sign located", str(rep["frames_with_detection"])),
             ("commands sent to the actuator", str(rep["commands_sent"]))]
+    rows[2:2] = _defence_rows(rep)
     for stage in ("locate", "sanitize", "preprocess", "infer", "frame"):
         if stage in stages:
             s = stages[stage]
@@ -37,6 +53,15 @@ def loop_rows(rep: dict[str, Any]) -> list[tuple[str, str]]:
                  ("sign accuracy, stickered", _pct(truth.get("stickered", {}).get("accuracy"))),
                  ("encounters with the right action",
                   f"{truth.get('encounters_right', 0)} of {truth.get('encounters', 0)}")]
+        for split in ("clean", "stickered"):
+            part = truth.get(split) or {}
+            if "abstained" in part:
+                rows.append((f"abstained, {split}", f"{part['abstained']} of "
+                             f"{part.get('classified', 0)} ({_pct(part.get('abstain_rate'))})"))
+            if "certified" in part:
+                rows.append((f"certified, {split}", f"{part['certified']} of "
+                             f"{part.get('classified', 0)} ({part.get('certified_correct', 0)}"
+                             " also correct)"))
     return rows
 
 

@@ -27,11 +27,12 @@ def test_help_imports_only_the_parsers_of_each_tier():
     assert ast.literal_eval(out.stdout) == [
         "actuator", "actuator.cli", "cloud_train", "cloud_train.attest",
         "cloud_train.attest.cli", "cloud_train.ingest", "cloud_train.ingest.cli",
-        "cloud_train.redteam_cli", "cloud_train.splits", "cloud_train.splits.cli"]
+        "cloud_train.redteam_cli", "cloud_train.splits", "cloud_train.splits.cli",
+        "cloud_train.sticker", "cloud_train.sticker.cli"]
 
 
 @pytest.mark.parametrize("stage", ["data", "train", "eval", "distill", "edge", "actuator",
-                                   "redteam", "demo"])
+                                   "attack", "redteam", "demo"])
 def test_every_stage_has_help(stage, capsys):
     with pytest.raises(SystemExit) as exc:
         main([stage, "--help"])

@@ -1,0 +1,1 @@
+"""Physical adversarial stickers: optimisation, print files, placement."""
