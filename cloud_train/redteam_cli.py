@@ -1,4 +1,4 @@
-"""``roadshield redteam data`` and ``roadshield redteam backdoor`` (handlers import the red-team
+"""``roadshield redteam data``, ``backdoor`` and ``inference`` (handlers import the red-team
 runs lazily).
 
 Exit codes: 0 when every target of the issue is met, 3 when some target is missed (each miss
@@ -37,6 +37,7 @@ def add_redteam_parsers(subparsers: argparse._SubParsersAction) -> argparse._Sub
     data.add_argument("--no-progress", action="store_true", help="no progress bar")
     data.set_defaults(func=cmd_redteam_data)
     _add_backdoor_parser(rsub)
+    _add_inference_parser(rsub)
     return rsub
 
 
@@ -72,6 +73,40 @@ def _add_backdoor_parser(rsub: argparse._SubParsersAction) -> None:
     bd.add_argument("--json", action="store_true", help="print the result as JSON")
     bd.add_argument("--no-progress", action="store_true", help="no progress bar")
     bd.set_defaults(func=cmd_redteam_backdoor)
+
+
+def _add_inference_parser(rsub: argparse._SubParsersAction) -> None:
+    inf = rsub.add_parser(
+        "inference", help="the printable sticker against the undefended car and the patch "
+        "defences (ROA, PatchCleanser, sanitizers), non-adaptive and adaptive",
+        description="Optimises stickers (white-box on the teacher, black-box, and adaptive "
+        "with each defence in the loop), drives the edge loop through clean and stickered "
+        "synthetic streams with every stack, writes OUT/redteam_inference.json, .md and .png "
+        "and the stickers' print files, prints the table; exit 0 when every target is met, "
+        "3 when some target is missed.")
+    inf.add_argument("--out", required=True, help="folder for redteam_inference.{json,md,png}")
+    inf.add_argument("--scale", choices=("tiny", "quick"), default="quick",
+                     help="tiny: a smoke test; quick: the demo's sizes (minutes on 2 cores)")
+    inf.add_argument("--seed", type=int, default=0)
+    inf.add_argument("--teacher", default=None,
+                     help="undefended model checkpoint (default: trained at the scale)")
+    inf.add_argument("--masked", default=None,
+                     help="PatchCleanser's model, trained with masks (default: trained)")
+    inf.add_argument("--roa", default=None,
+                     help="the ROA-trained model (default: trained at the scale)")
+    inf.add_argument("--json", action="store_true", help="print the result as JSON")
+    inf.add_argument("--no-progress", action="store_true", help="no progress bar")
+    inf.set_defaults(func=cmd_redteam_inference)
+
+
+def cmd_redteam_inference(args: argparse.Namespace) -> int:
+    from cloud_train.redteam_inference import run_inference_redteam
+    from cloud_train.redteam_inference_report import text_table
+
+    result: dict[str, Any] = run_inference_redteam(
+        args.out, scale=args.scale, seed=args.seed, teacher=args.teacher, masked=args.masked,
+        roa=args.roa, progress=not (args.no_progress or args.json))
+    return _finish(result, text_table, args.json)
 
 
 def cmd_redteam_data(args: argparse.Namespace) -> int:

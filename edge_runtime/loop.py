@@ -30,11 +30,12 @@ from roadshield.fileio import atomic_write_json
 
 from .annotate import annotate
 from .frames import Frame, FrameSource
-from .locate import Candidate, box_iou
+from .locate import Candidate
 from .patchcleanser import PatchCleanserRunner
-from .policy import UNKNOWN, Decision, Observation, Policy, Prediction
+from .policy import UNKNOWN, Observation, Policy, Prediction
 from .runners.base import BaseRunner
 from .sanitize import SanitizeChain
+from .scoring import TruthScorer
 
 log = logging.getLogger(__name__)
 
@@ -63,125 +64,6 @@ def _stats(samples: list[float]) -> dict[str, float]:
     return {"count": int(arr.size), "median_ms": round(float(np.median(arr)), 4),
             "p95_ms": round(float(np.percentile(arr, 95)), 4),
             "mean_ms": round(float(arr.mean()), 4)}
-
-
-def _ratio(num: int, den: int) -> float | None:
-    return num / den if den else None
-
-
-class TruthScorer:
-    """Scores a run against the ground truth that synthetic frames carry.
-
-    Locator recall: a candidate overlaps the truth box with IoU >= ``iou``. Accuracy: the
-    prediction for that candidate names the truth class (only when it was classified),
-    split clean vs stickered. With ``abstains`` (the runner can abstain) each split also
-    counts the crops that abstained (classified, never correct) and their rate; where a
-    defence certified its labels, the certified crops and those also correct.
-    Encounter: consecutive frames showing the same truth class. It is right when the
-    policy's voted decisions include a class with the truth class's rule (a stop sign voted
-    "stop" or "no_entry") and no command went out under another rule; for a class whose
-    rule changes nothing, when no command went out under a rule.
-    Voted, not sent: a speed limit already in force is a right decision with no command.
-    """
-
-    def __init__(self, rule_for: Callable[[str], Any] | None, iou: float = 0.5, *,
-                 abstains: bool = False) -> None:
-        self.rule_for = rule_for
-        self.iou = iou
-        self.abstains = abstains
-        self.counts = {"frames_with_truth": 0, "located": 0, "frames_without_truth": 0,
-                       "false_detection_frames": 0}
-        self.split = {k: {"classified": 0, "correct": 0} for k in ("clean", "stickered")}
-        self.defended = {k: {"abstained": 0, "certified": 0, "certified_correct": 0}
-                         for k in ("clean", "stickered")}
-        self._certify_seen = False
-        self._done: list[dict[str, Any]] = []
-        self._open: dict[str, Any] | None = None
-
-    def add(self, frame: Frame, candidates: Sequence[Candidate],
-            predictions: Sequence[Prediction], decision: Decision) -> None:
-        truth = frame.truth
-        if self._open is not None and (truth is None
-                                       or truth.class_name != self._open["class_name"]):
-            self._close()
-        if truth is None:
-            self.counts["frames_without_truth"] += 1
-            self.counts["false_detection_frames"] += bool(candidates)
-            return
-        self.counts["frames_with_truth"] += 1
-        hits = [i for i, c in enumerate(candidates) if box_iou(c.box, truth.box) >= self.iou]
-        if hits:
-            self.counts["located"] += 1
-            if hits[0] < len(predictions):
-                key = "stickered" if truth.stickered else "clean"
-                pred = predictions[hits[0]]
-                correct = pred.class_name == truth.class_name
-                self.split[key]["classified"] += 1
-                self.split[key]["correct"] += correct
-                extra = self.defended[key]
-                extra["abstained"] += pred.class_name == UNKNOWN
-                if pred.certified is not None:
-                    self._certify_seen = True
-                    extra["certified"] += pred.certified
-                    extra["certified_correct"] += pred.certified and correct
-        if self._open is None:
-            self._open = {"class_name": truth.class_name, "stickered": truth.stickered,
-                          "first_frame": frame.index, "last_frame": frame.index, "frames": 0,
-                          "commands": [], "voted": []}
-        enc = self._open
-        enc["last_frame"] = frame.index
-        enc["frames"] += 1
-        enc["stickered"] = enc["stickered"] or truth.stickered
-        if decision.action not in ("none", "hold", "relax") and decision.class_name:
-            enc["voted"].append(decision.class_name)
-        if decision.command is not None:
-            enc["commands"].append({"action": decision.action, "class_name": decision.class_name,
-                                    "speed_cap_kmh": decision.command.speed_cap_kmh,
-                                    "brake": decision.command.brake})
-
-    def _close(self) -> None:
-        enc, self._open = self._open, None
-        if enc is None or self.rule_for is None:
-            return
-        want = self.rule_for(enc["class_name"])
-        enc["expected"] = want.action
-        wrong_command = any(c["class_name"] is not None and self.rule_for(c["class_name"]) != want
-                            for c in enc["commands"])
-        voted_right = want.action == "keep" or any(self.rule_for(name) == want
-                                                   for name in enc["voted"])
-        enc["right"] = voted_right and not wrong_command
-        enc["voted"] = sorted(set(enc["voted"]))
-        self._done.append(enc)
-
-    def encounters(self) -> list[dict[str, Any]]:
-        self._close()
-        return list(self._done)
-
-    def summary(self) -> dict[str, Any] | None:
-        if self.counts["frames_with_truth"] == 0:
-            return None
-        encs = self.encounters()
-        classified = sum(p["classified"] for p in self.split.values())
-        correct = sum(p["correct"] for p in self.split.values())
-        out: dict[str, Any] = dict(self.counts)
-        out["locator_recall"] = _ratio(self.counts["located"], self.counts["frames_with_truth"])
-        out.update(classified=classified, correct=correct, accuracy=_ratio(correct, classified))
-        abstained = sum(p["abstained"] for p in self.defended.values())
-        for key, part in self.split.items():
-            out[key] = {**part, "accuracy": _ratio(part["correct"], part["classified"])}
-            extra = self.defended[key]
-            if self.abstains or abstained:
-                out[key].update(abstained=extra["abstained"],
-                                abstain_rate=_ratio(extra["abstained"], part["classified"]))
-            if self._certify_seen:
-                out[key].update(certified=extra["certified"],
-                                certified_correct=extra["certified_correct"])
-        if self.abstains or abstained:
-            out["abstained"] = abstained
-        right = sum(bool(e.get("right")) for e in encs)
-        out.update(encounters=len(encs), encounters_right=right,
-                   encounter_accuracy=_ratio(right, len(encs)))
-        return out
 
 
 @dataclass

@@ -42,8 +42,11 @@ from cloud_train.sticker.shapes import (
 )
 from roadshield.errors import ConfigError
 
-#: predicted probabilities -> per-view success for (sign index, target index or None)
+#: (step, steps, loss) after every optimisation step
 Progress = Callable[[int, int, float], None]
+#: what a defence does to the model input before the model, for adaptive attacks:
+#: (batch [N, 3, S, S] in [0, 1], generator) -> batch, differentiable (or BPDA)
+Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
 @dataclass
@@ -135,14 +138,18 @@ def _colours(theta: torch.Tensor) -> torch.Tensor:
 
 def _run(model: nn.Module, pool: EotPool, mask: torch.Tensor, cfg: StickerConfig, steps: int,
          gen: torch.Generator, history: list[dict[str, float]] | None = None,
-         progress: Progress | None = None) -> tuple[torch.Tensor, float]:
+         progress: Progress | None = None,
+         transform: Transform | None = None) -> tuple[torch.Tensor, float]:
     """Adam on the colours for ``steps``; returns (theta, final loss over the whole pool)."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return model(transform(x, gen) if transform is not None else x)
+
     theta = (torch.randn(3, cfg.cells, cfg.cells, generator=gen) * 0.5).requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=cfg.lr)
     for step in range(steps):
         idx = torch.randperm(len(pool), generator=gen)[:cfg.batch].tolist()
         colours = _colours(theta)
-        logits = model(pool.render(colours, mask, idx, generator=gen))
+        logits = forward(pool.render(colours, mask, idx, generator=gen))
         task = task_loss(logits, cfg.sign, cfg.target, cfg.kappa)
         nps = non_printability(colours, mask)
         tv = total_variation(colours, mask)
@@ -158,7 +165,7 @@ def _run(model: nn.Module, pool: EotPool, mask: torch.Tensor, cfg: StickerConfig
         if progress is not None:
             progress(step + 1, steps, loss.item())
     with torch.no_grad():
-        logits = model(pool.render(_colours(theta), mask, generator=gen))
+        logits = forward(pool.render(_colours(theta), mask, generator=gen))
         final = float(task_loss(logits, cfg.sign, cfg.target, cfg.kappa))
     return theta.detach(), final
 
@@ -195,9 +202,15 @@ def torch_predictor(model: nn.Module) -> Callable[[torch.Tensor], np.ndarray]:
 
 
 def optimise_sticker(model: nn.Module, cfg: StickerConfig, progress: Progress | None = None,
-                     pool: EotPool | None = None) -> StickerResult:
+                     pool: EotPool | None = None,
+                     transform: Transform | None = None) -> StickerResult:
     """Optimise a sticker for ``cfg.sign`` against ``model`` (white-box); see the module
-    docstring. The model's input side is read from ``model.input_size`` (default 32)."""
+    docstring. The model's input side is read from ``model.input_size`` (default 32).
+
+    transform: a defence's input step put in the loop (adaptive attacks): random
+    PatchCleanser masks as an expectation, a sanitizer as BPDA. The held-out success is
+    measured on the bare model; a defended stack is measured on the stream.
+    """
     cfg.check()
     t0 = time.perf_counter()
     size = int(getattr(model, "input_size", (3, 32, 32))[-1])
@@ -219,13 +232,14 @@ def optimise_sticker(model: nn.Module, cfg: StickerConfig, progress: Progress | 
                 for centre in centres:
                     mask = sticker_mask(cfg.sign, cfg.shape, cfg.area, centre)
                     m = torch.from_numpy(mask.astype(np.float32))[None]
-                    _, loss = _run(model, pool, m, cfg, cfg.search_steps, gen)
+                    _, loss = _run(model, pool, m, cfg, cfg.search_steps, gen,
+                                   transform=transform)
                     if best is None or loss < best[0]:
                         best = (loss, centre)
             centre = best[1] if best is not None else centres[0]
             mask = sticker_mask(cfg.sign, cfg.shape, cfg.area, centre)
             m = torch.from_numpy(mask.astype(np.float32))[None]
-            theta, _ = _run(model, pool, m, cfg, cfg.steps, gen, history, progress)
+            theta, _ = _run(model, pool, m, cfg, cfg.steps, gen, history, progress, transform)
         finally:
             for p in model.parameters():
                 p.requires_grad_(True)

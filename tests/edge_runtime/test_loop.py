@@ -160,8 +160,11 @@ def test_truth_scoring_hand_built_case(tmp_path: Path) -> None:
     assert truth["locator_recall"] == pytest.approx(0.9)
     assert (truth["classified"], truth["correct"]) == (9, 5)
     assert truth["accuracy"] == pytest.approx(5 / 9)
-    assert truth["clean"] == {"classified": 7, "correct": 4, "accuracy": pytest.approx(4 / 7)}
-    assert truth["stickered"] == {"classified": 2, "correct": 1, "accuracy": 0.5}
+    # the three speed limits were read as stop: read_as says what each sign was taken for
+    assert truth["clean"] == {"classified": 7, "correct": 4, "accuracy": pytest.approx(4 / 7),
+                              "read_as": {"priority_road": 3, "stop": 4}}
+    assert truth["stickered"] == {"classified": 2, "correct": 1, "accuracy": 0.5,
+                                  "read_as": {"ahead_only": 1, "stop": 1}}
     assert (truth["frames_without_truth"], truth["false_detection_frames"]) == (2, 1)
     assert (truth["encounters"], truth["encounters_right"]) == (3, 2)
     # the stop came on frame 3 (votes: stop, stop, ahead_only, stop)

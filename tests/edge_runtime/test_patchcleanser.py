@@ -424,7 +424,8 @@ def test_loop_turns_abstains_into_unknown_and_counts_them(tmp_path: Path) -> Non
     truth = report.truth
     assert truth is not None and truth["abstained"] == 4
     assert truth["stickered"] == {"classified": 4, "correct": 0, "accuracy": 0.0,
-                                  "abstained": 4, "abstain_rate": 1.0}
+                                  "abstained": 4, "abstain_rate": 1.0,
+                                  "read_as": {"unknown": 4}}
     assert truth["clean"]["abstained"] == 0 and truth["clean"]["abstain_rate"] is None
     assert not inner.is_active
     text = format_loop_report(report.to_dict())
@@ -440,7 +441,8 @@ def test_loop_keeps_certificates(tmp_path: Path) -> None:
     truth = report.truth
     assert truth is not None
     assert truth["clean"] == {"classified": 4, "correct": 4, "accuracy": 1.0, "abstained": 0,
-                              "abstain_rate": 0.0, "certified": 4, "certified_correct": 4}
+                              "abstain_rate": 0.0, "certified": 4, "certified_correct": 4,
+                              "read_as": {"stop": 4}}
     records = [json.loads(line) for line in
                (tmp_path / "decisions.jsonl").read_text().splitlines()]
     assert all(r["predictions"][0]["certified"] for r in records)

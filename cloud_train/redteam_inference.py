@@ -1,0 +1,381 @@
+"""``roadshield redteam inference``: the printable sticker against the car, undefended and defended.
+
+Every stack is the real edge loop (``roadshield.pipeline.run_edge``: synthetic camera ->
+sign locator -> [sanitizers] -> ONNX Runtime [inside PatchCleanser] -> policy -> actuator)
+on two drives: a clean one (every class, no sticker) and a stickered one (stop signs
+carrying the printed sticker where its sticker.json puts it). Stacks:
+
+- ``undefended``: the teacher alone;
+- ``sanitize``: the teacher behind the existing input sanitizers (bit depth 5, median 3x3
+  on the model input);
+- ``roa``: the model trained against rectangular occlusions (Wu et al. 2020);
+- ``patchcleanser``: a model trained with PatchCleanser's masks, inside double masking
+  (Xiang et al. 2022) for patches up to 10 % of the crop;
+- ``roa+patchcleanser``: the ROA model inside double masking.
+
+Attacks: the sticker optimised white-box on the teacher (targeted: stop -> speed limit
+100, and untargeted) is the non-adaptive attack for every stack. The adaptive attack
+re-optimises the sticker with the stack in the loop: against the ROA model itself, EOT
+over PatchCleanser's masks, BPDA through the sanitizers. A black-box sticker (score
+queries to the undefended ONNX model only) reports the queries it needed for 50 %.
+
+Figures per stack: sign accuracy on the clean drive, encounters with the right action,
+abstain rate on clean crops, attack success (targeted: share of stickered sightings read
+as the target; untargeted: share read as anything but the sign), stickered encounters
+that end with the attacker's action at the actuator (a command under the target's rule,
+none under the sign's own), ms per crop as a ratio to the bare runner, and PatchCleanser's
+certified accuracy on clean crops. Exit 3 names every missed target.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+
+from roadshield.errors import ConfigError
+from roadshield.fileio import atomic_write_bytes, atomic_write_json
+
+SCHEMA = "roadshield-redteam-inference/1"
+SIGN, TARGET = "stop", "speed_limit_100"
+SANITIZE_SPEC = "preprocess,bitdepth:bits=5,median:k=3"
+DEFENCE_SPEC = "patchcleanser:share=0.1,k=6"
+MODELS = ("teacher", "masked", "roa")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Sizes of one red-team run (training data, epochs, drives, optimisation)."""
+
+    train_per_class: int
+    epochs: int
+    roa_epochs: int
+    clean_frames: int
+    sticker_frames: int
+    steps: int
+    positions: int
+    pool: int
+    eval_pool: int
+    budget: int
+    timing_crops: int
+
+
+SCALES = {
+    "tiny": Scale(train_per_class=12, epochs=1, roa_epochs=1, clean_frames=60,
+                  sticker_frames=60, steps=2, positions=1, pool=6, eval_pool=6, budget=64,
+                  timing_crops=8),
+    "quick": Scale(train_per_class=500, epochs=10, roa_epochs=8, clean_frames=450,
+                   sticker_frames=300, steps=300, positions=4, pool=96, eval_pool=64,
+                   budget=8000, timing_crops=200),
+}
+
+
+@dataclass(frozen=True)
+class Stack:
+    name: str
+    model: str
+    sanitize: str | None = None
+    defence: str | None = None
+
+
+STACKS = (
+    Stack("undefended", "teacher"),
+    Stack("sanitize", "teacher", sanitize=SANITIZE_SPEC),
+    Stack("roa", "roa"),
+    Stack("patchcleanser", "masked", defence=DEFENCE_SPEC),
+    Stack("roa+patchcleanser", "roa", defence=DEFENCE_SPEC),
+)
+
+Tick = Callable[[str], None]
+
+
+# --- models ---------------------------------------------------------------------------------
+
+def _train_models(work: Path, sc: Scale, seed: int, given: dict[str, str | None],
+                  tick: Tick) -> dict[str, Path]:
+    """Checkpoints by role: the given ones, else trained here (kept in ``work`` for reuse)."""
+    from roadshield import pipeline
+
+    trainers = {"teacher": ("standard", sc.epochs), "masked": ("masked", sc.epochs),
+                "roa": ("roa", sc.roa_epochs)}
+    paths: dict[str, Path] = {}
+    data = work / "data"
+    for role in MODELS:
+        if given.get(role):
+            paths[role] = Path(str(given[role]))
+            if not paths[role].is_file():
+                raise ConfigError(f"--{role} {paths[role]} does not exist",
+                                  "pass a checkpoint written by `roadshield train`")
+            continue
+        ckpt = work / "models" / f"{role}.safetensors"
+        if not ckpt.is_file():
+            if not (data / "gtsrb").is_dir():
+                tick("rendering training data")
+                pipeline.synth_dataset(data, sc.train_per_class, 2, seed=seed, progress=False)
+            trainer, epochs = trainers[role]
+            tick(f"training the {role} model ({trainer}, {epochs} epochs)")
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            pipeline.train_checkpoint(data, ckpt, arch="signnet", trainer=trainer,
+                                      epochs=epochs, seed=seed, progress=False)
+        paths[role] = ckpt
+    return paths
+
+
+def _export(paths: dict[str, Path], work: Path) -> dict[str, Path]:
+    from roadshield import pipeline
+
+    onnx = {}
+    for role, ckpt in paths.items():
+        onnx[role] = pipeline.export_checkpoint(ckpt, work / f"{role}.onnx").onnx
+    return onnx
+
+
+# --- stickers -------------------------------------------------------------------------------
+
+def _stack_transform(stack: Stack, size: int) -> Any:
+    from cloud_train.sticker.adaptive import (
+        chain_transforms,
+        patch_mask_transform,
+        sanitizer_transform,
+    )
+
+    return chain_transforms(
+        sanitizer_transform(stack.sanitize) if stack.sanitize else None,
+        patch_mask_transform(size) if stack.defence else None)
+
+
+def _optimise(ckpt: Path, sc: Scale, seed: int, target: str | None, out: Path,
+              transform: Any = None) -> dict[str, Any]:
+    """Optimise a sticker on ``ckpt`` (with a defence's ``transform`` in the loop) and write
+    its print files into ``out``; returns the optimiser's figures."""
+    from cloud_train.checkpoint import load_checkpoint
+    from cloud_train.signs import SYNTHETIC_CLASSES
+    from cloud_train.sticker.optimise import StickerConfig, optimise_sticker
+    from cloud_train.sticker.printout import write_sticker
+
+    model, meta = load_checkpoint(ckpt)
+    if tuple(meta["class_names"]) != SYNTHETIC_CLASSES:
+        raise ConfigError(f"{ckpt} was not trained on the synthetic sign classes",
+                          "the red team drives through the synthetic world; use its models")
+    cfg = StickerConfig(sign=SYNTHETIC_CLASSES.index(SIGN),
+                        target=None if target is None else SYNTHETIC_CLASSES.index(target),
+                        steps=sc.steps, positions=sc.positions, pool=sc.pool,
+                        eval_pool=sc.eval_pool, search_steps=min(30, sc.steps), seed=seed)
+    result = optimise_sticker(model, cfg, transform=transform)
+    write_sticker(out, result.colours, result.mask, sign=SIGN, target=target, shape=cfg.shape,
+                  sign_mm=600.0, meta={"model_sha256": meta["sha256"], **result.summary()})
+    return result.summary()
+
+
+def _blackbox(onnx: Path, sc: Scale, seed: int) -> dict[str, Any]:
+    from cloud_train.signs import SYNTHETIC_CLASSES
+    from cloud_train.sticker.blackbox import blackbox_sticker
+    from cloud_train.sticker.eot import EotPool
+    from cloud_train.sticker.shapes import sticker_mask
+    from edge_runtime.loop import softmax
+    from edge_runtime.model_info import read_model_info
+    from edge_runtime.runners.registry import create_runner
+
+    sign, target = SYNTHETIC_CLASSES.index(SIGN), SYNTHETIC_CLASSES.index(TARGET)
+    info = read_model_info(onnx)
+    with create_runner("onnxruntime", onnx) as runner:
+        def query(x: np.ndarray) -> np.ndarray:
+            return softmax(runner.infer({info.input_name: x})[info.output_name])
+
+        pool = EotPool(sign, min(48, sc.pool), seed=seed, input_size=info.input_size)
+        held = EotPool(sign, sc.eval_pool, seed=seed + 1000, input_size=info.input_size)
+        result = blackbox_sticker(query, pool, held, sticker_mask(sign, "bars", 0.15), sign,
+                                  target, budget=sc.budget, views=min(16, len(pool)), seed=seed)
+    return result.summary()
+
+
+# --- the drives -----------------------------------------------------------------------------
+
+def _attacker_encounters(encounters: list[dict[str, Any]], target: str | None) -> dict[str, int]:
+    """Stickered encounters, and those ending with the attacker's action: a command under
+    the target's rule (targeted) or none under the sign's own rule (untargeted)."""
+    from edge_runtime.policy import SignRulesPolicy
+
+    rule = SignRulesPolicy().rule_for
+    own = rule(SIGN)
+    stickered = [e for e in encounters if e["stickered"] and e["class_name"] == SIGN]
+    won = 0
+    for e in stickered:
+        rules = [rule(c["class_name"]) for c in e["commands"] if c["class_name"]]
+        if target is None:
+            won += own not in rules
+        else:
+            won += rule(target) in rules and own not in rules
+    return {"stickered": len(stickered), "attacker_action": won}
+
+
+def _drive(onnx: Path, stack: Stack, source: str, certify: bool = False) -> dict[str, Any]:
+    from roadshield import pipeline
+
+    defence = stack.defence
+    if defence and certify:
+        defence += ",certify=1"
+    report = pipeline.run_edge(onnx, source, sanitize=stack.sanitize, defence=defence,
+                               progress=False)
+    if report.truth is None:
+        raise ConfigError(f"the drive {source} carried no ground truth",
+                          "use a synthetic:// source")
+    return {"truth": report.truth, "encounters": report.encounters,
+            "defence_stats": report.defence_stats}
+
+
+def _sticker_figures(drive: dict[str, Any], target: str | None) -> dict[str, Any]:
+    part = drive["truth"]["stickered"]
+    n = part["classified"]
+    read = part.get("read_as", {})
+    won = read.get(target, 0) if target else n - read.get(SIGN, 0)
+    return {"sightings": n, "success": won / n if n else None,
+            "accuracy": part["accuracy"], "read_as": read,
+            "encounters": _attacker_encounters(drive["encounters"], target)}
+
+
+def _time_stack(onnx: Path, stack: Stack, sc: Scale, seed: int) -> float:
+    """Median ms per crop (one crop per call, as the loop sends a sign) of the stack's
+    sanitizers, model and defence on stickered stop-sign crops."""
+    import torch
+
+    from cloud_train.signs import SYNTHETIC_CLASSES
+    from cloud_train.sticker.eot import EotPool
+    from edge_runtime.model_info import read_model_info
+    from edge_runtime.patchcleanser import create_defence
+    from edge_runtime.runners.registry import create_runner
+    from edge_runtime.sanitize import build_chain
+
+    info = read_model_info(onnx)
+    pool = EotPool(SYNTHETIC_CLASSES.index(SIGN), min(sc.timing_crops, 32), seed=seed + 7,
+                   input_size=info.input_size)
+    with torch.no_grad():
+        crops = pool.render(torch.zeros(3, 128, 128), torch.zeros(1, 128, 128)).numpy()
+    chain = build_chain(stack.sanitize) if stack.sanitize else None
+    runner = create_runner("onnxruntime", onnx)
+    if stack.defence:
+        runner = create_defence(stack.defence, runner, info.input_size,
+                                input_name=info.input_name, output_name=info.output_name)
+    times = []
+    with runner:
+        for i in range(sc.timing_crops):
+            x = crops[i % len(crops)][None]
+            t0 = time.perf_counter()
+            if chain is not None:
+                x = chain.sanitize_batch(x)
+            runner.infer({info.input_name: np.ascontiguousarray(x, np.float32)})
+            times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+# --- the run --------------------------------------------------------------------------------
+
+def run_inference_redteam(out_dir: str | os.PathLike[str], scale: str = "quick", seed: int = 0,
+                          teacher: str | None = None, masked: str | None = None,
+                          roa: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run every stack against the stickers; write redteam_inference.{json,md,png} (and the
+    stickers' print files under stickers/) into ``out_dir``. Models not given are trained
+    at the scale (kept under out_dir/work/models and reused by a later run)."""
+    from cloud_train.redteam_inference_report import chart_png, check_targets, markdown
+    from roadshield.pipeline import register_synthetic_camera
+
+    if scale not in SCALES:
+        raise ConfigError(f"unknown red-team scale {scale!r}", "use one of: " + ", ".join(SCALES))
+    if int(seed) < 0:
+        raise ConfigError(f"seed {seed} is negative", "pass a seed >= 0")
+    sc, seed = SCALES[scale], int(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    register_synthetic_camera()
+    from tqdm import tqdm
+
+    steps = 3 + 2 + len(STACKS) - 1 + 1 + len(STACKS) * 4 + len(STACKS)
+    bar = tqdm(total=steps, desc="redteam inference", unit="step", file=sys.stderr,
+               disable=not progress)
+
+    def tick(what: str) -> None:
+        bar.set_postfix_str(what, refresh=False)
+        bar.update()
+
+    t0 = time.perf_counter()
+    started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        ckpts = _train_models(work, sc, seed, {"teacher": teacher, "masked": masked, "roa": roa},
+                              tick)
+        onnx = _export(ckpts, work)
+        tick("exported the models to ONNX")
+        stickers = out / "stickers"
+        attacks: dict[str, Any] = {}
+        tick("optimising the targeted sticker on the teacher")
+        attacks["targeted"] = _optimise(ckpts["teacher"], sc, seed, TARGET,
+                                        stickers / "targeted")
+        tick("optimising the untargeted sticker on the teacher")
+        attacks["untargeted"] = _optimise(ckpts["teacher"], sc, seed, None,
+                                          stickers / "untargeted")
+        for stack in STACKS[1:]:
+            tick(f"adaptive sticker against {stack.name}")
+            attacks[f"adaptive:{stack.name}"] = _optimise(
+                ckpts[stack.model], sc, seed, TARGET, stickers / f"adaptive-{stack.name}",
+                _stack_transform(stack, 32))
+        tick("black-box sticker search")
+        attacks["blackbox"] = _blackbox(onnx["teacher"], sc, seed)
+        clean_src = f"synthetic://?seed={seed + 1}&frames={sc.clean_frames}&sticker_rate=0"
+
+        def stuck(folder: str) -> str:
+            path = quote(str(stickers / folder), safe="/")  # a URI query: '+' is a space
+            return (f"synthetic://?seed={seed + 2}&frames={sc.sticker_frames}&classes={SIGN}"
+                    f"&sticker_rate=1&sticker={path}")
+
+        rows = []
+        for stack in STACKS:
+            model = onnx[stack.model]
+            tick(f"{stack.name}: clean drive")
+            clean = _drive(model, stack, clean_src)
+            tick(f"{stack.name}: stickered drives")
+            targeted = _sticker_figures(_drive(model, stack, stuck("targeted")), TARGET)
+            untargeted = _sticker_figures(_drive(model, stack, stuck("untargeted")), None)
+            adaptive = targeted if stack.name == "undefended" else _sticker_figures(
+                _drive(model, stack, stuck(f"adaptive-{stack.name}")), TARGET)
+            tick(f"{stack.name}: certification and timing")
+            cert = None
+            if stack.defence:
+                part = _drive(model, stack, clean_src, certify=True)["truth"]["clean"]
+                cert = part["certified_correct"] / part["classified"] \
+                    if part["classified"] else None
+            t = clean["truth"]
+            rows.append({
+                "stack": stack.name, "model": stack.model, "sanitize": stack.sanitize or "",
+                "defence": stack.defence or "",
+                "clean_accuracy": t["clean"]["accuracy"],
+                "clean_abstain_rate": t["clean"].get("abstain_rate", 0.0),
+                "clean_encounters_right": t["encounters_right"],
+                "clean_encounters": t["encounters"],
+                "certified_accuracy": cert,
+                "targeted": targeted, "untargeted": untargeted, "adaptive": adaptive,
+                "ms_per_crop": _time_stack(model, stack, sc, seed)})
+            tick(f"{stack.name}: done")
+    finally:
+        bar.close()
+    bare = rows[0]["ms_per_crop"]
+    for r in rows:
+        r["cost_ratio"] = r["ms_per_crop"] / bare if bare > 0 else None
+    result: dict[str, Any] = {
+        "schema": SCHEMA, "scale": scale, "seed": seed, "sizes": asdict(sc), "sign": SIGN,
+        "target": TARGET, "started": started, "cpu_count": os.cpu_count(),
+        "models": {k: str(v) for k, v in ckpts.items()}, "attacks": attacks, "stacks": rows}
+    check_targets(result)
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    result["files"] = {k: str(out / f"redteam_inference.{k}") for k in ("json", "md", "png")}
+    atomic_write_bytes(out / "redteam_inference.png", chart_png(result))
+    atomic_write_bytes(out / "redteam_inference.md", markdown(result).encode())
+    atomic_write_json(out / "redteam_inference.json", result)
+    return result
