@@ -41,6 +41,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from edge_runtime.scoring import sticker_figures
 from roadshield.errors import ConfigError
 from roadshield.fileio import atomic_write_bytes, atomic_write_json
 
@@ -156,23 +157,12 @@ def _optimise(ckpt: Path, sc: Scale, seed: int, target: str | None, out: Path,
               transform: Any = None) -> dict[str, Any]:
     """Optimise a sticker on ``ckpt`` (with a defence's ``transform`` in the loop) and write
     its print files into ``out``; returns the optimiser's figures."""
-    from cloud_train.checkpoint import load_checkpoint
-    from cloud_train.signs import SYNTHETIC_CLASSES
-    from cloud_train.sticker.optimise import StickerConfig, optimise_sticker
-    from cloud_train.sticker.printout import write_sticker
+    from roadshield.pipeline import optimise_sticker_files
 
-    model, meta = load_checkpoint(ckpt)
-    if tuple(meta["class_names"]) != SYNTHETIC_CLASSES:
-        raise ConfigError(f"{ckpt} was not trained on the synthetic sign classes",
-                          "the red team drives through the synthetic world; use its models")
-    cfg = StickerConfig(sign=SYNTHETIC_CLASSES.index(SIGN),
-                        target=None if target is None else SYNTHETIC_CLASSES.index(target),
-                        steps=sc.steps, positions=sc.positions, pool=sc.pool,
-                        eval_pool=sc.eval_pool, search_steps=min(30, sc.steps), seed=seed)
-    result = optimise_sticker(model, cfg, transform=transform)
-    write_sticker(out, result.colours, result.mask, sign=SIGN, target=target, shape=cfg.shape,
-                  sign_mm=600.0, meta={"model_sha256": meta["sha256"], **result.summary()})
-    return result.summary()
+    return optimise_sticker_files(ckpt, out, sign=SIGN, target=target, seed=seed,
+                                  transform=transform, steps=sc.steps, positions=sc.positions,
+                                  pool=sc.pool, eval_pool=sc.eval_pool,
+                                  search_steps=min(30, sc.steps))
 
 
 def _blackbox(onnx: Path, sc: Scale, seed: int) -> dict[str, Any]:
@@ -199,24 +189,6 @@ def _blackbox(onnx: Path, sc: Scale, seed: int) -> dict[str, Any]:
 
 # --- the drives -----------------------------------------------------------------------------
 
-def _attacker_encounters(encounters: list[dict[str, Any]], target: str | None) -> dict[str, int]:
-    """Stickered encounters, and those ending with the attacker's action: a command under
-    the target's rule (targeted) or none under the sign's own rule (untargeted)."""
-    from edge_runtime.policy import SignRulesPolicy
-
-    rule = SignRulesPolicy().rule_for
-    own = rule(SIGN)
-    stickered = [e for e in encounters if e["stickered"] and e["class_name"] == SIGN]
-    won = 0
-    for e in stickered:
-        rules = [rule(c["class_name"]) for c in e["commands"] if c["class_name"]]
-        if target is None:
-            won += own not in rules
-        else:
-            won += rule(target) in rules and own not in rules
-    return {"stickered": len(stickered), "attacker_action": won}
-
-
 def _drive(onnx: Path, stack: Stack, source: str, certify: bool = False) -> dict[str, Any]:
     from roadshield import pipeline
 
@@ -230,16 +202,6 @@ def _drive(onnx: Path, stack: Stack, source: str, certify: bool = False) -> dict
                           "use a synthetic:// source")
     return {"truth": report.truth, "encounters": report.encounters,
             "defence_stats": report.defence_stats}
-
-
-def _sticker_figures(drive: dict[str, Any], target: str | None) -> dict[str, Any]:
-    part = drive["truth"]["stickered"]
-    n = part["classified"]
-    read = part.get("read_as", {})
-    won = read.get(target, 0) if target else n - read.get(SIGN, 0)
-    return {"sightings": n, "success": won / n if n else None,
-            "accuracy": part["accuracy"], "read_as": read,
-            "encounters": _attacker_encounters(drive["encounters"], target)}
 
 
 def _time_stack(onnx: Path, stack: Stack, sc: Scale, seed: int) -> float:
@@ -341,10 +303,10 @@ def run_inference_redteam(out_dir: str | os.PathLike[str], scale: str = "quick",
             tick(f"{stack.name}: clean drive")
             clean = _drive(model, stack, clean_src)
             tick(f"{stack.name}: stickered drives")
-            targeted = _sticker_figures(_drive(model, stack, stuck("targeted")), TARGET)
-            untargeted = _sticker_figures(_drive(model, stack, stuck("untargeted")), None)
-            adaptive = targeted if stack.name == "undefended" else _sticker_figures(
-                _drive(model, stack, stuck(f"adaptive-{stack.name}")), TARGET)
+            targeted = sticker_figures(_drive(model, stack, stuck("targeted")), SIGN, TARGET)
+            untargeted = sticker_figures(_drive(model, stack, stuck("untargeted")), SIGN, None)
+            adaptive = targeted if stack.name == "undefended" else sticker_figures(
+                _drive(model, stack, stuck(f"adaptive-{stack.name}")), SIGN, TARGET)
             tick(f"{stack.name}: certification and timing")
             cert = None
             if stack.defence:

@@ -1,4 +1,5 @@
-"""Scoring an edge-loop run against the ground truth synthetic frames carry."""
+"""Scoring an edge-loop run against the ground truth synthetic frames carry, and what a
+sticker did to a run."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from roadshield.errors import ConfigError
+
 from .frames import Frame
 from .locate import Candidate, box_iou
-from .policy import UNKNOWN, Decision, Prediction
+from .policy import UNKNOWN, Decision, Prediction, SignRulesPolicy
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -22,8 +25,9 @@ class TruthScorer:
     prediction for that candidate names the truth class (only when it was classified),
     split clean vs stickered; ``read_as`` counts, per split, the class names those
     predictions gave (what a stickered sign was read as). With ``abstains`` (the runner
-    can abstain) each split also counts the crops that abstained (classified, never correct) and their rate; where a
-    defence certified its labels, the certified crops and those also correct.
+    can abstain) each split also counts the crops that abstained (classified, never
+    correct) and their rate; where a defence certified its labels, the certified crops
+    and those also correct.
     Encounter: consecutive frames showing the same truth class. It is right when the
     policy's voted decisions include a class with the truth class's rule (a stop sign voted
     "stop" or "no_entry") and no command went out under another rule; for a class whose
@@ -132,3 +136,37 @@ class TruthScorer:
         out.update(encounters=len(encs), encounters_right=right,
                    encounter_accuracy=_ratio(right, len(encs)))
         return out
+
+
+def attacker_encounters(encounters: list[dict[str, Any]], sign: str,
+                        target: str | None) -> dict[str, int]:
+    """Stickered encounters of ``sign``, and those that ended with the attacker's action: a
+    command under the target's rule and none under the sign's own (untargeted: none under
+    the sign's own)."""
+    rule = SignRulesPolicy().rule_for
+    own = rule(sign)
+    stickered = [e for e in encounters if e["stickered"] and e["class_name"] == sign]
+    won = 0
+    for e in stickered:
+        rules = [rule(c["class_name"]) for c in e["commands"] if c["class_name"]]
+        if target is None:
+            won += own not in rules
+        else:
+            won += rule(target) in rules and own not in rules
+    return {"stickered": len(stickered), "attacker_action": won}
+
+
+def sticker_figures(report: dict[str, Any], sign: str, target: str | None) -> dict[str, Any]:
+    """What the sticker did on a drive's report: sightings, share read as the target (or as
+    anything but the sign), what they were read as, and the encounters it won."""
+    truth = report.get("truth")
+    if not truth:
+        raise ConfigError("the stickered drive carried no ground truth",
+                          "drive a synthetic:// source")
+    part = truth["stickered"]
+    n = part["classified"]
+    read = part.get("read_as", {})
+    won = read.get(target, 0) if target else n - read.get(sign, 0)
+    return {"sightings": n, "success": won / n if n else None, "accuracy": part["accuracy"],
+            "read_as": read,
+            "encounters": attacker_encounters(report["encounters"], sign, target)}

@@ -1,9 +1,11 @@
 """``roadshield demo``: the whole chain on this machine's CPU, written under ``runs/<id>/``.
 
-synthetic data -> fast adversarial training -> clean / FGSM / PGD evaluation -> ONNX export
-(checked against torch) -> the edge loop on a synthetic camera stream with stickered signs
--> ``summary.json``, ``summary.png`` and a printed table. ``runs/latest`` moves to the new
-run only once everything has succeeded.
+synthetic data -> the car's model -> clean / FGSM / PGD evaluation -> ONNX export (checked
+against torch) -> the defended stack's model (trained with PatchCleanser's masks) -> a
+printable adversarial sticker optimised on the car's model -> the edge loop, undefended
+and defended, on a clean drive and past stickered stop signs -> ``summary.json``,
+``summary.png``, a side-by-side ``edge.mp4`` and a printed table. ``runs/latest`` moves to
+the new run only once everything has succeeded.
 """
 
 from __future__ import annotations
@@ -30,20 +32,29 @@ class Profile:
     test_per_class: int
     epochs: int
     pgd_steps: int
-    edge_frames: int
-    trainer: str = "fast_at"
+    edge_frames: int  # the clean drive
+    sticker_frames: int  # the drive past stickered stop signs
+    defended_epochs: int
+    sticker_steps: int
+    sticker_positions: int
+    sticker_pool: int
+    trainer: str = "standard"
+    defended_trainer: str = "masked"
     arch: str = "signnet"
-    sticker_rate: float = 0.4
+    defence: str = "patchcleanser:share=0.1,k=6"
 
 
 PROFILES = {
-    # the README's demo: a few minutes on two CPU cores
+    # the README's demo: minutes on two CPU cores
     "quick": Profile(train_per_class=500, test_per_class=60, epochs=10, pgd_steps=10,
-                     edge_frames=450),
+                     edge_frames=450, sticker_frames=300, defended_epochs=10,
+                     sticker_steps=300, sticker_positions=4, sticker_pool=96),
     # the end-to-end test: the same chain, small enough for seconds
     "tiny": Profile(train_per_class=24, test_per_class=6, epochs=2, pgd_steps=3,
-                    edge_frames=40),
+                    edge_frames=40, sticker_frames=40, defended_epochs=1, sticker_steps=3,
+                    sticker_positions=1, sticker_pool=6),
 }
+STEPS = 7
 
 
 def _step(title: str) -> None:
@@ -76,38 +87,69 @@ def demo_actuator(kind: str) -> Iterator[tuple[object, float | None]]:
 def run_demo(profile_name: str = "quick", runs_dir: str | Path = "runs", seed: int = 0,
              progress: bool = True, actuator: str = "recording") -> dict[str, Any]:
     """Run every stage into a new run folder; return the summary also saved as summary.json."""
+    from edge_runtime.scoring import sticker_figures
+    from roadshield.demo_drives import (
+        SIGN,
+        TARGET,
+        DemoStack,
+        drive_sources,
+        run_drives,
+        side_by_side,
+    )
+
     if profile_name not in PROFILES:
         raise ConfigError(f"unknown demo profile {profile_name!r}",
                           f"choose one of: {', '.join(PROFILES)}")
     prof = PROFILES[profile_name]
     t0 = time.perf_counter()
     with staged_run(runs_dir) as run:
-        _step("1/5 rendering the synthetic road-sign dataset (GTSRB layout)")
+        _step(f"1/{STEPS} rendering the synthetic road-sign dataset (GTSRB layout)")
         data = pipeline.synth_dataset(run / "data", prof.train_per_class, prof.test_per_class,
                                       seed=seed, progress=progress)
 
-        _step(f"2/5 training {prof.arch} with {prof.trainer} for {prof.epochs} epochs")
+        _step(f"2/{STEPS} training the car's model: {prof.arch}, {prof.trainer}, "
+              f"{prof.epochs} epochs")
         trained = pipeline.train_checkpoint(run / "data", run / "teacher.safetensors",
                                             arch=prof.arch, trainer=prof.trainer,
                                             epochs=prof.epochs, seed=seed, progress=progress)
 
-        _step("3/5 evaluating: clean, FGSM and PGD accuracy on the test split")
+        _step(f"3/{STEPS} evaluating: clean, FGSM and PGD accuracy on the test split")
         evaluation = pipeline.evaluate_checkpoint(trained.checkpoint, run / "data",
                                                   pgd_steps=prof.pgd_steps,
                                                   expected_sha256=trained.sha256)
 
-        _step("4/5 exporting to ONNX and checking it against torch")
+        _step(f"4/{STEPS} exporting to ONNX and checking it against torch")
         exported = pipeline.export_checkpoint(trained.checkpoint, run / "model.onnx",
                                               expected_sha256=trained.sha256, seed=seed)
 
-        _step(f"5/5 edge loop on a synthetic camera with stickered signs ({actuator} actuator)")
-        source = (f"synthetic://?seed={seed + 1}&frames={prof.edge_frames}"
-                  f"&sticker_rate={prof.sticker_rate}")
-        with demo_actuator(actuator) as (act, keepalive_s):
-            edge = pipeline.run_edge(exported.onnx, source, video=run / "edge.mp4",
-                                     decision_log=run / "decisions.jsonl", actuator=act,
-                                     keepalive_s=keepalive_s, progress=progress)
+        _step(f"5/{STEPS} training the defended stack's model: {prof.defended_trainer} "
+              f"(PatchCleanser's masks), {prof.defended_epochs} epochs")
+        defended = pipeline.train_checkpoint(run / "data", run / "defended.safetensors",
+                                             arch=prof.arch, trainer=prof.defended_trainer,
+                                             epochs=prof.defended_epochs, seed=seed,
+                                             progress=progress)
+        defended_onnx = pipeline.export_checkpoint(defended.checkpoint, run / "defended.onnx",
+                                                   expected_sha256=defended.sha256, seed=seed)
 
+        _step(f"6/{STEPS} optimising a printable sticker: {SIGN} -> {TARGET} "
+              "(white-box on the car's model, over the camera's views)")
+        sticker = pipeline.optimise_sticker_files(
+            trained.checkpoint, run / "sticker", sign=SIGN, target=TARGET, seed=seed,
+            progress=_sticker_bar(prof.sticker_steps, progress), steps=prof.sticker_steps,
+            positions=prof.sticker_positions, pool=prof.sticker_pool,
+            eval_pool=max(8, prof.sticker_pool * 2 // 3), search_steps=min(30, prof.sticker_steps))
+
+        _step(f"7/{STEPS} driving: a clean road and stickered stop signs, undefended and "
+              f"defended ({actuator} actuator)")
+        stacks = [DemoStack("undefended", "undefended", exported.onnx),
+                  DemoStack("defended", f"defended: {prof.defended_trainer} + "
+                            f"{prof.defence.split(':')[0]}", defended_onnx.onnx, prof.defence)]
+        sources = drive_sources(seed + 1, prof.edge_frames, prof.sticker_frames, run / "sticker")
+        drives = run_drives(stacks, sources, run,
+                            actuator_factory=lambda: demo_actuator(actuator), progress=progress)
+        side_by_side(run / "edge-undefended-stickered.mp4", run / "edge-defended-stickered.mp4",
+                     run / "edge.mp4", (stacks[0].title, stacks[1].title))
+        edge = drives["undefended"]["clean"]
         summary = {
             "run_dir": str(Path(runs_dir) / run.name.removeprefix(".").removesuffix(".partial")),
             "profile": profile_name,
@@ -118,25 +160,52 @@ def run_demo(profile_name: str = "quick", runs_dir: str | Path = "runs", seed: i
                          "checkpoint_sha256": trained.sha256,
                          "seconds_per_epoch": trained.history["seconds_per_epoch"],
                          "history": trained.history},
+            "defended_training": {"trainer": prof.defended_trainer,
+                                  "epochs": prof.defended_epochs,
+                                  "checkpoint_sha256": defended.sha256,
+                                  "seconds_per_epoch": defended.history["seconds_per_epoch"]},
             "evaluation": evaluation,
-            "export": {"onnx": "model.onnx", "parity_max_abs": exported.parity_max_abs},
+            "export": {"onnx": "model.onnx", "parity_max_abs": exported.parity_max_abs,
+                       "defended_onnx": "defended.onnx",
+                       "defended_parity_max_abs": defended_onnx.parity_max_abs},
+            "sticker": {"sign": SIGN, "target": TARGET, "folder": "sticker", **sticker},
+            "defence": prof.defence,
             "clean_acc": evaluation["clean_acc"],
             "fgsm_acc": evaluation["fgsm_acc"],
             "pgd_acc": evaluation["pgd_acc"],
-            "backend": edge.runner,
+            "backend": edge["runner"],
             "actuator": actuator,
-            "fps": edge.fps,
-            "commands_sent": edge.commands_sent,
-            "edge": edge.to_dict(),
+            "fps": edge["fps"],
+            "commands_sent": edge["commands_sent"],
+            "edge": edge,
+            "drives": drives,
+            "attack": {name: sticker_figures(d["stickered"], SIGN, TARGET)
+                       for name, d in drives.items()},
             "wall_s": time.perf_counter() - t0,
         }
         atomic_write_json(run / "summary.json", summary)
         plot_demo(summary, run / "summary.png")
     print()
     print(format_demo_summary(summary))
-    print(f"\nwrote {summary['run_dir']}/ (summary.json, summary.png, model.onnx, edge.mp4, "
-          "decisions.jsonl, data/gtsrb) and pointed runs/latest at it")
+    print(f"\nwrote {summary['run_dir']}/ (summary.json, summary.png, edge.mp4, sticker/, "
+          "model.onnx, defended.onnx, decisions*.jsonl, data/gtsrb) and pointed runs/latest "
+          "at it")
     return summary
+
+
+def _sticker_bar(steps: int, progress: bool) -> Any:
+    """A progress callback for the sticker's optimisation steps (a tqdm bar)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=steps, desc="sticker", unit="step", disable=not progress)
+
+    def update(step: int, total: int, loss: float) -> None:
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.3f}")
+        if step >= total:
+            bar.close()
+
+    return update
 
 
 def main(args: argparse.Namespace) -> int:

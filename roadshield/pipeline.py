@@ -215,6 +215,35 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, opset: int = 1
     return ExportResult(Path(onnx_path), parity, pt2_path, tuple(meta["class_names"]))
 
 
+def optimise_sticker_files(checkpoint: str | Path, out: str | Path, *, sign: str,
+                           target: str | None, sign_mm: float = 600.0, seed: int = 0,
+                           transform: Any = None, progress: Any = None,
+                           **options: Any) -> dict[str, Any]:
+    """Optimise a printable sticker for ``sign`` on a checkpoint (white-box, RP2 / EOT) and
+    write its print files into ``out`` (cloud_train/sticker/FORMAT.md); returns the
+    optimiser's figures. ``options`` are further ``StickerConfig`` fields (steps, area,
+    shape, positions, ...); ``transform`` puts a defence in the loop (adaptive attacks)."""
+    from cloud_train.checkpoint import load_checkpoint
+    from cloud_train.signs import SYNTHETIC_CLASSES
+    from cloud_train.sticker.optimise import StickerConfig, optimise_sticker
+    from cloud_train.sticker.placement import class_index_of
+    from cloud_train.sticker.printout import write_sticker
+
+    model, meta = load_checkpoint(checkpoint)
+    if tuple(meta["class_names"]) != SYNTHETIC_CLASSES:
+        raise ConfigError(f"{checkpoint} was not trained on the synthetic sign classes",
+                          "stickers are optimised in the synthetic world; use its models")
+    cfg = StickerConfig(sign=class_index_of(sign, "sign"),
+                        target=None if target is None else class_index_of(target, "target"),
+                        seed=seed, **options)
+    result = optimise_sticker(model, cfg, progress=progress, transform=transform)
+    figures = {"model_sha256": meta["sha256"], **result.summary()}
+    write_sticker(out, result.colours, result.mask, sign=SYNTHETIC_CLASSES[cfg.sign],
+                  target=None if cfg.target is None else SYNTHETIC_CLASSES[cfg.target],
+                  shape=cfg.shape, sign_mm=sign_mm, meta=figures)
+    return figures
+
+
 def register_synthetic_camera() -> bool:
     """Make ``synthetic://`` available if the renderer (numpy + OpenCV only) imports."""
     try:

@@ -6,7 +6,7 @@ or a temporary export), which is the transfer the car sees. Black-box when ``--m
 an .onnx file: the score-based search queries ONNX Runtime only.
 
 Writes into ``--out``: sticker.png (print resolution), sticker.pdf (true size, cut outline,
-placement marks), preview.png, sticker.json (placement, see cloud_train/sticker/FORMAT.md)
+placement marks), preview.png, sticker.json (the format is cloud_train/sticker/FORMAT.md)
 and attack.json (the optimisation's figures).
 """
 
@@ -112,7 +112,8 @@ def _whitebox(args: argparse.Namespace, sign: int, target: int | None) -> dict[s
         finally:
             runner.deactivate()
     return {"mode": "white-box", "model": str(args.model), "model_sha256": meta["sha256"],
-            "class_names": list(meta["class_names"]), "teacher": result.summary(),
+            "class_names": list(meta["class_names"]),
+            "teacher": result.summary(history=True),
             "onnx": {"model": str(args.onnx) if args.onnx else "temporary export",
                      **transfer},
             "colours": result.colours, "mask": result.mask}
@@ -165,8 +166,7 @@ def cmd_attack_sticker(args: argparse.Namespace) -> int:
     target_name = SYNTHETIC_CLASSES[target] if target is not None else None
     files = write_sticker(args.out, colours, mask, sign=SYNTHETIC_CLASSES[sign],
                           target=target_name, shape=args.shape, sign_mm=args.sign_mm,
-                          dpi=args.dpi, meta={k: v for k, v in run.items()
-                                              if k not in ("class_names",)})
+                          dpi=args.dpi, meta=_placement_meta(run))
     run["files"] = {k: str(v) for k, v in files.items()}
     run.pop("class_names", None)
     report = Path(args.out) / "attack.json"
@@ -176,6 +176,14 @@ def cmd_attack_sticker(args: argparse.Namespace) -> int:
         return 0
     _print(run, SYNTHETIC_CLASSES[sign], target_name, report)
     return 0
+
+
+def _placement_meta(run: dict[str, Any]) -> dict[str, Any]:
+    """What sticker.json keeps of the run: the figures, not the loss history."""
+    meta = {k: v for k, v in run.items() if k != "class_names"}
+    if "teacher" in meta:
+        meta["teacher"] = {k: v for k, v in meta["teacher"].items() if k != "history"}
+    return meta
 
 
 def _print(run: dict[str, Any], sign: str, target: str | None, report: Path) -> None:

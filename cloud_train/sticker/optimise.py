@@ -105,10 +105,12 @@ class StickerResult:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
 
-    def summary(self) -> dict[str, Any]:
-        """JSON-able figures (no arrays)."""
+    def summary(self, history: bool = False) -> dict[str, Any]:
+        """JSON-able figures (no arrays); the per-step history only when asked."""
         out = asdict(self)
         del out["colours"], out["mask"]
+        if not history:
+            del out["history"]
         out["centre"] = [round(c, 2) for c in self.centre]
         return out
 

@@ -27,7 +27,10 @@ def test_demo_writes_a_complete_run_behind_latest(demo_run):
     latest = runs / "latest"
     assert latest.is_symlink()
     for name in ("summary.json", "summary.png", "model.onnx", "teacher.safetensors",
-                 "edge.mp4", "decisions.jsonl", "data/gtsrb/GT-final_test.csv"):
+                 "defended.onnx", "defended.safetensors", "edge.mp4", "decisions.jsonl",
+                 "edge-undefended-stickered.mp4", "edge-defended-stickered.mp4",
+                 "sticker/sticker.json", "sticker/sticker.png", "sticker/sticker.pdf",
+                 "data/gtsrb/GT-final_test.csv"):
         assert (latest / name).is_file(), name
     on_disk = json.loads((latest / "summary.json").read_text())
     for key in ("clean_acc", "fgsm_acc", "pgd_acc", "backend", "fps", "commands_sent"):
@@ -35,6 +38,34 @@ def test_demo_writes_a_complete_run_behind_latest(demo_run):
     assert on_disk["backend"].startswith("onnxruntime:")
     assert on_disk["export"]["parity_max_abs"] <= 1e-4
     assert on_disk["edge"]["frames"] == 40
+    assert set(on_disk["drives"]) == {"undefended", "defended"}
+    assert on_disk["drives"]["defended"]["clean"]["defence"].startswith("patchcleanser")
+    assert on_disk["drives"]["undefended"]["clean"]["defence"] == ""
+
+
+def test_the_side_by_side_video_shows_both_stacks_frame_for_frame(demo_run):
+    import cv2
+
+    runs, summary = demo_run
+    cap = cv2.VideoCapture(str(runs / "latest" / "edge.mp4"))
+    frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    width = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH))
+    cap.release()
+    assert frames == summary["drives"]["undefended"]["stickered"]["frames"] == 40
+    assert width == 2 * 640  # the two 640 px wide drives next to each other
+
+
+def test_the_stickered_drive_really_carries_the_sticker(demo_run):
+    runs, summary = demo_run
+    placed = json.loads((runs / "latest" / "sticker" / "sticker.json").read_text())
+    assert (placed["sign"], placed["target"]) == ("stop", "speed_limit_100")
+    for stack in ("undefended", "defended"):
+        truth = summary["drives"][stack]["stickered"]["truth"]
+        assert truth["stickered"]["classified"] > 0 and truth["clean"]["classified"] == 0
+        fig = summary["attack"][stack]
+        read = truth["stickered"]["read_as"]
+        assert fig["sightings"] == sum(read.values())
+        assert fig["success"] == pytest.approx(read.get("speed_limit_100", 0) / fig["sightings"])
 
 
 def test_clean_accuracy_recomputes_from_the_onnx_model_and_the_gtsrb_test_set(demo_run):
