@@ -33,7 +33,7 @@ from .frames import Frame, FrameSource
 from .locate import Candidate
 from .patchcleanser import PatchCleanserRunner
 from .policy import UNKNOWN, Observation, Policy, Prediction
-from .runners.base import BaseRunner
+from .runners.base import BaseRunner, named_array
 from .sanitize import SanitizeChain
 from .scoring import TruthScorer
 
@@ -172,13 +172,9 @@ class EdgeLoop:
             raise ConfigError(f"preprocess returned {batch.dtype} {batch.shape}, expected "
                               f"float32 {expected}", "fix the preprocess callable")
         outputs = self.runner.infer({self.input_name: batch})
-        logits = outputs.get(self.output_name)
-        if logits is None and len(outputs) == 1:
-            logits = next(iter(outputs.values()))
-        if logits is None:
-            raise ConfigError(f"runner {self.runner.name} returned {sorted(outputs)}, not "
-                              f"'{self.output_name}'", "pass output_name= to the loop")
-        logits = np.asarray(logits).reshape(len(chosen), -1)
+        logits = np.asarray(named_array(outputs, self.output_name,
+                                        f"the output of runner {self.runner.name}",
+                                        "pass output_name= to the loop")).reshape(len(chosen), -1)
         if logits.shape[1] != len(self.class_names):
             raise ConfigError(f"model gives {logits.shape[1]} scores but {len(self.class_names)}"
                               " class names were given", "use the model's own class names")

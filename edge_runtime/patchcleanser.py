@@ -47,7 +47,7 @@ import numpy as np
 
 from roadshield.errors import ConfigError, RoadshieldError
 
-from .runners.base import BaseRunner
+from .runners.base import BaseRunner, named_array
 
 #: Label of a crop that abstained.
 ABSTAIN = -1
@@ -394,13 +394,8 @@ class PatchCleanserRunner(BaseRunner):
             self.inner.deactivate()
 
     def _check(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        x = feed.get(self.input_name)
-        if x is None and len(feed) == 1:
-            x = next(iter(feed.values()))
-        if x is None:
-            raise ConfigError(f"{self.name} got inputs {sorted(feed)}, not "
-                              f"'{self.input_name}'", "pass input_name= to the defence")
-        x = np.asarray(x)
+        x = np.asarray(named_array(feed, self.input_name, f"the input of {self.name}",
+                                   "pass input_name= to the defence"))
         size = self.input_size
         if x.ndim != 4 or x.shape[1:] != (3, size, size) or x.dtype != np.float32:
             raise ConfigError(f"{self.name} got {x.dtype} {x.shape}, expected float32 "
@@ -415,13 +410,10 @@ class PatchCleanserRunner(BaseRunner):
         for start in range(0, len(jobs), step):
             batch = masked_batch(x, self.masks, jobs[start:start + step], self.fill)
             out = self.inner.infer({self.input_name: batch})
-            scores = out.get(self.output_name)
-            if scores is None and len(out) == 1:
-                scores = next(iter(out.values()))
-            if scores is None:
-                raise ConfigError(f"runner {self.inner.name} returned {sorted(out)}, not "
-                                  f"'{self.output_name}'", "pass output_name= to the defence")
-            scores = np.asarray(scores).reshape(len(batch), -1)
+            scores = np.asarray(named_array(out, self.output_name,
+                                            f"the output of runner {self.inner.name}",
+                                            "pass output_name= to the defence"))
+            scores = scores.reshape(len(batch), -1)
             if not np.isfinite(scores).all():
                 raise RoadshieldError(f"runner {self.inner.name} returned non-finite scores",
                                       "check the model file and the input range [0, 1]")

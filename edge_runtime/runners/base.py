@@ -19,6 +19,19 @@ from roadshield.errors import RoadshieldError
 log = logging.getLogger(__name__)
 
 
+def named_array(arrays: dict[str, np.ndarray], name: str, who: str, hint: str) -> np.ndarray:
+    """``arrays[name]``, or the only array when there is one under another name (a model
+    exported with other tensor names); ConfigError naming what there was otherwise."""
+    value = arrays.get(name)
+    if value is None and len(arrays) == 1:
+        value = next(iter(arrays.values()))
+    if value is None:
+        from roadshield.errors import ConfigError
+
+        raise ConfigError(f"{who} has {sorted(arrays)}, not '{name}'", hint)
+    return value
+
+
 class RunnerStateError(RoadshieldError):
     """A runner was used while inactive, or activated twice."""
 
