@@ -59,6 +59,15 @@ def add_attack_parsers(subparsers: argparse._SubParsersAction) -> None:
     st.set_defaults(func=cmd_attack_sticker)
 
 
+def _check_classes(class_names: Any, model: str) -> None:
+    """Refuse, before any work, a model not trained on the synthetic world's classes."""
+    from cloud_train.signs import SYNTHETIC_CLASSES
+
+    if tuple(class_names) != SYNTHETIC_CLASSES:
+        raise ConfigError(f"model {model} was not trained on the synthetic sign classes",
+                          "the sticker is optimised in the synthetic world; use its model")
+
+
 def _onnx_predictor(path: str | Path) -> Any:
     import numpy as np
 
@@ -87,6 +96,7 @@ def _whitebox(args: argparse.Namespace, sign: int, target: int | None) -> dict[s
     from distill.export import export_onnx
 
     model, meta = load_checkpoint(args.model)
+    _check_classes(meta["class_names"], args.model)
     cfg = StickerConfig(sign=sign, target=target, shape=args.shape, area=args.area,
                         steps=args.steps, positions=args.positions, seed=args.seed)
     cfg.check()
@@ -126,6 +136,7 @@ def _blackbox(args: argparse.Namespace, sign: int, target: int | None) -> dict[s
 
     predict, runner, info = _onnx_predictor(args.model)
     try:
+        _check_classes(info.class_names, args.model)
         pool = EotPool(sign, 48, seed=args.seed, input_size=info.input_size)
         held_out = EotPool(sign, 64, seed=args.seed + 1000, input_size=info.input_size)
         mask = sticker_mask(sign, args.shape, args.area)
@@ -141,6 +152,7 @@ def cmd_attack_sticker(args: argparse.Namespace) -> int:
     from cloud_train.signs import SYNTHETIC_CLASSES
     from cloud_train.sticker.placement import class_index_of
     from cloud_train.sticker.printout import write_sticker
+    from cloud_train.sticker.shapes import check_area, check_shape
     from roadshield.fileio import atomic_write_json
 
     sign = class_index_of(args.sign, "sign")
@@ -151,6 +163,8 @@ def cmd_attack_sticker(args: argparse.Namespace) -> int:
     if not args.sign_mm > 0:
         raise ConfigError(f"--sign-mm {args.sign_mm} is not a positive size",
                           "give the sign's width in millimetres, e.g. 600")
+    check_shape(args.shape)
+    check_area(args.area)
     suffix = Path(args.model).suffix.lower()
     if suffix not in (".safetensors", ".onnx"):
         raise ConfigError(f"--model {args.model} is neither a .safetensors checkpoint nor an "
@@ -159,9 +173,6 @@ def cmd_attack_sticker(args: argparse.Namespace) -> int:
         raise ConfigError(f"--model {args.model} does not exist", "check the path")
     run = _whitebox(args, sign, target) if suffix == ".safetensors" else \
         _blackbox(args, sign, target)
-    if list(run["class_names"]) != list(SYNTHETIC_CLASSES):
-        raise ConfigError(f"model {args.model} was not trained on the synthetic sign classes",
-                          "the sticker is optimised in the synthetic world; use its model")
     colours, mask = run.pop("colours"), run.pop("mask")
     target_name = SYNTHETIC_CLASSES[target] if target is not None else None
     files = write_sticker(args.out, colours, mask, sign=SYNTHETIC_CLASSES[sign],

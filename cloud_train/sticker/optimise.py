@@ -36,6 +36,7 @@ from cloud_train.sticker.eot import EotPool
 from cloud_train.sticker.shapes import (
     candidate_centres,
     check_area,
+    check_shape,
     non_printability,
     sticker_mask,
     total_variation,
@@ -72,11 +73,12 @@ class StickerConfig:
     seed: int = 0
 
     def check(self) -> None:
+        check_shape(self.shape)
         check_area(self.area)
         if self.target is not None and self.target == self.sign:
             raise ConfigError("the sticker's target is the sign's own class",
                               "name another class, or leave the target out (untargeted)")
-        for name in ("steps", "batch", "pool", "eval_pool", "positions"):
+        for name in ("steps", "batch", "pool", "eval_pool", "positions", "search_steps"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"sticker option {name}={getattr(self, name)} must be >= 1",
                                   "use a positive count")
@@ -221,8 +223,9 @@ def optimise_sticker(model: nn.Module, cfg: StickerConfig, progress: Progress | 
     pool = pool or EotPool(cfg.sign, cfg.pool, seed=cfg.seed, input_size=size,
                            jpeg_p=cfg.jpeg_p)
     history: list[dict[str, float]] = []
+    flags = [(p, p.requires_grad) for p in model.parameters()]
     with eval_mode(model):
-        for p in model.parameters():
+        for p, _ in flags:
             p.requires_grad_(False)
         try:
             centres = candidate_centres(cfg.sign, cfg.positions, cfg.shape, cfg.area)
@@ -243,8 +246,8 @@ def optimise_sticker(model: nn.Module, cfg: StickerConfig, progress: Progress | 
             m = torch.from_numpy(mask.astype(np.float32))[None]
             theta, _ = _run(model, pool, m, cfg, cfg.steps, gen, history, progress, transform)
         finally:
-            for p in model.parameters():
-                p.requires_grad_(True)
+            for p, flag in flags:
+                p.requires_grad_(flag)
         colours = (_colours(theta).permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
         colours[~mask] = 0
         held_out = EotPool(cfg.sign, cfg.eval_pool, seed=cfg.seed + 1000, input_size=size,

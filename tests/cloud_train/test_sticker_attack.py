@@ -65,13 +65,13 @@ def test_untargeted_task_loss_is_the_margin_clamped_at_minus_kappa() -> None:
                           requires_grad=True)
     # sign 0: margins 5 - 1 = 4, 0 - 10 = -10 -> clamped to -3, 1 - 2 = -1
     got = task_loss(logits, sign=0, target=None, kappa=3.0)
-    assert float(got) == pytest.approx((4 - 3 - 1) / 3)
+    assert float(got.detach()) == pytest.approx((4 - 3 - 1) / 3)
     got.backward()
     # the clamped view gives no gradient; the others push own down and the best other up
     assert torch.equal(logits.grad[1], torch.zeros(3))
     assert torch.allclose(logits.grad[0], torch.tensor([1.0, -1.0, 0.0]) / 3)
     assert torch.allclose(logits.grad[2], torch.tensor([1.0, -1.0, 0.0]) / 3)
-    assert float(task_loss(logits, 0, None, kappa=0.0)) == pytest.approx((4 + 0 + 0) / 3)
+    assert float(task_loss(logits.detach(), 0, None, kappa=0.0)) == pytest.approx((4 + 0 + 0) / 3)
 
 
 def test_wins_targeted_and_untargeted() -> None:
@@ -94,7 +94,7 @@ def test_wins_targeted_and_untargeted() -> None:
     ({"area": 0.5}, "area"), ({"area": 0.0}, "area"),
 ])
 def test_bad_config_is_refused(change, word) -> None:
-    cfg = StickerConfig(sign=STOP, target=LIMIT_100, **change)
+    cfg = StickerConfig(sign=STOP, **{"target": LIMIT_100, **change})
     with pytest.raises(ConfigError, match=word):
         cfg.check()
 
@@ -165,8 +165,6 @@ def test_optimise_restores_the_training_mode_and_leaves_the_weights(tiny_run) ->
         assert torch.equal(v, state[k]), k  # BN statistics too: the model ran in eval mode
 
 
-@pytest.mark.xfail(strict=True, reason="optimise_sticker sets requires_grad True on every "
-                                       "parameter afterwards instead of restoring each flag")
 def test_optimise_restores_the_requires_grad_flags(tiny_run) -> None:
     model, _, flags, *_ = tiny_run
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
@@ -330,7 +328,7 @@ def bb_run(bb_pools):
     mask = sticker_mask(STOP, "square", 0.15)
     result = blackbox_sticker(darkened_red_reader(clean, STOP, LIMIT_100, calls), pool, held,
                               mask, STOP, LIMIT_100, budget=203, views=VIEWS, cells=16,
-                              check_every=3, seed=0)
+                              check_every=3, seed=1)
     return result, calls, mask
 
 
@@ -348,7 +346,7 @@ def test_blackbox_curve_and_queries_to_half(bb_run) -> None:
     assert queries == sorted(set(queries)) and queries[-1] == result.queries
     assert all(0.0 <= s <= 1.0 for _, s in result.curve)
     assert result.success == result.curve[-1][1]
-    assert result.success >= 0.5
+    assert result.success >= 0.8
     first = next(q for q, s in result.curve if s >= 0.5)
     assert result.queries_to_half == first
     json.dumps(result.summary())
@@ -361,8 +359,8 @@ def test_blackbox_sticker_is_palette_colours_on_the_mask(bb_run) -> None:
     assert (result.colours[~mask] == 0).all()
     palette = {tuple(c) for c in PRINTER_PALETTE.tolist()}
     assert {tuple(c) for c in result.colours[mask].tolist()} <= palette
-    # it darkened the sticker: the reader wants less red than the random start gives
-    assert result.colours[mask][:, 0].mean() < 128
+    # it darkened the sticker: random palette colours average 142 in red
+    assert result.colours[mask][:, 0].mean() < 100
 
 
 def test_blackbox_that_never_wins_reports_no_half(bb_pools) -> None:
