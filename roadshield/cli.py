@@ -73,7 +73,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
     train.add_argument("--arch", default="signnet")
     train.add_argument("--trainer", default="fast_at",
-                       help="standard | fast_at | pgd_at | trades | roa")
+                       help="standard | fast_at | pgd_at | trades | roa | masked")
     train.add_argument("--epochs", type=int, default=10)
     train.add_argument("--batch-size", type=int, default=128,
                        help="global batch (all processes together)")
