@@ -71,6 +71,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                             "signed stages first, refuse to train if any check fails, and "
                             "write SLSA provenance beside the checkpoint")
     train.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
+    train.add_argument("--init", default=None, metavar="CKPT",
+                       help="start from this checkpoint's weights (fine-tuning; same --arch "
+                            "and classes) instead of random ones")
     train.add_argument("--arch", default="signnet")
     train.add_argument("--trainer", default="fast_at",
                        help="standard | fast_at | pgd_at | trades | roa | masked")

@@ -72,6 +72,7 @@ def train(args: argparse.Namespace) -> int:
         amp=switch[args.amp], channels_last=switch[args.channels_last],
         world_size=args.world_size, backend=args.backend, resume=args.resume, state_path=state,
         stop_after_epoch=args.stop_after_epoch,
+        init=args.init,
         trainer_options={"pgd_steps": args.pgd_steps, "trades_beta": args.trades_beta,
                          "roa_height": args.roa_size, "roa_width": args.roa_size})
     if rank not in ("", "0"):

@@ -74,7 +74,9 @@ def train_checkpoint(data: str | Path, out: str | Path, *, arch: str = "signnet"
                      world_size: int | None = None, backend: str = "auto",
                      resume: str | Path | None = None, state_path: str | Path | None = None,
                      stop_after_epoch: int | None = None,
-                     trainer_options: dict[str, Any] | None = None) -> TrainResult:
+                     trainer_options: dict[str, Any] | None = None,
+                     init: str | Path | None = None,
+                     init_sha256: str | None = None) -> TrainResult:
     """Train ``arch`` on the train split of a GTSRB-layout dataset, or on a verified attested
     pipeline folder (``attested_keys``); save a safetensors file (and, when attested, its
     signed SLSA provenance beside it as ``<checkpoint>.intoto.jsonl``).
@@ -86,8 +88,11 @@ def train_checkpoint(data: str | Path, out: str | Path, *, arch: str = "signnet"
     after every epoch). ``resume`` continues an interrupted run from its state;
     ``stop_after_epoch`` ends this call early, leaving no checkpoint yet. ``amp`` /
     ``channels_last``: None = on with CUDA, off on the CPU. ``trainer_options`` are further
-    TrainConfig fields (``pgd_steps``, ``trades_beta``, ``roa_height``, ...). Every setting,
-    the launch and the resume file are checked before the data is loaded.
+    TrainConfig fields (``pgd_steps``, ``trades_beta``, ``roa_height``, ...). ``init``: a
+    checkpoint of the same architecture and classes to start from instead of random
+    weights (fine-tuning, e.g. a teacher fine-tuned with ``masked`` for PatchCleanser;
+    ``init_sha256`` pins it). Every setting, the launch and the resume file are checked
+    before the data is loaded.
     """
     import torch
 
@@ -108,6 +113,8 @@ def train_checkpoint(data: str | Path, out: str | Path, *, arch: str = "signnet"
         images, labels, class_names, report = _training_data(data, size, attested_keys)
         torch.manual_seed(seed)
         model = create_model(arch, num_classes=len(class_names), input_size=size)
+        if init is not None:
+            _load_init(model, init, init_sha256, arch, class_names)
         # hold out a small, fixed slice of the training split for per-epoch validation
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(labels))
@@ -149,6 +156,19 @@ def train_checkpoint(data: str | Path, out: str | Path, *, arch: str = "signnet"
         # history["completed"] is False after stop_after_epoch: no checkpoint yet (sha256 "")
         return TrainResult(Path(out), sha, tuple(class_names), history.to_dict(),
                            int(len(train_idx)), provenance)
+
+
+def _load_init(model: Any, init: str | Path, sha256: str | None, arch: str,
+               class_names: Any) -> None:
+    """Copy the weights of checkpoint ``init`` into ``model`` (same arch and classes)."""
+    from cloud_train.checkpoint import load_checkpoint
+
+    start, meta = load_checkpoint(init, expected_sha256=sha256)
+    if meta.get("arch") != arch or list(meta["class_names"]) != list(class_names):
+        raise ConfigError(f"--init {init} is a {meta.get('arch')} on {len(meta['class_names'])} "
+                          f"classes; this run trains a {arch} on {len(class_names)}",
+                          "start from a checkpoint of the same architecture and classes")
+    model.load_state_dict(start.state_dict())
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, *, eps: float = 8 / 255,
