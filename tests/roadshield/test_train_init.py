@@ -22,7 +22,7 @@ def data_and_start(tmp_path_factory):
 
 
 def _max_weight_gap(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    return max(float((p - q).abs().max()) for p, q in zip(a.parameters(), b.parameters(),
+    return max(float((p - q).detach().abs().max()) for p, q in zip(a.parameters(), b.parameters(),
                                                           strict=True))
 
 
