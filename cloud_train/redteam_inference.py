@@ -8,9 +8,9 @@ carrying the printed sticker where its sticker.json puts it). Stacks:
 - ``undefended``: the teacher alone;
 - ``sanitize``: the teacher behind the existing input sanitizers (bit depth 5, median 3x3
   on the model input);
-- ``roa``: the model trained against rectangular occlusions (Wu et al. 2020);
-- ``patchcleanser``: a model trained with PatchCleanser's masks, inside double masking
-  (Xiang et al. 2022) for patches up to 10 % of the crop;
+- ``roa``: the teacher fine-tuned against rectangular occlusions (Wu et al. 2020);
+- ``patchcleanser``: the teacher fine-tuned with PatchCleanser's masks, inside double
+  masking (Xiang et al. 2022) for patches up to 10 % of the crop;
 - ``roa+patchcleanser``: the ROA model inside double masking.
 
 Attacks: the sticker optimised white-box on the teacher (targeted: stop -> speed limit
@@ -22,9 +22,10 @@ queries to the undefended ONNX model only) reports the queries it needed for 50 
 Figures per stack: sign accuracy on the clean drive, encounters with the right action,
 abstain rate on clean crops, attack success (targeted: share of stickered sightings read
 as the target; untargeted: share read as anything but the sign), stickered encounters
-that end with the attacker's action at the actuator (a command under the target's rule,
-none under the sign's own), ms per crop as a ratio to the bare runner, and PatchCleanser's
-certified accuracy on clean crops. Exit 3 names every missed target.
+that end with the attacker's action at the actuator (the policy acted on the target and
+no stop went out: ``edge_runtime.scoring.attacker_encounters``), ms per crop as a ratio
+to the bare runner, and PatchCleanser's certified accuracy on clean crops. Exit 3 names
+every missed target.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class Scale:
 
     train_per_class: int
     epochs: int
+    masked_epochs: int
     roa_epochs: int
     clean_frames: int
     sticker_frames: int
@@ -70,12 +72,12 @@ class Scale:
 
 
 SCALES = {
-    "tiny": Scale(train_per_class=12, epochs=1, roa_epochs=1, clean_frames=60,
-                  sticker_frames=60, steps=2, positions=1, pool=6, eval_pool=6, budget=64,
-                  timing_crops=8),
-    "quick": Scale(train_per_class=500, epochs=10, roa_epochs=8, clean_frames=450,
-                   sticker_frames=300, steps=300, positions=4, pool=96, eval_pool=64,
-                   budget=8000, timing_crops=200),
+    "tiny": Scale(train_per_class=12, epochs=1, masked_epochs=1, roa_epochs=1,
+                  clean_frames=60, sticker_frames=60, steps=2, positions=1, pool=6,
+                  eval_pool=6, budget=64, timing_crops=8),
+    "quick": Scale(train_per_class=500, epochs=10, masked_epochs=10, roa_epochs=3,
+                   clean_frames=450, sticker_frames=300, steps=300, positions=4, pool=96,
+                   eval_pool=64, budget=20000, timing_crops=200),
 }
 
 
@@ -102,10 +104,13 @@ Tick = Callable[[str], None]
 
 def _train_models(work: Path, sc: Scale, seed: int, given: dict[str, str | None],
                   tick: Tick) -> dict[str, Path]:
-    """Checkpoints by role: the given ones, else trained here (kept in ``work`` for reuse)."""
+    """Checkpoints by role: the given ones, else trained here (kept in ``work`` for reuse);
+    the masked and ROA models start from the teacher's weights."""
     from roadshield import pipeline
 
-    trainers = {"teacher": ("standard", sc.epochs), "masked": ("masked", sc.epochs),
+    # the defended models are the teacher fine-tuned against patches, as PatchCleanser's
+    # authors fine-tune theirs: the same start, so a difference is the defence's
+    trainers = {"teacher": ("standard", sc.epochs), "masked": ("masked", sc.masked_epochs),
                 "roa": ("roa", sc.roa_epochs)}
     paths: dict[str, Path] = {}
     data = work / "data"
@@ -124,8 +129,10 @@ def _train_models(work: Path, sc: Scale, seed: int, given: dict[str, str | None]
             trainer, epochs = trainers[role]
             tick(f"training the {role} model ({trainer}, {epochs} epochs)")
             ckpt.parent.mkdir(parents=True, exist_ok=True)
+            start = None if role == "teacher" else paths["teacher"]
             pipeline.train_checkpoint(data, ckpt, arch="signnet", trainer=trainer,
-                                      epochs=epochs, seed=seed, progress=False)
+                                      epochs=epochs, seed=seed, progress=False, init=start,
+                                      lr=0.05 if start is None else 0.02)
         paths[role] = ckpt
     return paths
 

@@ -123,7 +123,7 @@ def markdown(result: dict[str, Any]) -> str:
     out = [f"# Sticker red team ({result['scale']}, seed {result['seed']})", "",
            f"Sign {result['sign']}, target {result['target']}. Success: share of stickered "
            "sightings read as the target (untargeted: as anything but the sign). Attacker "
-           "enc.: stickered encounters ending with the target's command and no stop. "
+           "enc.: stickered encounters where the policy acted on the target and never stopped. "
            "Adaptive: the sticker re-optimised with the stack in the loop. Cost: ms per "
            "crop as a multiple of the bare runner's.", "",
            "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]

@@ -144,6 +144,16 @@ def load_train_state(path: str | Path) -> TrainState:
     return TrainState(**{k: raw[k] for k in names}, source=f"training state {path}")
 
 
+def _config_defaults() -> dict[str, Any]:
+    """Every TrainConfig field with a default, as saved in a training state."""
+    import dataclasses
+
+    from cloud_train.train import TrainConfig
+
+    return {f.name: f.default for f in dataclasses.fields(TrainConfig)
+            if f.default is not dataclasses.MISSING}
+
+
 def check_resumable(state: TrainState, model: nn.Module, config: dict[str, Any],
                     steps_per_epoch: int) -> None:
     """Refuse a state that cannot continue this run, before any work: another model
@@ -160,10 +170,12 @@ def check_resumable(state: TrainState, model: nn.Module, config: dict[str, Any],
                              f"{mine['model_kwargs']}",
                              "resume with the same --arch, --size and dataset, or start afresh "
                              "without --resume")
-    changed = sorted(k for k in set(state.config) | set(config) if k not in RUNTIME_KEYS
-                     and state.config.get(k) != config.get(k))
+    # a key the saved run did not know yet (a field added since) counts at its default
+    saved = {**_config_defaults(), **state.config}
+    changed = sorted(k for k in set(saved) | set(config) if k not in RUNTIME_KEYS
+                     and saved.get(k) != config.get(k))
     if changed:
-        diff = ", ".join(f"{k}: {state.config.get(k)!r} -> {config.get(k)!r}" for k in changed)
+        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in changed)
         raise ConfigError(f"{source} was written with other training settings ({diff})",
                           "resume with the settings of the interrupted run (only device, "
                           "workers and mixed precision may change), or start afresh")

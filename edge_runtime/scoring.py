@@ -140,19 +140,23 @@ class TruthScorer:
 
 def attacker_encounters(encounters: list[dict[str, Any]], sign: str,
                         target: str | None) -> dict[str, int]:
-    """Stickered encounters of ``sign``, and those that ended with the attacker's action: a
-    command under the target's rule and none under the sign's own (untargeted: none under
-    the sign's own)."""
+    """Stickered encounters of ``sign``, and those that ended with the attacker's action.
+
+    Targeted: the policy acted on the target (the target won a vote: its command went out,
+    or the car already obeyed it and kept going) and no command under the sign's own rule
+    went out; a stop sign read as "speed limit 100" on a 50 km/h road leaves the car
+    driving on. Untargeted: no command under the sign's own rule went out.
+    """
     rule = SignRulesPolicy().rule_for
     own = rule(sign)
     stickered = [e for e in encounters if e["stickered"] and e["class_name"] == sign]
     won = 0
     for e in stickered:
-        rules = [rule(c["class_name"]) for c in e["commands"] if c["class_name"]]
+        obeyed = own in [rule(c["class_name"]) for c in e["commands"] if c["class_name"]]
         if target is None:
-            won += own not in rules
+            won += not obeyed
         else:
-            won += rule(target) in rules and own not in rules
+            won += target in e["voted"] and not obeyed
     return {"stickered": len(stickered), "attacker_action": won}
 
 

@@ -92,6 +92,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                        help="weight of TRADES' robustness term")
     multi.add_argument("--roa-size", type=int, default=7,
                        help="side in pixels of ROA's occluding rectangle")
+    masked = train.add_argument_group("masked trainer (PatchCleanser's model)")
+    masked.add_argument("--mask-size", type=int, default=None,
+                        help="side in pixels of the grey squares (default: PatchCleanser's "
+                             "mask for a 10 %% patch at the input size, 14 at 32 px)")
+    masked.add_argument("--mask-double-rate", type=float, default=0.5,
+                        help="share of examples masked by two squares instead of one")
     run = train.add_argument_group("devices, processes and resumption")
     run.add_argument("--device", default="auto",
                      help="auto | cpu | cuda (under torchrun each process takes cuda:LOCAL_RANK)")

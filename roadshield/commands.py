@@ -74,7 +74,9 @@ def train(args: argparse.Namespace) -> int:
         stop_after_epoch=args.stop_after_epoch,
         init=args.init,
         trainer_options={"pgd_steps": args.pgd_steps, "trades_beta": args.trades_beta,
-                         "roa_height": args.roa_size, "roa_width": args.roa_size})
+                         "roa_height": args.roa_size, "roa_width": args.roa_size,
+                         "mask_size": args.mask_size,
+                         "mask_double_rate": args.mask_double_rate})
     if rank not in ("", "0"):
         return 0
     history = result.history

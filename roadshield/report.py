@@ -125,8 +125,8 @@ def format_demo_summary(summary: dict[str, Any]) -> str:
             (f"PGD-{ev['pgd_steps']} accuracy (eps {eps:.0f}/255)", _pct(ev["pgd_acc"])),
             ("ONNX vs torch max abs diff", f"{summary['export']['parity_max_abs']:.2e}")]
     dt = summary["defended_training"]
-    rows += [("defended stack", f"{dt['trainer']} model ({dt['epochs']} epochs) inside "
-                                f"{summary['defence']}"),
+    rows += [("defended stack", f"the car's model fine-tuned {dt['epochs']} epochs with "
+                                f"{dt['trainer']}, inside {summary['defence']}"),
              ("sticker", f"{st['sign']} -> {st['target']}, {st['config']['shape']}, "
                          f"{st['config']['area']:.0%} of the face, {st['seconds']:.0f} s"),
              ("sticker on held-out views", f"{_pct(st['success'])} read as {st['target']} "

@@ -127,3 +127,68 @@ def blackbox_sticker(query: Query, pool: EotPool, held_out: EotPool, mask: np.nd
     success = curve[-1][1] if curve else 0.0
     return BlackBoxResult(colours, mask.copy(), spent, success, curve, to_half,
                           time.perf_counter() - t0)
+
+
+def nes_sticker(query: Query, pool: EotPool, held_out: EotPool, mask: np.ndarray,
+                sign: int, target: int | None, budget: int = 40000, views: int = 8,
+                samples: int = 10, sigma: float = 0.5, lr: float = 0.3, cells: int = 32,
+                check_every: int = 5, seed: int = 0) -> BlackBoxResult:
+    """Natural evolution strategies (Ilyas et al. 2018, "Black-box adversarial attacks with
+    limited queries and information") on the sticker's colour logits: each step scores
+    ``samples`` antithetic pairs of Gaussian perturbations (scale ``sigma``) on ``views``
+    fresh EOT views, estimates the gradient of the loss from the scores alone and takes
+    an Adam step of ``lr``. A step costs 2 * samples * views queries.
+    """
+    per_step = 2 * samples * views
+    if budget < per_step or views < 1 or samples < 1 or cells < 1 or ART_SIZE % cells \
+            or not sigma > 0 or not lr > 0:
+        raise ConfigError(f"NES budget {budget} / views {views} / samples {samples} / cells "
+                          f"{cells}", "use budget >= 2 * samples * views and cells dividing "
+                          "128 (e.g. 32)")
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.from_numpy(mask.astype(np.float32))[None]
+    rep = ART_SIZE // cells
+    theta = torch.zeros(3, cells, cells)
+    opt = torch.optim.Adam([theta.requires_grad_(True)], lr=lr)
+
+    def colours(t: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(t).repeat_interleave(rep, 1).repeat_interleave(rep, 2)
+
+    def score(t: torch.Tensor, idx: list[int], noise_seed: int) -> float:
+        g = torch.Generator().manual_seed(noise_seed)
+        with torch.no_grad():
+            x = pool.render(colours(t), m, idx, generator=g).numpy()
+        return _loss(query(x), sign, target)
+
+    spent, step = 0, 0
+    curve: list[tuple[int, float]] = []
+    to_half = None
+    while spent + per_step <= budget:
+        idx = rng.choice(len(pool), size=min(views, len(pool)), replace=False).tolist()
+        noise_seed = int(rng.integers(0, 2**31))
+        grad = torch.zeros_like(theta)
+        base = theta.detach()
+        for _ in range(samples):
+            u = torch.randn(base.shape, generator=gen)
+            diff = score(base + sigma * u, idx, noise_seed) - score(base - sigma * u, idx,
+                                                                    noise_seed)
+            grad += diff * u
+        spent += per_step
+        opt.zero_grad()
+        theta.grad = grad / (2 * samples * sigma)
+        opt.step()
+        step += 1
+        if step % check_every == 0 or spent + per_step > budget:
+            with torch.no_grad():
+                x = held_out.render(colours(theta.detach()), m, generator=gen).numpy()
+            won = wins(query(x), sign, target)
+            curve.append((spent, round(float(won.mean()), 4)))
+            if to_half is None and won.mean() >= 0.5:
+                to_half = spent
+    final = (colours(theta.detach()).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    final[~mask] = 0
+    success = curve[-1][1] if curve else 0.0
+    return BlackBoxResult(final, mask.copy(), spent, success, curve, to_half,
+                          time.perf_counter() - t0)

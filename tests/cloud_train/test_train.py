@@ -303,3 +303,17 @@ def test_mixed_precision_trains_and_its_fgsm_keeps_the_float32_direction(device,
     _, history = fit(data, "fast_at", epochs=2, n=192, device=str(device))
     assert history.amp and history.channels_last
     assert history.epochs[-1].loss < history.epochs[0].loss
+
+
+def test_a_state_saved_before_a_config_field_existed_resumes_at_its_default(
+        data, state_file, tmp_path) -> None:
+    from cloud_train.train_state import save_train_state
+
+    old = load_train_state(state_file)
+    for key in ("mask_size", "mask_double_rate"):  # fields added after such states existed
+        del old.config[key]
+    path = tmp_path / "old.trainstate"
+    save_train_state(old, path)
+    assert _resume(data, path).completed  # the defaults match: it resumes
+    with pytest.raises(ConfigError, match="mask_double_rate: 0.5 -> 0.25"):
+        _resume(data, path, mask_double_rate=0.25)
