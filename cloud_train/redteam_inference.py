@@ -16,8 +16,9 @@ carrying the printed sticker where its sticker.json puts it). Stacks:
 Attacks: the sticker optimised white-box on the teacher (targeted: stop -> speed limit
 100, and untargeted) is the non-adaptive attack for every stack. The adaptive attack
 re-optimises the sticker with the stack in the loop: against the ROA model itself, EOT
-over PatchCleanser's masks, BPDA through the sanitizers. A black-box sticker (score
-queries to the undefended ONNX model only) reports the queries it needed for 50 %.
+over PatchCleanser's masks, BPDA through the sanitizers. Black-box stickers (NES on
+score queries to the undefended ONNX model only, targeted and untargeted) report the
+queries they needed for 50 %.
 
 Figures per stack: sign accuracy on the clean drive, encounters with the right action,
 abstain rate on clean crops, attack success (targeted: share of stickered sightings read
@@ -74,10 +75,10 @@ class Scale:
 SCALES = {
     "tiny": Scale(train_per_class=12, epochs=1, masked_epochs=1, roa_epochs=1,
                   clean_frames=60, sticker_frames=60, steps=2, positions=1, pool=6,
-                  eval_pool=6, budget=64, timing_crops=8),
+                  eval_pool=6, budget=320, timing_crops=8),
     "quick": Scale(train_per_class=500, epochs=10, masked_epochs=10, roa_epochs=3,
                    clean_frames=450, sticker_frames=300, steps=300, positions=4, pool=96,
-                   eval_pool=64, budget=20000, timing_crops=200),
+                   eval_pool=64, budget=80000, timing_crops=200),
 }
 
 
@@ -172,16 +173,19 @@ def _optimise(ckpt: Path, sc: Scale, seed: int, target: str | None, out: Path,
                                   search_steps=min(30, sc.steps))
 
 
-def _blackbox(onnx: Path, sc: Scale, seed: int) -> dict[str, Any]:
+def _blackbox(onnx: Path, sc: Scale, seed: int, target: str | None,
+              budget: int) -> dict[str, Any]:
+    """NES on the undefended ONNX model's scores only (no gradients)."""
     from cloud_train.signs import SYNTHETIC_CLASSES
-    from cloud_train.sticker.blackbox import blackbox_sticker
+    from cloud_train.sticker.blackbox import nes_sticker
     from cloud_train.sticker.eot import EotPool
     from cloud_train.sticker.shapes import sticker_mask
     from edge_runtime.loop import softmax
     from edge_runtime.model_info import read_model_info
     from edge_runtime.runners.registry import create_runner
 
-    sign, target = SYNTHETIC_CLASSES.index(SIGN), SYNTHETIC_CLASSES.index(TARGET)
+    sign = SYNTHETIC_CLASSES.index(SIGN)
+    goal = None if target is None else SYNTHETIC_CLASSES.index(target)
     info = read_model_info(onnx)
     with create_runner("onnxruntime", onnx) as runner:
         def query(x: np.ndarray) -> np.ndarray:
@@ -189,9 +193,10 @@ def _blackbox(onnx: Path, sc: Scale, seed: int) -> dict[str, Any]:
 
         pool = EotPool(sign, min(48, sc.pool), seed=seed, input_size=info.input_size)
         held = EotPool(sign, sc.eval_pool, seed=seed + 1000, input_size=info.input_size)
-        result = blackbox_sticker(query, pool, held, sticker_mask(sign, "bars", 0.15), sign,
-                                  target, budget=sc.budget, views=min(16, len(pool)), seed=seed)
-    return result.summary()
+        views = min(8, len(pool))
+        result = nes_sticker(query, pool, held, sticker_mask(sign, "bars", 0.15), sign, goal,
+                             budget=max(budget, 2 * 10 * views), views=views, seed=seed)
+    return {"target": target, **result.summary()}
 
 
 # --- the drives -----------------------------------------------------------------------------
@@ -295,8 +300,10 @@ def run_inference_redteam(out_dir: str | os.PathLike[str], scale: str = "quick",
             attacks[f"adaptive:{stack.name}"] = _optimise(
                 ckpts[stack.model], sc, seed, TARGET, stickers / f"adaptive-{stack.name}",
                 _stack_transform(stack, 32))
-        tick("black-box sticker search")
-        attacks["blackbox"] = _blackbox(onnx["teacher"], sc, seed)
+        tick("black-box sticker searches")
+        attacks["blackbox"] = _blackbox(onnx["teacher"], sc, seed, TARGET, sc.budget)
+        attacks["blackbox_untargeted"] = _blackbox(onnx["teacher"], sc, seed, None,
+                                                   sc.budget // 4)
         clean_src = f"synthetic://?seed={seed + 1}&frames={sc.clean_frames}&sticker_rate=0"
 
         def stuck(folder: str) -> str:

@@ -95,13 +95,20 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
 
 def _attack_lines(result: dict[str, Any]) -> list[str]:
     a = result["attacks"]
-    t, b = a["targeted"], a["blackbox"]
-    half = b["queries_to_half"]
-    return [
-        f"teacher sticker ({result['sign']} -> {result['target']}): {_share(t['success'])} % "
-        f"of held-out views on the teacher (confident {_share(t['confident'])} %)",
-        f"black-box sticker: {_share(b['success'])} % after {b['queries']} queries; 50 % "
-        + (f"reached after {half} queries" if half else "not reached in the budget")]
+    t = a["targeted"]
+    lines = [f"teacher sticker ({result['sign']} -> {result['target']}): "
+             f"{_share(t['success'])} % of held-out views on the teacher (confident "
+             f"{_share(t['confident'])} %)"]
+    for key, what in (("blackbox", f"targeted ({result['target']})"),
+                      ("blackbox_untargeted", "untargeted")):
+        if key in a:
+            b = a[key]
+            half = b["queries_to_half"]
+            lines.append(f"black-box sticker, {what}: {_share(b['success'])} % of held-out "
+                         f"views after {b['queries']} queries; 50 % "
+                         + (f"reached after {half} queries" if half else
+                            "not reached in the budget"))
+    return lines
 
 
 def text_table(result: dict[str, Any]) -> str:

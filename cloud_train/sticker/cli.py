@@ -50,8 +50,11 @@ def add_attack_parsers(subparsers: argparse._SubParsersAction) -> None:
     st.add_argument("--onnx", default=None,
                     help="the exported model to measure the transfer on (white-box; default: "
                          "export the checkpoint to a temporary file)")
-    st.add_argument("--budget", type=int, default=20000,
+    st.add_argument("--budget", type=int, default=40000,
                     help="black-box: queries (rendered views) the search may send")
+    st.add_argument("--search", choices=("nes", "square"), default="nes",
+                    help="black-box search: nes (gradient estimates from scores) or square "
+                         "(random palette squares)")
     st.add_argument("--dpi", type=int, default=300, help="print resolution of sticker.png")
     st.add_argument("--seed", type=int, default=0)
     st.add_argument("--json", action="store_true", help="print attack.json")
@@ -130,7 +133,7 @@ def _whitebox(args: argparse.Namespace, sign: int, target: int | None) -> dict[s
 
 
 def _blackbox(args: argparse.Namespace, sign: int, target: int | None) -> dict[str, Any]:
-    from cloud_train.sticker.blackbox import blackbox_sticker
+    from cloud_train.sticker.blackbox import blackbox_sticker, nes_sticker
     from cloud_train.sticker.eot import EotPool
     from cloud_train.sticker.shapes import sticker_mask
 
@@ -140,12 +143,14 @@ def _blackbox(args: argparse.Namespace, sign: int, target: int | None) -> dict[s
         pool = EotPool(sign, 48, seed=args.seed, input_size=info.input_size)
         held_out = EotPool(sign, 64, seed=args.seed + 1000, input_size=info.input_size)
         mask = sticker_mask(sign, args.shape, args.area)
-        result = blackbox_sticker(predict, pool, held_out, mask, sign, target,
-                                  budget=args.budget, seed=args.seed)
+        search = nes_sticker if args.search == "nes" else blackbox_sticker
+        result = search(predict, pool, held_out, mask, sign, target, budget=args.budget,
+                        seed=args.seed)
     finally:
         runner.deactivate()
-    return {"mode": "black-box", "model": str(args.model), "class_names": list(info.class_names),
-            "blackbox": result.summary(), "colours": result.colours, "mask": result.mask}
+    return {"mode": f"black-box ({args.search})", "model": str(args.model),
+            "class_names": list(info.class_names), "blackbox": result.summary(),
+            "colours": result.colours, "mask": result.mask}
 
 
 def cmd_attack_sticker(args: argparse.Namespace) -> int:

@@ -105,8 +105,9 @@ def sticker_mask(class_index: int, shape: str, area: float,
     centre: (x, y) in art pixels (default: the inner plate's centroid). Every size of the
     shape (half-pixel steps) is drawn and clipped to the inner plate; the one whose clipped
     area is closest to the asked share wins, among those that keep at least 90 % of
-    themselves on the face. ConfigError for an unknown shape, an area out of range, or a centre where no
-    size comes within 5 % of the area without losing more than 10 % over the face's edge.
+    themselves on the face. ConfigError for an unknown shape, an area out of range, or a
+    centre where no size comes within 5 % of the area without losing more than 10 % over
+    the face's edge.
     """
     check_shape(shape)
     check_area(area)

@@ -499,3 +499,29 @@ def test_rp2_on_an_empty_batch_returns_it(linear) -> None:
     model, _, _ = linear
     empty = torch.zeros(0, 3, SIZE, SIZE)
     assert rp2(model, empty, torch.zeros(0, dtype=torch.long), steps=1).shape == empty.shape
+
+
+def test_nes_darkens_the_sticker_until_the_fake_model_reads_the_target(bb_pools) -> None:
+    # the fake model reads the target once the sticker darkens the sign's red: the score
+    # gradient NES estimates points to darker colours, so success must come within budget
+    from cloud_train.sticker.blackbox import nes_sticker
+
+    pool, held, clean = bb_pools
+    calls: list[int] = []
+    mask = sticker_mask(STOP, "square", 0.15)
+    result = nes_sticker(darkened_red_reader(clean, STOP, LIMIT_100, calls), pool, held, mask,
+                         STOP, LIMIT_100, budget=2 * 4 * 4 * 12, views=4, samples=4,
+                         sigma=0.5, lr=0.5, cells=8, check_every=1, seed=0)
+    assert result.queries == 2 * 4 * 4 * 12 == sum(n for n in calls if n == 4)
+    assert result.curve[0][1] < 0.5 and result.success >= 0.5
+    assert result.queries_to_half is not None and result.queries_to_half <= result.queries
+    assert not result.colours[~mask].any()
+
+
+def test_nes_bad_arguments_are_refused(bb_pools) -> None:
+    from cloud_train.sticker.blackbox import nes_sticker
+
+    pool, held, _ = bb_pools
+    with pytest.raises(ConfigError):
+        nes_sticker(fixed_answer(STOP), pool, held, sticker_mask(STOP, "square", 0.1), STOP,
+                    None, budget=10, views=4, samples=4)

@@ -199,12 +199,31 @@ def test_blackbox_run_on_onnx_writes_the_sticker(checkpoints, tmp_path, capsys) 
     out = tmp_path / "bb"
     code = main(["attack", "sticker", "--model", str(onnx), "--sign", "stop",
                  "--shape", "square", "--area", "0.1", "--budget", "48", "--dpi", "50",
-                 "--out", str(out), "--json"])
+                 "--search", "square", "--out", str(out), "--json"])
     assert code == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["mode"] == "black-box"
+    assert report["mode"] == "black-box (square)"
     assert report["blackbox"]["queries"] <= 48
     colours, mask, doc = sticker_from_files(out)
     assert doc["sign"] == "stop" and doc["target"] is None and doc["shape"] == "square"
     palette = {tuple(c) for c in PRINTER_PALETTE.tolist()}
     assert {tuple(c) for c in colours[mask].tolist()} <= palette
+
+
+def test_nes_blackbox_run_spends_whole_steps_of_its_budget(checkpoints, tmp_path,
+                                                           capsys) -> None:
+    from cloud_train.checkpoint import load_checkpoint
+    from distill.export import export_onnx
+    from roadshield.cli import main
+
+    model, meta = load_checkpoint(checkpoints["synthetic"])
+    onnx = export_onnx(model, meta["class_names"], tmp_path / "m.onnx",
+                       source_sha256=meta["sha256"])
+    # one NES step: 10 antithetic pairs on 8 views = 160 queries; 300 buys one step only
+    code = main(["attack", "sticker", "--model", str(onnx), "--sign", "stop", "--target",
+                 "yield", "--budget", "300", "--dpi", "50", "--out", str(tmp_path / "nes"),
+                 "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["mode"] == "black-box (nes)" and report["blackbox"]["queries"] == 160
+    assert report["blackbox"]["curve"][-1][0] == 160
