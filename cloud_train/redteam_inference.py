@@ -13,10 +13,11 @@ carrying the printed sticker where its sticker.json puts it). Stacks:
   masking (Xiang et al. 2022) for patches up to 10 % of the crop;
 - ``roa+patchcleanser``: the ROA model inside double masking.
 
-Attacks: the sticker optimised white-box on the teacher (targeted: stop -> speed limit
-100, and untargeted) is the non-adaptive attack for every stack. The adaptive attack
-re-optimises the sticker with the stack in the loop: against the ROA model itself, EOT
-over PatchCleanser's masks, BPDA through the sanitizers. Black-box stickers (NES on
+Attacks: the sticker optimised white-box on the teacher (targeted: stop -> priority road,
+which makes the car drive through the stop, and untargeted) is the non-adaptive attack
+for every stack. The adaptive attack re-optimises the sticker with the stack in the loop:
+against the ROA model itself, EOT over PatchCleanser's masks, BPDA through the
+sanitizers. Black-box stickers (NES on
 score queries to the undefended ONNX model only, targeted and untargeted) report the
 queries they needed for 50 %.
 
@@ -48,7 +49,7 @@ from roadshield.errors import ConfigError
 from roadshield.fileio import atomic_write_bytes, atomic_write_json
 
 SCHEMA = "roadshield-redteam-inference/1"
-SIGN, TARGET = "stop", "speed_limit_100"
+SIGN, TARGET = "stop", "priority_road"
 SANITIZE_SPEC = "preprocess,bitdepth:bits=5,median:k=3"
 DEFENCE_SPEC = "patchcleanser:share=0.1,k=6"
 MODELS = ("teacher", "masked", "roa")

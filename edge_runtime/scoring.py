@@ -144,8 +144,9 @@ def attacker_encounters(encounters: list[dict[str, Any]], sign: str,
 
     Targeted: the policy acted on the target (the target won a vote: its command went out,
     or the car already obeyed it and kept going) and no command under the sign's own rule
-    went out; a stop sign read as "speed limit 100" on a 50 km/h road leaves the car
-    driving on. Untargeted: no command under the sign's own rule went out.
+    went out; a stop sign read as "priority road" (no rule: keep going) or as "speed limit
+    100" on a 50 km/h road leaves the car driving on. Untargeted: no command under the
+    sign's own rule went out.
     """
     rule = SignRulesPolicy().rule_for
     own = rule(sign)

@@ -12,7 +12,7 @@ import numpy as np
 
 from roadshield import pipeline
 
-SIGN, TARGET = "stop", "speed_limit_100"
+SIGN, TARGET = "stop", "priority_road"
 
 
 @dataclass(frozen=True)

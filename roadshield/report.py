@@ -186,8 +186,9 @@ def plot_demo(summary: dict[str, Any], out: str | Path) -> Path:
         for px, v in zip(pos, vals, strict=True):
             ax3.text(px, v + 0.02, f"{100 * v:.0f}%", ha="center", fontsize=8)
     ax3.set_xticks(x, list(metrics), fontsize=8)
-    ax3.set(ylim=(0, 1.15), title="the drives: undefended vs defended")
-    ax3.legend(loc="upper left", fontsize=8)
+    ax3.set(ylim=(0, 1.3), yticks=[0, 0.25, 0.5, 0.75, 1.0],
+            title="the drives: undefended vs defended")
+    ax3.legend(loc="upper center", ncol=len(names), fontsize=8)
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=100)

@@ -58,14 +58,14 @@ def test_the_side_by_side_video_shows_both_stacks_frame_for_frame(demo_run):
 def test_the_stickered_drive_really_carries_the_sticker(demo_run):
     runs, summary = demo_run
     placed = json.loads((runs / "latest" / "sticker" / "sticker.json").read_text())
-    assert (placed["sign"], placed["target"]) == ("stop", "speed_limit_100")
+    assert (placed["sign"], placed["target"]) == ("stop", "priority_road")
     for stack in ("undefended", "defended"):
         truth = summary["drives"][stack]["stickered"]["truth"]
         assert truth["stickered"]["classified"] > 0 and truth["clean"]["classified"] == 0
         fig = summary["attack"][stack]
         read = truth["stickered"]["read_as"]
         assert fig["sightings"] == sum(read.values())
-        assert fig["success"] == pytest.approx(read.get("speed_limit_100", 0) / fig["sightings"])
+        assert fig["success"] == pytest.approx(read.get("priority_road", 0) / fig["sightings"])
 
 
 def test_clean_accuracy_recomputes_from_the_onnx_model_and_the_gtsrb_test_set(demo_run):
