@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -33,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from cloud_train.progress import step_ticker
 from roadshield.errors import ConfigError
 from roadshield.fileio import atomic_write_bytes, atomic_write_json
 
@@ -325,25 +325,14 @@ def run_data_redteam(out_dir: str | os.PathLike[str], seed: int = 0, scale: str 
     sc, seed = SCALES[scale], int(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from tqdm import tqdm
-
-    bar = tqdm(total=_steps(sc), desc="redteam data", unit="step", file=sys.stderr,
-               disable=not progress)
-
-    def tick(what: str) -> None:
-        bar.set_postfix_str(what, refresh=False)
-        bar.update()
-
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    try:
-        with tempfile.TemporaryDirectory(prefix="roadshield-redteam-") as tmp:
-            work = Path(tmp)
-            rows = (_gate_rows(work / "gate", sc, seed, tick)
-                    + _verify_rows(work / "attest", sc, seed, tick)
-                    + _leak_rows(sc, seed, tick))
-    finally:
-        bar.close()
+    with step_ticker(_steps(sc), "redteam data", progress) as tick, \
+            tempfile.TemporaryDirectory(prefix="roadshield-redteam-") as tmp:
+        work = Path(tmp)
+        rows = (_gate_rows(work / "gate", sc, seed, tick)
+                + _verify_rows(work / "attest", sc, seed, tick)
+                + _leak_rows(sc, seed, tick))
     missed = [f"{r['attack']}: {_achieved(r)} (target {r['target']})"
               for r in rows if r["target_met"] is False]
     result = {"schema": SCHEMA, "scale": scale, "seed": seed, "sizes": asdict(sc),

@@ -33,7 +33,6 @@ every missed target.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -44,6 +43,7 @@ from urllib.parse import quote
 
 import numpy as np
 
+from cloud_train.progress import step_ticker
 from edge_runtime.scoring import sticker_figures
 from roadshield.errors import ConfigError
 from roadshield.fileio import atomic_write_bytes, atomic_write_json
@@ -271,19 +271,10 @@ def run_inference_redteam(out_dir: str | os.PathLike[str], scale: str = "quick",
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
     register_synthetic_camera()
-    from tqdm import tqdm
-
     steps = 3 + 2 + len(STACKS) - 1 + 1 + len(STACKS) * 4 + len(STACKS)
-    bar = tqdm(total=steps, desc="redteam inference", unit="step", file=sys.stderr,
-               disable=not progress)
-
-    def tick(what: str) -> None:
-        bar.set_postfix_str(what, refresh=False)
-        bar.update()
-
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    try:
+    with step_ticker(steps, "redteam inference", progress) as tick:
         ckpts = _train_models(work, sc, seed, {"teacher": teacher, "masked": masked, "roa": roa},
                               tick)
         onnx = _export(ckpts, work)
@@ -340,8 +331,6 @@ def run_inference_redteam(out_dir: str | os.PathLike[str], scale: str = "quick",
                 "targeted": targeted, "untargeted": untargeted, "adaptive": adaptive,
                 "ms_per_crop": _time_stack(model, stack, sc, seed)})
             tick(f"{stack.name}: done")
-    finally:
-        bar.close()
     bare = rows[0]["ms_per_crop"]
     for r in rows:
         r["cost_ratio"] = r["ms_per_crop"] / bare if bare > 0 else None
