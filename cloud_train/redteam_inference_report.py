@@ -29,12 +29,20 @@ def _worst(row: dict[str, Any]) -> float:
     return max(vals) if vals else 1.0
 
 
+def _stops(row: dict[str, Any]) -> bool:
+    na, ad = row["targeted"]["success"], row["adaptive"]["success"]
+    return na is not None and ad is not None and na <= DEFENDED_NON_ADAPTIVE \
+        and ad <= DEFENDED_ADAPTIVE
+
+
 def check_targets(result: dict[str, Any]) -> None:
     """Pick the best defended stack and record ``missed`` / ``all_targets_met`` in place.
 
-    Best: among defended stacks whose clean accuracy is within 2 points of the undefended
-    one, the lowest worst-case (non-adaptive or adaptive) targeted success; ties go to
-    the cheaper stack. If none keeps clean accuracy, the lowest worst case overall.
+    Best: among the defended stacks that stop the sticker (non-adaptive success <= 5 %,
+    adaptive <= 10 %), the one with the highest clean accuracy (then the cheaper); when
+    none does, the one with the lowest worst case. Its clean accuracy must then be within
+    2 points of the undefended one's, or that is a miss: a stack that keeps clean accuracy
+    by stopping nothing is never the best.
     """
     rows = result["stacks"]
     bare = rows[0]
@@ -53,10 +61,10 @@ def check_targets(result: dict[str, Any]) -> None:
                       f"(target >= {UNDEFENDED_UNTARGETED:.0%})")
     base = bare["clean_accuracy"] or 0.0
     defended = rows[1:]
-    keeps = [r for r in defended
-             if 100 * (base - (r["clean_accuracy"] or 0.0)) <= CLEAN_DROP_POINTS]
-    pool = keeps or defended
-    best = min(pool, key=lambda r: (_worst(r), r["ms_per_crop"])) if pool else None
+    safe = [r for r in defended if _stops(r)]
+    best = (max(safe, key=lambda r: ((r["clean_accuracy"] or 0.0), -r["ms_per_crop"]))
+            if safe else min(defended, key=lambda r: (_worst(r), -(r["clean_accuracy"] or 0.0),
+                                                      r["ms_per_crop"])) if defended else None)
     if best is not None:
         result["best_stack"] = best["stack"]
         drop = 100 * (base - (best["clean_accuracy"] or 0.0))

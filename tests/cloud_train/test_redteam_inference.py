@@ -31,11 +31,23 @@ def _result(*defended):
                         "blackbox": {"success": 0.1, "queries": 100, "queries_to_half": None}}}
 
 
-def test_the_best_stack_keeps_clean_accuracy_and_is_judged_on_its_worst_attack():
-    # b is safer but loses 5 points of clean accuracy: a stack within 2 points wins
-    res = _result(_row("a", 0.99, 0.02, 0.08), _row("b", 0.95, 0.0, 0.0))
+def test_the_best_stack_stops_the_sticker_and_keeps_the_most_clean_accuracy():
+    # b is safer but loses 5 points; c keeps everything but stops nothing; a stops the
+    # sticker within the targets and keeps clean accuracy: a is the best
+    res = _result(_row("a", 0.99, 0.02, 0.08), _row("b", 0.95, 0.0, 0.0),
+                  _row("c", 1.0, 0.9, 0.95))
     check_targets(res)
     assert res["best_stack"] == "a" and res["all_targets_met"], res["missed"]
+
+
+def test_a_stack_that_stops_nothing_is_never_the_best():
+    # the defence that stops the sticker costs 3 points of clean accuracy: it is still the
+    # best, and the clean-accuracy miss is named
+    res = _result(_row("sanitize", 1.0, 1.0, 1.0), _row("patchcleanser", 0.97, 0.0, 0.07))
+    check_targets(res)
+    assert res["best_stack"] == "patchcleanser"
+    assert res["missed"] == ["patchcleanser: clean accuracy 3.0 points below undefended "
+                             "(target <= 2)"]
 
 
 def test_each_missed_target_is_named():
