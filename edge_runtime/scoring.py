@@ -140,7 +140,8 @@ class TruthScorer:
 
 def attacker_encounters(encounters: list[dict[str, Any]], sign: str,
                         target: str | None) -> dict[str, int]:
-    """Stickered encounters of ``sign``, and those that ended with the attacker's action.
+    """Stickered encounters of ``sign``, those that ended with the attacker's action, and
+    those in which the car obeyed the sign (a command under its own rule went out).
 
     Targeted: the policy acted on the target (the target won a vote: its command went out,
     or the car already obeyed it and kept going) and no command under the sign's own rule
@@ -151,19 +152,21 @@ def attacker_encounters(encounters: list[dict[str, Any]], sign: str,
     rule = SignRulesPolicy().rule_for
     own = rule(sign)
     stickered = [e for e in encounters if e["stickered"] and e["class_name"] == sign]
-    won = 0
+    won = obeyed_count = 0
     for e in stickered:
         obeyed = own in [rule(c["class_name"]) for c in e["commands"] if c["class_name"]]
+        obeyed_count += obeyed
         if target is None:
             won += not obeyed
         else:
             won += target in e["voted"] and not obeyed
-    return {"stickered": len(stickered), "attacker_action": won}
+    return {"stickered": len(stickered), "attacker_action": won, "obeyed": obeyed_count}
 
 
 def sticker_figures(report: dict[str, Any], sign: str, target: str | None) -> dict[str, Any]:
-    """What the sticker did on a drive's report: sightings, share read as the target (or as
-    anything but the sign), what they were read as, and the encounters it won."""
+    """What the sticker did on a drive's report: sightings, the share read as the target
+    (untargeted: as another sign; a crop the defence abstained on, "unknown", was not
+    fooled), the share abstained, what they were read as, and the encounters it won."""
     truth = report.get("truth")
     if not truth:
         raise ConfigError("the stickered drive carried no ground truth",
@@ -171,7 +174,9 @@ def sticker_figures(report: dict[str, Any], sign: str, target: str | None) -> di
     part = truth["stickered"]
     n = part["classified"]
     read = part.get("read_as", {})
-    won = read.get(target, 0) if target else n - read.get(sign, 0)
-    return {"sightings": n, "success": won / n if n else None, "accuracy": part["accuracy"],
+    abstained = read.get(UNKNOWN, 0)
+    won = read.get(target, 0) if target else n - read.get(sign, 0) - abstained
+    return {"sightings": n, "success": won / n if n else None,
+            "abstained": abstained / n if n else None, "accuracy": part["accuracy"],
             "read_as": read,
             "encounters": attacker_encounters(report["encounters"], sign, target)}

@@ -98,11 +98,14 @@ def compare_rows(summary: dict[str, Any]) -> list[tuple[str, ...]]:
         lambda n: f"{truth(n, 'clean')['encounters_right']} of {truth(n, 'clean')['encounters']}")
     row("abstained (unknown), clean drive",
         lambda n: _pct(truth(n, "clean")["clean"].get("abstain_rate", 0.0)))
+    row("abstained (unknown), stickered stops", lambda n: _pct(attack[n]["abstained"]))
     row(f"stickered stop signs read as {target}", lambda n: _pct(attack[n]["success"]))
     row("stickered stop signs read as stop",
         lambda n: _pct(attack[n]["read_as"].get("stop", 0) / attack[n]["sightings"]
                        if attack[n]["sightings"] else None))
     row("stickered stops ending in the attacker's action", lambda n: _enc(attack[n]))
+    row("stickered stops where the car stopped",
+        lambda n: f"{attack[n]['encounters']['obeyed']} of {attack[n]['encounters']['stickered']}")
     row("frames per second, clean drive", lambda n: f"{drives[n]['clean']['fps']:.1f}")
     row("infer ms (median), clean drive",
         lambda n: f"{drives[n]['clean']['stages']['infer']['median_ms']:.2f}"

@@ -80,10 +80,11 @@ def test_attacker_encounters_need_the_target_voted_and_no_stop():
          "commands": [{"class_name": "unknown"}]},  # defence abstained: slowed, no target
         {"class_name": "stop", "stickered": False, "voted": ["priority_road"], "commands": []},
     ]
-    assert attacker_encounters(encs, "stop", "priority_road") == {"stickered": 3,
-                                                                  "attacker_action": 1}
+    assert attacker_encounters(encs, "stop", "priority_road") == {
+        "stickered": 3, "attacker_action": 1, "obeyed": 1}
     # untargeted: any stickered encounter without a stop command
-    assert attacker_encounters(encs, "stop", None) == {"stickered": 3, "attacker_action": 2}
+    assert attacker_encounters(encs, "stop", None) == {"stickered": 3, "attacker_action": 2,
+                                                       "obeyed": 1}
 
 
 @pytest.mark.slow
