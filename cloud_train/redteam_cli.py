@@ -15,6 +15,18 @@ from typing import Any
 EXIT_TARGET_MISSED = 3
 
 
+def check_scale_and_seed(scale: str, seed: int, scales: dict[str, Any]) -> tuple[Any, int]:
+    """A red team's sizes for ``scale`` and the seed as an int; ConfigError for an unknown
+    scale or a negative seed."""
+    from roadshield.errors import ConfigError
+
+    if scale not in scales:
+        raise ConfigError(f"unknown red-team scale {scale!r}", "use one of: " + ", ".join(scales))
+    if int(seed) < 0:
+        raise ConfigError(f"seed {seed} is negative", "pass a seed >= 0")
+    return scales[scale], int(seed)
+
+
 def add_redteam_parsers(subparsers: argparse._SubParsersAction) -> argparse._SubParsersAction:
     """Add ``roadshield redteam`` and its ``data`` and ``backdoor`` verbs to the top-level
     subparsers.

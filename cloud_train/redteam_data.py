@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from cloud_train.progress import step_ticker
-from roadshield.errors import ConfigError
+from cloud_train.redteam_cli import check_scale_and_seed
 from roadshield.fileio import atomic_write_bytes, atomic_write_json
 
 SCHEMA = "roadshield.redteam.data/v1"
@@ -318,11 +318,7 @@ def run_data_redteam(out_dir: str | os.PathLike[str], seed: int = 0, scale: str 
     sizes). Returns the JSON's dict: rows under "attacks", and "all_targets_met" / "missed"
     for the issue's targets.
     """
-    if scale not in SCALES:
-        raise ConfigError(f"unknown red-team scale {scale!r}", "use one of: " + ", ".join(SCALES))
-    if int(seed) < 0:
-        raise ConfigError(f"seed {seed} is negative", "pass a seed >= 0")
-    sc, seed = SCALES[scale], int(seed)
+    sc, seed = check_scale_and_seed(scale, seed, SCALES)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

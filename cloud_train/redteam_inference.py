@@ -39,17 +39,17 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import numpy as np
 
 from cloud_train.progress import step_ticker
+from cloud_train.redteam_cli import check_scale_and_seed
 from edge_runtime.scoring import sticker_figures
+from roadshield.demo_drives import SIGN, TARGET, drive_sources
 from roadshield.errors import ConfigError
 from roadshield.fileio import atomic_write_bytes, atomic_write_json
 
 SCHEMA = "roadshield-redteam-inference/1"
-SIGN, TARGET = "stop", "priority_road"
 SANITIZE_SPEC = "preprocess,bitdepth:bits=5,median:k=3"
 DEFENCE_SPEC = "patchcleanser:share=0.1,k=6"
 MODELS = ("teacher", "masked", "roa")
@@ -262,11 +262,7 @@ def run_inference_redteam(out_dir: str | os.PathLike[str], scale: str = "quick",
     from cloud_train.redteam_inference_report import chart_png, check_targets, markdown
     from roadshield.pipeline import register_synthetic_camera
 
-    if scale not in SCALES:
-        raise ConfigError(f"unknown red-team scale {scale!r}", "use one of: " + ", ".join(SCALES))
-    if int(seed) < 0:
-        raise ConfigError(f"seed {seed} is negative", "pass a seed >= 0")
-    sc, seed = SCALES[scale], int(seed)
+    sc, seed = check_scale_and_seed(scale, seed, SCALES)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
@@ -296,12 +292,14 @@ def run_inference_redteam(out_dir: str | os.PathLike[str], scale: str = "quick",
         attacks["blackbox"] = _blackbox(onnx["teacher"], sc, seed, TARGET, sc.budget)
         attacks["blackbox_untargeted"] = _blackbox(onnx["teacher"], sc, seed, None,
                                                    sc.budget // 4)
-        clean_src = f"synthetic://?seed={seed + 1}&frames={sc.clean_frames}&sticker_rate=0"
+        def drives(folder: str) -> dict[str, str]:  # the demo's clean and stickered drives
+            return drive_sources(seed + 1, sc.clean_frames, sc.sticker_frames,
+                                 stickers / folder)
+
+        clean_src = drives("targeted")["clean"]
 
         def stuck(folder: str) -> str:
-            path = quote(str(stickers / folder), safe="/")  # a URI query: '+' is a space
-            return (f"synthetic://?seed={seed + 2}&frames={sc.sticker_frames}&classes={SIGN}"
-                    f"&sticker_rate=1&sticker={path}")
+            return drives(folder)["stickered"]
 
         rows = []
         for stack in STACKS:

@@ -188,15 +188,17 @@ class EotPool:
             kernel=torch.from_numpy(k1 @ k1.T), noise_std=float(cam.integers(1, 5)),
             box=(box[0] - wx0, box[1] - wy0, box[2] - wx0, box[3] - wy0), sign_px=float(px))
 
-    def levels(self, colours: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-        """The sign art with the sticker, as the three [4, n, n] RGBA (0-255) levels.
+    def levels(self, colours: torch.Tensor, mask: torch.Tensor,
+               upto: int = 2) -> list[torch.Tensor]:
+        """The sign art with the sticker, as [4, n, n] RGBA (0-255) levels 0..``upto``
+        (128, 64 and 32 px).
 
         colours: [3, 128, 128] in [0, 1]; mask: [1, 128, 128] in {0, 1} (on the plate).
         """
         rgb = self.art_rgb + (colours * 255.0 - self.art_rgb) * mask
         top = torch.cat([rgb, self.art_alpha], dim=0)[None]
         out = [top]
-        for _ in range(2):  # INTER_AREA halving of an even size is 2 x 2 averaging
+        for _ in range(upto):  # INTER_AREA halving of an even size is 2 x 2 averaging
             out.append(F.avg_pool2d(out[-1], 2))
         return [lv[0] for lv in out]
 
@@ -209,16 +211,19 @@ class EotPool:
         ``jitter=False`` leaves the print gain out.
         """
         idx = range(len(self.samples)) if indices is None else indices
-        levels = self.levels(colours, mask)
+        # one set of levels for every view; with the print gain, each view builds its own,
+        # down to the level it warps only
+        levels = None if jitter else self.levels(colours, mask)
         s = self.input_size
         out = []
         for i in idx:
             smp = self.samples[i]
-            art = levels[smp.level]
-            if jitter:
+            if levels is None:
                 gain = 1.0 + (torch.rand(3, 1, 1, generator=generator) - 0.5) * 0.16
                 sticker_rgb = (colours * gain).clamp(0, 1)
-                art = self.levels(sticker_rgb, mask)[smp.level]
+                art = self.levels(sticker_rgb, mask, upto=smp.level)[smp.level]
+            else:
+                art = levels[smp.level]
             warped = F.grid_sample(art[None], smp.grid, mode="bilinear", padding_mode="zeros",
                                    align_corners=False)[0]
             a = warped[3:] / 255.0
