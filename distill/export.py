@@ -3,14 +3,20 @@
 The ONNX contract the edge runtime relies on:
 
 - input ``"input"``: float32 ``[N, 3, H, W]``, RGB in [0, 1], N dynamic;
-- output ``"logits"``: float32 ``[N, C]``;
+- output 0 ``"logits"``: float32 ``[N, C]``;
+- output 1 ``"features"`` (only for a model with an ``embed`` method, see
+  ``cloud_train.models``): float32 ``[N, D]``, the penultimate features the final linear
+  layer reads, N dynamic. Readers that want the logits take output 0 or the name "logits";
 - normalisation is inside the graph (the model's ``Normalize`` module);
 - ``metadata_props``: ``class_names`` (JSON list, label order), ``input_size``
   (the square side S as a decimal integer, as ``edge_runtime.model_info`` reads it),
   ``num_classes``, ``input_format`` ("float32 NCHW RGB [0,1]"), ``normalization``
   ("inside graph": feed raw [0, 1] pixels), ``normalization_mean`` /
   ``normalization_std`` (JSON lists, the constants the graph applies, for reference),
-  ``arch``, ``source_sha256`` (sha256 of the checkpoint it came from, or "" when unknown).
+  ``arch``, ``source_sha256`` (sha256 of the checkpoint it came from, or "" when unknown);
+  with the features output also ``features_output`` ("features") and ``features_dim``
+  (D as a decimal integer). ``distill.detector_fit`` may later add ``detectors`` (the
+  fitted adversarial-input detectors; format in ``edge_runtime.detectors``).
 
 The classic TorchScript-based exporter (``dynamo=False``) is used: it still works in
 torch 2.x, gives a compact graph of standard ops and keeps the names we choose.
@@ -37,6 +43,7 @@ from roadshield.fileio import atomic_write_bytes
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+FEATURES_NAME = "features"
 INPUT_FORMAT = "float32 NCHW RGB [0,1]"
 NORMALIZATION = "inside graph"
 PT2_META_FILE = "roadshield_meta.json"
@@ -81,18 +88,60 @@ class _NamedInput(nn.Module):
         return self.net(input)
 
 
+class _WithFeatures(nn.Module):
+    """``x -> (logits, features)`` for a model with ``embed``. With ``classify`` as well the
+    trunk is traced once; otherwise the graph may hold it twice (ONNX Runtime's common
+    subexpression elimination merges the copies in its session; other backends may not)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net: Any = net  # a model with embed (and maybe classify), beyond nn.Module's API
+
+    def forward(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.net.embed(input)
+        if callable(getattr(self.net, "classify", None)):
+            return self.net.classify(features), features
+        return self.net(input), features
+
+
+def has_embed(model: nn.Module) -> bool:
+    """Whether ``model`` exposes ``embed(x) -> [N, D]`` (its export gets a features output)."""
+    return callable(getattr(model, "embed", None))
+
+
 def _cpu_eval_copy(model: nn.Module) -> nn.Module:
     """Export from a CPU copy in eval mode, leaving the caller's model untouched."""
     return copy.deepcopy(model).to("cpu").eval()
 
 
+def _embedding_dim(net: Any, dummy: torch.Tensor, logits: torch.Tensor) -> int:
+    """D of ``net.embed``; ConfigError unless it is ``[N, D]`` and (with ``classify``)
+    ``classify(embed(x))`` reproduces ``forward(x)``."""
+    with torch.no_grad():
+        feats = net.embed(dummy)
+        if not isinstance(feats, torch.Tensor) or feats.ndim != 2 \
+                or feats.shape[0] != dummy.shape[0] or feats.shape[1] < 1:
+            raise ConfigError(f"{type(net).__name__}.embed returned "
+                              f"{getattr(feats, 'shape', type(feats).__name__)}, expected [N, D]",
+                              "embed must return the penultimate features, one row per image")
+        if callable(getattr(net, "classify", None)):
+            again = net.classify(feats)
+            if again.shape != logits.shape or not torch.allclose(again, logits, atol=1e-5,
+                                                                 rtol=1e-4):
+                raise ConfigError(f"{type(net).__name__}.classify(embed(x)) differs from "
+                                  "forward(x)", "classify must be the layers after embed")
+    return int(feats.shape[1])
+
+
 def export_onnx(model: nn.Module, class_names: Sequence[str], out_path: str | Path,
                 input_size: int | Sequence[int] | None = None, opset: int = 17,
-                source_sha256: str | None = None) -> Path:
+                source_sha256: str | None = None, *, features: bool = True) -> Path:
     """Write ``model`` as ONNX with the edge contract above; return the path written.
 
     ``class_names`` must have one name per model output. ``input_size`` (square side)
-    defaults to the model's own. The graph is checked with ``onnx.checker`` before it is written.
+    defaults to the model's own. With ``features`` (the default) a model that has ``embed``
+    gets the second output "features"; ``features=False`` writes logits only. The graph is
+    checked with ``onnx.checker`` before it is written.
     """
     out = Path(out_path)
     names = [str(n) for n in class_names]
@@ -102,19 +151,23 @@ def export_onnx(model: nn.Module, class_names: Sequence[str], out_path: str | Pa
     net = _cpu_eval_copy(model)
     dummy = torch.rand(2, 3, side, side)
     with torch.no_grad():
-        n_out = int(net(dummy).shape[1])
+        logits = net(dummy)
+    n_out = int(logits.shape[1])
     if len(names) != n_out:
         raise ConfigError(f"{len(names)} class names for a model with {n_out} outputs",
                           "pass exactly one name per class, in label order")
+    feature_dim = _embedding_dim(net, dummy, logits) if features and has_embed(net) else None
+    traced = net if feature_dim is None else _WithFeatures(net).eval()
+    outputs = [OUTPUT_NAME] if feature_dim is None else [OUTPUT_NAME, FEATURES_NAME]
     buf = io.BytesIO()
     with warnings.catch_warnings():
         # the legacy exporter announces its deprecation on every call
         warnings.simplefilter("ignore", DeprecationWarning)
         # the legacy exporter writes to file objects too; its annotation says paths only
-        torch.onnx.export(net, (dummy,), buf,  # type: ignore[arg-type]
-                          dynamo=False, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        torch.onnx.export(traced, (dummy,), buf,  # type: ignore[arg-type]
+                          dynamo=False, input_names=[INPUT_NAME], output_names=outputs,
                           opset_version=opset,
-                          dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}},
+                          dynamic_axes={name: {0: "N"} for name in (INPUT_NAME, *outputs)},
                           do_constant_folding=True)
     proto = onnx.load_from_string(buf.getvalue())
     props = {"class_names": json.dumps(names), "input_size": str(side),
@@ -122,6 +175,8 @@ def export_onnx(model: nn.Module, class_names: Sequence[str], out_path: str | Pa
              "normalization": NORMALIZATION, **_normalization(net),
              "arch": str(getattr(model, "arch", type(model).__name__)),
              "source_sha256": source_sha256 or ""}
+    if feature_dim is not None:
+        props.update(features_output=FEATURES_NAME, features_dim=str(feature_dim))
     onnx.helper.set_model_props(proto, props)
     proto.doc_string = f"roadshield sign classifier, {n_out} classes, input {INPUT_FORMAT}"
     try:
@@ -135,7 +190,8 @@ def export_onnx(model: nn.Module, class_names: Sequence[str], out_path: str | Pa
 
 def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     """``metadata_props`` of an ONNX file, decoded: ``class_names`` and the normalisation
-    constants lists, ``input_size`` and ``num_classes`` ints, the rest strings."""
+    constants lists, ``input_size``, ``num_classes`` and ``features_dim`` ints, the rest
+    strings."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"ONNX file {path} does not exist", "check the path or export again")
@@ -149,7 +205,7 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
         for key in ("class_names", "normalization_mean", "normalization_std"):
             if key in meta:
                 meta[key] = list(json.loads(meta[key]))
-        for key in ("input_size", "num_classes"):
+        for key in ("input_size", "num_classes", "features_dim"):
             if key in meta:
                 meta[key] = int(meta[key])
     except (ValueError, TypeError) as err:
@@ -159,7 +215,8 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
 
 def check_parity(model: nn.Module, onnx_path: str | Path, x: np.ndarray,
                  atol: float = 1e-4) -> float:
-    """Max abs difference between torch and ONNX Runtime (CPU) logits on ``x``.
+    """Max abs difference between torch and ONNX Runtime (CPU) logits on ``x`` (and, when
+    the file has the "features" output and the model ``embed``, between the features too).
 
     x: float32 ``[N, 3, H, W]`` RGB in [0, 1]. Raises ModelLoadError when the
     difference exceeds ``atol`` or the outputs' shapes differ.
@@ -178,17 +235,25 @@ def check_parity(model: nn.Module, onnx_path: str | Path, x: np.ndarray,
     except Exception as err:  # ORT raises its own Fail / InvalidGraph types
         raise ModelLoadError(f"onnxruntime cannot load {onnx_path}: {err}",
                              "export it again") from err
-    got = sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    net: Any = _cpu_eval_copy(model)
+    names = [OUTPUT_NAME]
+    if FEATURES_NAME in {o.name for o in sess.get_outputs()} and has_embed(net):
+        names.append(FEATURES_NAME)
+    got = sess.run(names, {INPUT_NAME: x})
     with torch.no_grad():
-        ref = _cpu_eval_copy(model)(torch.from_numpy(x)).numpy()
-    if got.shape != ref.shape:
-        raise ModelLoadError(f"{onnx_path} returns {got.shape}, torch returns {ref.shape}",
-                             "the ONNX file was exported from another model")
-    diff = float(np.max(np.abs(got.astype(np.float64) - ref))) if ref.size else 0.0
-    if not diff <= atol:  # also catches NaN
-        raise ModelLoadError(f"{onnx_path} differs from the torch model by {diff:.3g} "
-                             f"(max abs, tolerance {atol:.3g})",
-                             "export again from the same checkpoint")
+        xt = torch.from_numpy(x)
+        ref = [net(xt).numpy()] + ([net.embed(xt).numpy()] if len(names) > 1 else [])
+    diff = 0.0
+    for name, g, r in zip(names, got, ref, strict=True):
+        if g.shape != r.shape:
+            raise ModelLoadError(f"{onnx_path} returns {name} {g.shape}, torch returns "
+                                 f"{r.shape}", "the ONNX file was exported from another model")
+        d = float(np.max(np.abs(g.astype(np.float64) - r))) if r.size else 0.0
+        diff = d if np.isnan(d) else max(diff, d)
+        if not diff <= atol:  # also catches NaN
+            raise ModelLoadError(f"{onnx_path} differs from the torch model by {diff:.3g} "
+                                 f"(max abs on {name}, tolerance {atol:.3g})",
+                                 "export again from the same checkpoint")
     return diff
 
 
@@ -226,3 +291,21 @@ def export_torch_program(model: nn.Module, out_path: str | Path,
     torch.export.save(program, buf, extra_files={PT2_META_FILE: json.dumps(meta)})
     atomic_write_bytes(out, buf.getvalue())
     return out
+
+
+def write_metadata(model: str | Path, key: str, text: str) -> Path:
+    """Set ``metadata_props[key] = text`` in the ONNX file ``model``, keeping every other
+    entry, the graph and the file's permissions; the write is atomic."""
+    import onnx
+
+    path = Path(model)
+    proto = onnx.load(str(path), load_external_data=False)
+    for prop in proto.metadata_props:
+        if prop.key == key:
+            prop.value = text
+            break
+    else:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, text
+    atomic_write_bytes(path, proto.SerializeToString(), mode=path.stat().st_mode & 0o777)
+    return path

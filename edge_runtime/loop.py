@@ -7,8 +7,11 @@ decision as one JSON line (append-only), and, when frames carry ground truth, sc
 locator, the classifier and the actions taken per sign encounter. A runner may also
 return "abstain" (N,) bool, as the PatchCleanser defence does (``build_loop(...,
 defence=...)``): those crops become the class ``UNKNOWN``, which the policy treats
-cautiously. Any error, and Ctrl-C, first puts the actuator into its safe state, then
-propagates.
+cautiously. With ``monitoring`` (``edge_runtime.monitoring``) it also scores each crop
+with input detectors (a flagged crop does not vote), feeds a drift monitor, lets the policy
+go cautious when the detectors flag too many crops of late, and exports Prometheus
+metrics; drift alarms and caution changes go into the decision log. Any error, and Ctrl-C,
+first puts the actuator into its safe state, then propagates.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from roadshield.fileio import atomic_write_json
 from .annotate import annotate
 from .frames import Frame, FrameSource
 from .locate import Candidate
+from .monitoring import Monitoring
 from .patchcleanser import PatchCleanserRunner
 from .policy import UNKNOWN, Observation, Policy, Prediction
 from .runners.base import BaseRunner, named_array
@@ -42,8 +46,8 @@ log = logging.getLogger(__name__)
 #: (frame_bgr H x W x 3 uint8 BGR, boxes, size) -> float32 (N, 3, size, size) RGB in [0, 1]
 Preprocess = Callable[[np.ndarray, list[tuple[int, int, int, int]], int], np.ndarray]
 Locator = Callable[[np.ndarray], list[Candidate]]
-STAGES = ("read", "locate", "sanitize", "preprocess", "infer", "decide", "actuate", "annotate",
-          "frame")
+STAGES = ("read", "locate", "sanitize", "preprocess", "infer", "detect", "decide", "actuate",
+          "annotate", "frame")
 
 
 class FrameWriter(Protocol):
@@ -85,6 +89,7 @@ class LoopReport:
     sanitize: str = ""  # the sanitizer chain's spec; "" when none ran
     defence: str = ""  # the input-patch defence's spec; "" when none ran
     defence_stats: dict[str, int] | None = None  # the defence's cost counters for this run
+    monitor: dict[str, Any] | None = None  # detectors, drift, caution (Monitoring.summary)
     interrupted: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,6 +118,10 @@ class EdgeLoop:
         the model: its crop steps on each clamped box (before ``preprocess``), its batch
         steps on the model input. The "preprocess" stage time includes it; the time spent
         in the sanitizers alone is also reported as the "sanitize" stage.
+    monitoring: optional detectors, drift monitor, caution gate and metrics. Without a
+        defence the squeezed copies ride in the model's own call (its time counts as
+        "infer"); behind a defence the detectors make one more call of the bare model on
+        the unmasked crops. "detect" is the time of the scoring and of that extra call.
     """
 
     def __init__(self, source: FrameSource, locator: Locator, preprocess: Preprocess,
@@ -120,8 +129,8 @@ class EdgeLoop:
                  policy: Policy, actuator: Actuator, annotator: FrameWriter | None = None,
                  decision_log: str | os.PathLike[str] | None = None, *,
                  input_name: str = "input", output_name: str = "logits", max_rois: int = 3,
-                 keepalive_s: float | None = None, sanitizers: SanitizeChain | None = None
-                 ) -> None:
+                 keepalive_s: float | None = None, sanitizers: SanitizeChain | None = None,
+                 monitoring: Monitoring | None = None) -> None:
         if not class_names:
             raise ConfigError("the edge loop got no class names",
                               "read them from the model's metadata (read_model_info)")
@@ -146,6 +155,11 @@ class EdgeLoop:
         self.max_rois = max_rois
         self.keepalive_s = keepalive_s
         self.sanitizers = sanitizers
+        self.monitoring = monitoring if monitoring is not None else Monitoring()
+        if self.monitoring.caution is not None and not hasattr(policy, "set_caution"):
+            raise ConfigError(f"policy {type(policy).__name__} cannot go cautious",
+                              "use the sign_rules policy with a caution gate, or drop the gate")
+        self._crops: tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]] | None = None
         self.current_command: ActuatorCommand | None = None
         self.last_report: LoopReport | None = None
         self._last_send = float("-inf")
@@ -171,10 +185,23 @@ class EdgeLoop:
         if batch.shape != expected or batch.dtype != np.float32:
             raise ConfigError(f"preprocess returned {batch.dtype} {batch.shape}, expected "
                               f"float32 {expected}", "fix the preprocess callable")
-        outputs = self.runner.infer({self.input_name: batch})
+        detectors = self.monitoring.detectors
+        shared = detectors is not None and not isinstance(self.runner, PatchCleanserRunner)
+        outputs = self.runner.infer({self.input_name: detectors.expand(batch)
+                                     if shared and detectors is not None else batch})
         logits = np.asarray(named_array(outputs, self.output_name,
                                         f"the output of runner {self.runner.name}",
-                                        "pass output_name= to the loop")).reshape(len(chosen), -1)
+                                        "pass output_name= to the loop"))
+        t_infer = time.perf_counter()
+        scores: dict[str, np.ndarray] = {}
+        if detectors is not None:
+            if shared:
+                logits, scores = detectors.scores_from_outputs(
+                    {**outputs, self.output_name: logits}, len(chosen), self.output_name)
+            else:  # behind a defence: the bare model sees the unmasked crops
+                inner = getattr(self.runner, "inner", self.runner)
+                _, scores = detectors.infer(inner, batch, self.input_name, self.output_name)
+        logits = logits.reshape(len(chosen), -1)
         if logits.shape[1] != len(self.class_names):
             raise ConfigError(f"model gives {logits.shape[1]} scores but {len(self.class_names)}"
                               " class names were given", "use the model's own class names")
@@ -184,17 +211,32 @@ class EdgeLoop:
         abstain = self._row_flags(outputs, "abstain", len(chosen))
         certified = self._row_flags(outputs, "certified", len(chosen))
         probs = softmax(logits)
+        flags = detectors.flags(scores) if detectors is not None else np.zeros(len(chosen), bool)
         t2 = time.perf_counter()
         times["preprocess"].append((t1 - t0) * 1e3)
-        times["infer"].append((t2 - t1) * 1e3)
+        times["infer"].append((t_infer - t1) * 1e3)
+        if detectors is not None:
+            times["detect"].append((t2 - t_infer) * 1e3)
+        if self.monitoring.metrics is not None:
+            self.monitoring.metrics.crops(len(chosen), int(abstain.sum())
+                                          if abstain is not None else 0)
+        self._crops = (batch, probs, scores)
         best = probs.argmax(axis=1)
         predictions = []
         for i, (c, k) in enumerate(zip(chosen, best, strict=True)):
             index, name = ((-1, UNKNOWN) if abstain is not None and abstain[i]
                            else (int(k), self.class_names[int(k)]))
-            predictions.append(Prediction(c.box, index, name, float(probs[i, k]), c.score,
-                                          None if certified is None else bool(certified[i])))
+            predictions.append(Prediction(
+                c.box, index, name, float(probs[i, k]), c.score,
+                None if certified is None else bool(certified[i]), bool(flags[i]),
+                {n: float(v[i]) for n, v in scores.items()} if detectors is not None else None))
         return predictions
+
+    @property
+    def last_crops(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]] | None:
+        """(model input batch, softmax probs, detector scores by name) of the last
+        ``classify``, or None before any."""
+        return self._crops
 
     def _row_flags(self, outputs: dict[str, np.ndarray], key: str, n: int
                    ) -> np.ndarray | None:
@@ -219,34 +261,43 @@ class EdgeLoop:
 
     def _step(self, frame: Frame, t0: float, times: dict[str, list[float]],
               report: LoopReport, scorer: TruthScorer, log_fh: IO[str] | None) -> None:
-        """One frame: locate, classify, decide, actuate, log, score, annotate."""
+        """One frame: locate, classify, watch, decide, actuate, log, score, annotate."""
+        mon = self.monitoring
+        if mon.drift is not None:
+            mon.drift.observe_frame(frame.index, frame.image)
         candidates = self.locator(frame.image)
         t1 = time.perf_counter()
         times["locate"].append((t1 - t0) * 1e3)
+        self._crops = None
         predictions = (self.classify(frame.image, candidates, times, frame.index)
                        if candidates else [])
+        events = self._watch(frame.index, predictions, report)
         t2 = time.perf_counter()
         decision = self.policy.decide(Observation(tuple(predictions), frame.timestamp,
                                                   frame.index))
         t3 = time.perf_counter()
         times["decide"].append((t3 - t2) * 1e3)
         standing = getattr(self.policy, "standing_command", None)
+        keepalive = False
         if decision.command is not None:
             self._send(decision.command, report, keepalive=False)
         elif (self.keepalive_s is not None and standing is not None
               and time.monotonic() - self._last_send >= self.keepalive_s):
             self._send(standing(), report, keepalive=True)
+            keepalive = True
         t4 = time.perf_counter()
         times["actuate"].append((t4 - t3) * 1e3)
         report.frames += 1
         report.frames_with_detection += bool(candidates)
-        if predictions or decision.action != "none":
+        if mon.metrics is not None:
+            mon.metrics.decision(decision.action, decision.command is not None, keepalive)
+        if predictions or decision.action != "none" or events:
             report.decisions += 1
             if log_fh is not None:
                 line = {"frame": frame.index, "t": round(frame.timestamp, 6),
                         "wall_time": time.time(), **decision.to_dict(),
                         "sent": decision.command is not None,
-                        "predictions": [p.to_dict() for p in predictions]}
+                        "predictions": [p.to_dict() for p in predictions], **events}
                 log_fh.write(json.dumps(line, sort_keys=True) + "\n")
                 log_fh.flush()  # one line per decision survives a crash
         scorer.add(frame, candidates, predictions, decision)
@@ -254,6 +305,44 @@ class EdgeLoop:
             self.annotator.write(annotate(frame.image, candidates, predictions, decision,
                                           frame.truth, self.current_command))
             times["annotate"].append((time.perf_counter() - t4) * 1e3)
+
+    def _watch(self, frame_index: int, predictions: list[Prediction],
+               report: LoopReport) -> dict[str, Any]:
+        """Detector counts, caution and drift for one frame; returns the decision log's
+        extra fields: "caution" when the policy went cautious or back, "drift" with the
+        alarms switched on or off."""
+        mon = self.monitoring
+        events: dict[str, Any] = {}
+        if self._crops is not None:
+            batch, probs, scores = self._crops
+            if mon.detectors is not None:
+                flags = np.array([p.flagged for p in predictions], dtype=bool)
+                mon.detected(frame_index, scores, flags)
+                changed, reason = mon.caution_update(frame_index, flags)
+                if changed:
+                    command = self.policy.set_caution(reason)  # type: ignore[attr-defined]
+                    if command is not None:
+                        self._send(command, report, keepalive=False)
+                    events["caution"] = {"state": "on" if reason else "off", "reason": reason,
+                                         "sent": command is not None}
+            if mon.drift is not None:
+                mon.drift.observe_crops(frame_index, batch, probs, scores or None)
+        drift = mon.drift_poll()
+        if drift:
+            events["drift"] = [e.to_dict() for e in drift]
+        return events
+
+    def _export_frame(self, times: dict[str, list[float]], mark: dict[str, int],
+                      frame_index: int) -> None:
+        """This frame's stage times (and now and then the actuator's link) to the metrics."""
+        metrics = self.monitoring.metrics
+        if metrics is None:
+            return
+        metrics.frame({name: v[-1] for name, v in times.items() if len(v) > mark[name]})
+        if frame_index % 30 == 0:  # reading a serial link's state takes its lock
+            from .metrics import actuator_link_state
+
+            metrics.actuator(*actuator_link_state(self.actuator))
 
     def run(self, max_frames: int | None = None, progress: bool = True) -> LoopReport:
         """Run until the source ends or ``max_frames`` frames; returns the report.
@@ -270,6 +359,7 @@ class EdgeLoop:
         self.last_report = report
         if defence is not None:
             defence.reset_stats()
+        self.monitoring.reset()
         times: dict[str, list[float]] = {name: [] for name in STAGES}
         scorer = TruthScorer(getattr(self.policy, "rule_for", None))
         self._last_send = float("-inf")
@@ -296,9 +386,11 @@ class EdgeLoop:
                 if frame is None:
                     break
                 t0 = time.perf_counter()
+                mark = {name: len(v) for name, v in times.items()}
                 times["read"].append((t0 - t_read) * 1e3)
                 self._step(frame, t0, times, report, scorer, log_fh)
                 times["frame"].append((time.perf_counter() - t0) * 1e3)
+                self._export_frame(times, mark, report.frames)
                 bar.update(1)
         except BaseException as exc:  # KeyboardInterrupt too: brake first, then propagate
             first_line = (str(exc).splitlines() or [""])[0]
@@ -316,6 +408,8 @@ class EdgeLoop:
                 self.runner.deactivate()
             if defence is not None:
                 report.defence_stats = defence.stats()
+            if self.monitoring:
+                report.monitor = self.monitoring.summary()
             self._finish(report, times, scorer, time.perf_counter() - start)
         return report
 
@@ -329,12 +423,17 @@ class EdgeLoop:
         report.encounters = scorer.encounters()
 
     def close(self) -> None:
-        """Close the source and the annotator; the actuator stays open for the caller."""
+        """Close the source, the annotator and the metrics server; the actuator stays open
+        for the caller."""
         try:
             self.source.close()
         finally:
-            if self.annotator is not None:
-                self.annotator.close()
+            try:
+                if self.annotator is not None:
+                    self.annotator.close()
+            finally:
+                if self.monitoring.metrics is not None:
+                    self.monitoring.metrics.close()
 
     def __enter__(self) -> EdgeLoop:
         return self
@@ -351,7 +450,9 @@ def build_loop(source: str | FrameSource, model_path: str | os.PathLike[str], *,
                decision_log: str | os.PathLike[str] | None = None, max_rois: int = 3,
                keepalive_s: float | None = None,
                sanitize: str | Sequence[str] | None = None,
-               defence: str | None = None) -> EdgeLoop:
+               defence: str | None = None, detect: str | Sequence[str] | None = None,
+               drift: bool = False, metrics_port: int | None = None,
+               caution: dict[str, Any] | None = None) -> EdgeLoop:
     """Wire the default parts by name: a camera URI, a model file and a backend name.
 
     sanitize: a sanitizer chain spec (``edge_runtime.sanitize``), e.g.
@@ -360,12 +461,20 @@ def build_loop(source: str | FrameSource, model_path: str | os.PathLike[str], *,
     defence: an input-patch defence spec (``edge_runtime.patchcleanser``), e.g.
     ``"patchcleanser:share=0.1,k=6"``, wrapped around the backend's runner; None or ""
     runs none. It is checked before the model or the camera is opened too.
+    detect: input detectors by name, e.g. ``"squeeze,mahalanobis"``, fitted into the
+    model's metadata by ``roadshield distill detectors``; flagged crops do not vote, and a
+    ``CautionGate`` (``caution``: its keyword settings) makes the policy cautious when too
+    many are flagged. drift: watch the stream against the model's ``drift_reference``.
+    metrics_port: serve Prometheus metrics on 127.0.0.1:PORT (0: any free port). All of
+    these are checked, and the metrics port bound, before the camera is opened.
 
     The model's class names, input size and tensor names come from its metadata
     (``read_model_info``); the actuator defaults to an in-process RecordingActuator.
     """
     from actuator.interface import RecordingActuator
 
+    from .caution import CautionGate
+    from .detectors import parse_detectors
     from .locate import create_locator
     from .model_info import read_model_info
     from .patchcleanser import create_defence, parse_defence
@@ -378,13 +487,21 @@ def build_loop(source: str | FrameSource, model_path: str | os.PathLike[str], *,
     chain = build_chain(sanitize)
     if defence:
         parse_defence(defence)
+    detector_names = parse_detectors(detect)
+    gate = CautionGate(**(caution or {})) if detector_names else None
     if str(model_path).endswith((".engine", ".plan")):
         from .runners.engine_meta import engine_model_info
 
         info = engine_model_info(model_path)  # a TensorRT engine carries it in its sidecar
     else:
         info = read_model_info(model_path)
-    runner = create_runner(backend, model_path)
+    monitoring = _monitoring(info, detector_names, drift, metrics_port, gate)
+    try:
+        runner = create_runner(backend, model_path)
+    except BaseException:
+        if monitoring.metrics is not None:
+            monitoring.metrics.close()
+        raise
     if defence:
         runner = create_defence(defence, runner, info.input_size, input_name=info.input_name,
                                 output_name=info.output_name)
@@ -400,8 +517,46 @@ def build_loop(source: str | FrameSource, model_path: str | os.PathLike[str], *,
         from .annotate import VideoAnnotator
 
         annotator = VideoAnnotator(annotate_video, video_fps)
-    src = open_source(source) if isinstance(source, str) else source
+    try:
+        src = open_source(source) if isinstance(source, str) else source
+    except BaseException:
+        if monitoring.metrics is not None:
+            monitoring.metrics.close()
+        raise
     return EdgeLoop(src, loc, preprocess_batch, runner, info.class_names, info.input_size, pol,
                     actuator if actuator is not None else RecordingActuator(), annotator,
                     decision_log, input_name=info.input_name, output_name=info.output_name,
-                    max_rois=max_rois, keepalive_s=keepalive_s, sanitizers=chain)
+                    max_rois=max_rois, keepalive_s=keepalive_s, sanitizers=chain,
+                    monitoring=monitoring)
+
+
+def _monitoring(info: Any, detector_names: tuple[str, ...], drift: bool,
+                metrics_port: int | None, gate: Any) -> Monitoring:
+    """Detectors and the drift reference from the model's metadata, and the metrics server
+    (bound last, so a bad model or reference leaves no port open)."""
+    from .detectors import detectors_from_metadata
+
+    detectors = (detectors_from_metadata(info.metadata, info.features_name, detector_names)
+                 if detector_names else None)
+    monitor = None
+    if drift:
+        from .drift import REFERENCE_KEY, DriftMonitor, DriftReference
+
+        text = info.metadata.get(REFERENCE_KEY)
+        if text is None:
+            raise ConfigError(f"the model has no {REFERENCE_KEY!r} metadata to watch drift "
+                              "against", "build one with `roadshield distill drift-reference "
+                              "--model MODEL --source CLEAN_STREAM`, or run without --drift")
+        reference = DriftReference.from_json(text)
+        if reference.num_classes != len(info.class_names):
+            raise ConfigError(f"the drift reference counts {reference.num_classes} classes, "
+                              f"the model {len(info.class_names)}",
+                              "rebuild the reference with this model")
+        monitor = DriftMonitor(reference)
+    metrics = None
+    if metrics_port is not None:
+        from .metrics import EdgeMetrics
+
+        metrics = EdgeMetrics(metrics_port).start()
+        log.info("metrics on %s", metrics.url)
+    return Monitoring(detectors, monitor, gate, metrics)

@@ -4,7 +4,9 @@
 ``class_names`` (a JSON list), ``input_size``, ``input_format``,
 ``normalization``, ``arch`` and ``source_sha256``. ``read_model_info`` reads
 them with the ``onnx`` package, or with onnxruntime's model metadata where
-``onnx`` is not installed, and adds the file's own sha256.
+``onnx`` is not installed, and adds the file's own sha256. The logits are graph
+output 0; a model exported with penultimate features has a second output, named by
+the ``features_output`` metadata ("features"), which ``ModelInfo.features_name`` reports.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class ModelInfo:
     arch: architecture name recorded at export.
     sha256: hex digest of the model file's bytes.
     metadata: every metadata_props entry as written (e.g. normalization, source_sha256).
+    features_name: name of the float32 [N, D] penultimate-features output ("features"),
+        or None when the graph has no such output.
     """
 
     class_names: tuple[str, ...]
@@ -44,13 +48,19 @@ class ModelInfo:
     arch: str
     sha256: str
     metadata: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    features_name: str | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
 
-def _read_with_onnx(path: Path) -> tuple[dict[str, str], str, str, int | None]:
+FEATURES_NAME = "features"
+
+_Read = tuple[dict[str, str], str, list[str], int | None]
+
+
+def _read_with_onnx(path: Path) -> _Read:
     import onnx
 
     try:
@@ -65,10 +75,10 @@ def _read_with_onnx(path: Path) -> tuple[dict[str, str], str, str, int | None]:
     out_dims = graph.output[0].type.tensor_type.shape.dim
     width = out_dims[-1].dim_value if len(out_dims) == 2 and out_dims[-1].dim_value else None
     meta = {prop.key: prop.value for prop in model.metadata_props}
-    return meta, inputs[0].name, graph.output[0].name, width
+    return meta, inputs[0].name, [o.name for o in graph.output], width
 
 
-def _read_with_onnxruntime(path: Path) -> tuple[dict[str, str], str, str, int | None]:
+def _read_with_onnxruntime(path: Path) -> _Read:
     try:
         import onnxruntime as ort
     except ImportError as err:
@@ -82,7 +92,8 @@ def _read_with_onnxruntime(path: Path) -> tuple[dict[str, str], str, str, int | 
     out = session.get_outputs()[0]
     width = out.shape[-1] if len(out.shape) == 2 and isinstance(out.shape[-1], int) else None
     meta = dict(session.get_modelmeta().custom_metadata_map)
-    return meta, session.get_inputs()[0].name, out.name, width
+    return (meta, session.get_inputs()[0].name, [o.name for o in session.get_outputs()],
+            width)
 
 
 def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
@@ -101,9 +112,13 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
     try:
         import onnx  # noqa: F401
     except ImportError:
-        meta, input_name, output_name, width = _read_with_onnxruntime(model_path)
+        meta, input_name, outputs, width = _read_with_onnxruntime(model_path)
     else:
-        meta, input_name, output_name, width = _read_with_onnx(model_path)
+        meta, input_name, outputs, width = _read_with_onnx(model_path)
+    output_name = outputs[0]
+    # the features output is optional: older exports and other graphs have logits only
+    features = meta.get("features_output") or FEATURES_NAME
+    features_name = features if features in outputs[1:] else None
 
     missing = [key for key in REQUIRED_KEYS if not meta.get(key)]
     if missing:
@@ -130,7 +145,8 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
                              EXPORT_HINT)
     return ModelInfo(class_names=tuple(names), input_size=input_size, input_name=input_name,
                      output_name=output_name, arch=meta["arch"],
-                     sha256=file_sha256(model_path), metadata=meta)
+                     sha256=file_sha256(model_path), metadata=meta,
+                     features_name=features_name)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,10 @@ their encounter, after which the vehicle returns to the standing limit. Among th
 confident predictions of one frame it votes for the most restrictive, so a decoy next to
 a stop sign cannot hide it. A sighting of the class ``UNKNOWN`` (a defence such as
 PatchCleanser abstained: the sign may carry an adversarial patch) asks to slow down, and
-it votes whatever its confidence: it is sure that the sign cannot be trusted.
+it votes whatever its confidence: it is sure that the sign cannot be trusted. A sighting
+an input detector flagged (``Prediction.flagged``) does not vote at all. While the policy
+is cautious (``set_caution``: e.g. the detectors flag too many crops of late) every
+command it sends is capped at ``slow_kmh``, and it says why.
 
 Policies are chosen by name: ``create_policy("sign_rules", max_speed_kmh=40)``.
 """
@@ -51,7 +54,9 @@ class Prediction:
 
     box: (x0, y0, x1, y1) frame pixels, x1/y1 exclusive; confidence: softmax probability.
     An abstained crop has class_index -1 and class_name ``UNKNOWN``. certified: whether a
-    certifying defence proved the label robust (None when none checked).
+    certifying defence proved the label robust (None when none checked). flagged: an input
+    detector called the crop adversarial (it does not vote); scores: the detectors' scores
+    by name (None when no detector ran).
     """
 
     box: Box
@@ -60,6 +65,8 @@ class Prediction:
     confidence: float
     locator_score: float = 1.0
     certified: bool | None = None
+    flagged: bool = False
+    scores: dict[str, float] | None = None
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -68,6 +75,9 @@ class Prediction:
             "locator_score": round(self.locator_score, 4)}
         if self.certified is not None:
             out["certified"] = self.certified
+        if self.scores is not None:
+            out["flagged"] = self.flagged
+            out["scores"] = {k: round(float(v), 4) for k, v in self.scores.items()}
         return out
 
 
@@ -172,6 +182,7 @@ class SignRulesPolicy:
         self.ttl_ms = ttl_ms
         self._clock = clock
         self._votes: deque[tuple[str, float]] = deque(maxlen=window)
+        self.caution: str | None = None
         self.reset()
 
     # -- rules -------------------------------------------------------------------------
@@ -194,8 +205,10 @@ class SignRulesPolicy:
 
     # -- state -------------------------------------------------------------------------
     def reset(self) -> None:
-        """Forget everything: standing limit back to max speed, no brake, no encounter."""
+        """Forget everything: standing limit back to max speed, no brake, no encounter, no
+        caution."""
         self.limit_kmh = self.max_speed_kmh
+        self.caution = None
         self._end_encounter()
 
     def _end_encounter(self) -> None:
@@ -210,19 +223,54 @@ class SignRulesPolicy:
         """True while the command in force is stricter than the standing limit."""
         return self.cap_kmh < self.limit_kmh or self.brake > 0.0
 
+    @property
+    def cautious(self) -> bool:
+        return self.caution is not None
+
     def standing_command(self, reason: str = "keepalive") -> ActuatorCommand:
         """The command that holds the current state (to refresh before its TTL runs out)."""
-        return ActuatorCommand(self.cap_kmh, self.brake, 0.0, self.ttl_ms, reason)
+        return ActuatorCommand(self._capped(self.cap_kmh), self.brake, 0.0, self.ttl_ms, reason)
+
+    def _capped(self, cap_kmh: float) -> float:
+        return min(cap_kmh, self.slow_kmh) if self.caution is not None else cap_kmh
+
+    def set_caution(self, reason: str | None) -> ActuatorCommand | None:
+        """Go cautious for ``reason`` (speed capped at ``slow_kmh`` until it is cleared), or
+        clear it with None. Returns the command that applies the change now, or None when
+        nothing changed."""
+        was_cautious = self.caution is not None
+        self.caution = reason
+        if was_cautious == (reason is not None):
+            return None  # no change, or still cautious for a newer reason
+        why = f"cautious: {reason}" if reason is not None else "caution cleared"
+        return self.standing_command(f"{why}; cap {self._capped(self.cap_kmh):g} km/h")
 
     def decide(self, observation: Observation) -> Decision:
+        decision = self._decide(observation)
+        command = decision.command
+        if self.caution is None or command is None \
+                or command.speed_cap_kmh <= self.slow_kmh:
+            return decision
+        reason = f"{decision.reason}; cautious ({self.caution}): cap {self.slow_kmh:g} km/h"
+        return Decision(decision.action, decision.class_name, decision.confidence,
+                        ActuatorCommand(self.slow_kmh, command.brake, command.steering,
+                                        command.ttl_ms, reason), reason)
+
+    def _decide(self, observation: Observation) -> Decision:
         now = observation.timestamp if observation.timestamp is not None else self._clock()
         if not observation.predictions:
             return self._no_sign(now)
         self._last_seen = now
-        confident = [p for p in observation.predictions
+        voting = [p for p in observation.predictions if not p.flagged]
+        if not voting:
+            best = max(observation.predictions, key=lambda p: p.confidence)
+            return Decision("hold", best.class_name, best.confidence, None,
+                            "every sighting in this frame was flagged by an input detector: "
+                            "no vote")
+        confident = [p for p in voting
                      if p.confidence >= self.confidence or p.class_name == UNKNOWN]
         if not confident:
-            best = max(observation.predictions, key=lambda p: p.confidence)
+            best = max(voting, key=lambda p: p.confidence)
             return Decision("hold", best.class_name, best.confidence, None,
                             f"confidence {best.confidence:.2f} below {self.confidence:.2f}")
         chosen = min(confident, key=lambda p: (*self._rank(p.class_name), -p.confidence))
@@ -287,6 +335,10 @@ class MonitorPolicy(SignRulesPolicy):
             return decision
         return Decision(decision.action, decision.class_name, decision.confidence, None,
                         f"monitor only, not sent: {decision.reason}")
+
+    def set_caution(self, reason: str | None) -> ActuatorCommand | None:
+        super().set_caution(reason)
+        return None  # a dry run sends nothing
 
 
 _POLICIES: dict[str, Callable[..., Policy]] = {}

@@ -154,6 +154,31 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     eng.add_argument("--max-batch", type=int, default=8)
     eng.add_argument("--verbose", action="store_true", help="TensorRT's own log at INFO")
     eng.set_defaults(func=_handler("roadshield.commands", "distill_engine"))
+    det = dsub.add_parser("detectors", help="fit the adversarial-input detectors (feature "
+                          "squeezing, Mahalanobis) into the model's metadata")
+    det.add_argument("--model", required=True, help="the .onnx written by `distill export`")
+    det.add_argument("--data", required=True,
+                     help="GTSRB-layout folder; only its train split is read")
+    det.add_argument("--fpr", type=float, default=0.05,
+                     help="false-positive rate the thresholds are set at, on clean images")
+    det.add_argument("--calib-share", type=float, default=0.2,
+                     help="share of the train split (whole tracks) held out to set thresholds")
+    det.add_argument("--detectors", default="squeeze,mahalanobis", metavar="NAMES")
+    det.add_argument("--squeezers", default="bitdepth:bits=5,median:k=3", metavar="CHAIN")
+    det.add_argument("--limit-per-class", type=int, default=None, metavar="N")
+    det.add_argument("--seed", type=int, default=0)
+    det.add_argument("--dry-run", action="store_true", help="print the fit, write nothing")
+    det.set_defaults(func=_handler("roadshield.commands", "distill_detectors"))
+    ref = dsub.add_parser("drift-reference",
+                          help="record the drift monitor's reference from a clean stream into "
+                               "the model's metadata")
+    ref.add_argument("--model", required=True, help="the .onnx written by `distill export`")
+    ref.add_argument("--source", required=True,
+                     help="a trusted clean stream: a video, a folder of frames, synthetic://...")
+    ref.add_argument("--max-frames", type=int, default=None)
+    ref.add_argument("--no-detectors", action="store_true",
+                     help="leave the detectors' scores out of the reference")
+    ref.set_defaults(func=_handler("roadshield.commands", "distill_drift_reference"))
 
 
 def _add_edge(sub: argparse._SubParsersAction) -> None:
@@ -177,6 +202,20 @@ def _add_edge(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--defence", default=None, metavar="SPEC",
                      help='input-patch defence wrapped around the model, e.g. '
                           '"patchcleanser:share=0.1,k=6"')
+    run.add_argument("--detect", default=None, metavar="NAMES",
+                     help='input detectors fitted into the model by `distill detectors`, e.g. '
+                          '"squeeze,mahalanobis": a flagged crop does not vote')
+    run.add_argument("--caution-window", type=int, default=30, metavar="N",
+                     help="crops over which the detectors' flag rate is taken")
+    run.add_argument("--caution-limit", type=float, default=0.3, metavar="SHARE",
+                     help="flag rate above which the policy goes cautious (caps speed)")
+    run.add_argument("--drift", action="store_true",
+                     help="watch the stream against the model's drift reference "
+                          "(`distill drift-reference`)")
+    run.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                     help="serve Prometheus metrics on 127.0.0.1:PORT (0: any free port)")
+    run.add_argument("--plot", default=None, metavar="PNG",
+                     help="write a plot of the detector scores and drift statistics over time")
     run.add_argument("--serial", default=None,
                      help="drive a serial actuator: /dev/ttyACM0, /dev/roadshield-actuator, "
                           "or a simulator's pty")

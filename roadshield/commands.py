@@ -131,6 +131,33 @@ def distill_engine(args: argparse.Namespace) -> int:
     return 0
 
 
+def distill_detectors(args: argparse.Namespace) -> int:
+    from distill.detector_fit import fit_from_dataset, write_detectors
+
+    obj = fit_from_dataset(args.model, args.data, args.calib_share, args.fpr, args.seed,
+                           args.limit_per_class, names=args.detectors, squeezers=args.squeezers)
+    thresholds = {k: v["threshold"] for k, v in obj.items() if isinstance(v, dict)}
+    if not args.dry_run:
+        write_detectors(args.model, obj)
+    print(json.dumps({"written": not args.dry_run, "fpr": obj["fpr"],
+                      "thresholds": thresholds}))
+    return 0
+
+
+def distill_drift_reference(args: argparse.Namespace) -> int:
+    from distill.drift_reference import build_drift_reference, write_drift_reference
+    from roadshield.pipeline import register_synthetic_camera
+
+    if args.source.startswith("synthetic:"):
+        register_synthetic_camera()
+    reference = build_drift_reference(args.model, args.source, detect=not args.no_detectors,
+                                      max_frames=args.max_frames)
+    write_drift_reference(args.model, reference)
+    print(f"wrote the drift reference ({reference.frames} frames, {reference.crops} crops, "
+          f"{len(reference.statistics)} statistics) into {args.model}")
+    return 0
+
+
 def edge_run(args: argparse.Namespace) -> int:
     actuator = None
     if args.serial:
@@ -147,7 +174,11 @@ def edge_run(args: argparse.Namespace) -> int:
                                    decision_log=args.decision_log,
                                    max_speed_kmh=args.max_speed, sanitize=args.sanitize,
                                    defence=args.defence, actuator=actuator,
-                                   keepalive_s=0.2 if actuator is not None else None)
+                                   keepalive_s=0.2 if actuator is not None else None,
+                                   detect=args.detect, drift=args.drift,
+                                   metrics_port=args.metrics_port,
+                                   caution={"window": args.caution_window,
+                                            "limit": args.caution_limit})
     finally:
         if actuator is not None:
             actuator.close()
@@ -157,6 +188,10 @@ def edge_run(args: argparse.Namespace) -> int:
         from roadshield.report import format_loop_report
 
         print(format_loop_report(report.to_dict()))
+    if args.plot:
+        from roadshield.report import plot_monitor
+
+        print(f"wrote {plot_monitor(report.to_dict(), args.plot)}")
     return 0
 
 

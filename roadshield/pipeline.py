@@ -279,7 +279,9 @@ def run_edge(model: str | Path, source: str, *, backend: str = "auto",
              max_frames: int | None = None, video: str | Path | None = None,
              decision_log: str | Path | None = None, max_speed_kmh: float = 50.0,
              actuator: Any = None, keepalive_s: float | None = None, progress: bool = True,
-             sanitize: str | None = None, defence: str | None = None) -> Any:
+             sanitize: str | None = None, defence: str | None = None,
+             detect: str | None = None, drift: bool = False, metrics_port: int | None = None,
+             caution: dict[str, Any] | None = None) -> Any:
     """Run the edge loop once over ``source``; return its LoopReport.
 
     sanitize: a sanitizer chain spec such as ``"bitdepth:bits=5,median:k=3"`` (see
@@ -288,6 +290,8 @@ def run_edge(model: str | Path, source: str, *, backend: str = "auto",
     ``edge_runtime.patchcleanser``), wrapped around the model.
     keepalive_s: re-send the standing command this often (seconds) so a device whose
     commands expire (the serial actuator's TTL) keeps its state between decisions.
+    detect / drift / metrics_port / caution: input detectors, the drift monitor, the
+    Prometheus port and the caution gate's settings (see ``edge_runtime.loop.build_loop``).
     """
     from edge_runtime.loop import build_loop
 
@@ -296,6 +300,7 @@ def run_edge(model: str | Path, source: str, *, backend: str = "auto",
     loop = build_loop(source, model, backend=backend,
                       policy_options={"max_speed_kmh": max_speed_kmh}, actuator=actuator,
                       annotate_video=video, decision_log=decision_log, sanitize=sanitize,
-                      defence=defence, keepalive_s=keepalive_s)
+                      defence=defence, keepalive_s=keepalive_s, detect=detect, drift=drift,
+                      metrics_port=metrics_port, caution=caution)
     with loop:
         return loop.run(max_frames=max_frames, progress=progress)

@@ -159,4 +159,5 @@ def engine_model_info(engine_path: str | os.PathLike[str]) -> ModelInfo:
                              f"input_size {size}", REBUILD_HINT)
     return ModelInfo(class_names=tuple(str(n) for n in names), input_size=size,
                      input_name=info.input_name, output_name=info.output_name, arch=arch,
-                     sha256=info.engine_sha256, metadata=dict(meta))
+                     sha256=info.engine_sha256, metadata=dict(meta),
+                     features_name=meta.get("features_output") or None)

@@ -52,7 +52,7 @@ def test_graph_passes_the_checker_and_has_the_named_io(exported: Path) -> None:
     proto = onnx.load(str(exported))
     onnx.checker.check_model(proto, full_check=True)
     assert [i.name for i in proto.graph.input] == ["input"]
-    assert [o.name for o in proto.graph.output] == ["logits"]
+    assert [o.name for o in proto.graph.output] == ["logits", "features"]
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 32, 32]
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT

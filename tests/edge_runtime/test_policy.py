@@ -226,3 +226,45 @@ def test_late_votes_in_an_encounter_cannot_loosen_a_stop() -> None:
     later = run(p, [obs(("speed_limit_50", 0.99), t=0.3 + 0.1 * i) for i in range(10)])
     assert commands(first + later) == [("stop", 0.0, 1.0)]
     assert (p.cap_kmh, p.brake) == (0.0, 1.0)
+
+
+def flagged(name: str, conf: float = 0.95) -> Prediction:
+    return Prediction((0, 0, 10, 10), 0, name, conf, flagged=True, scores={"squeeze": 1.5})
+
+
+def test_flagged_sightings_do_not_vote() -> None:
+    p = SignRulesPolicy(votes_needed=3, window=5)
+    decisions = [p.decide(Observation((flagged("speed_limit_100"),), t)) for t in (0, .1, .2)]
+    assert [d.action for d in decisions] == ["hold"] * 3
+    assert all("flagged" in d.reason and d.command is None for d in decisions)
+    # a clean sighting beside a flagged one votes alone
+    mixed = [p.decide(Observation((flagged("speed_limit_100"),
+                                   Prediction((0, 0, 9, 9), 1, "stop", 0.9)), t))
+             for t in (.3, .4, .5)]
+    assert commands(mixed) == [("stop", 0.0, 1.0)]
+    assert flagged("stop").to_dict()["flagged"] is True
+    assert "flagged" not in Prediction((0, 0, 1, 1), 0, "stop", 1.0).to_dict()
+
+
+def test_caution_caps_every_command_until_cleared() -> None:
+    p = SignRulesPolicy(max_speed_kmh=100, slow_kmh=20)
+    on = p.set_caution("detectors flagged 40 % of the last 30 crops")
+    assert on is not None and on.speed_cap_kmh == 20 and on.brake == 0.0
+    assert "cautious" in on.reason and p.cautious
+    assert p.set_caution("a newer reason") is None  # still cautious: nothing new to send
+    limit = commands(encounter(p, "speed_limit_70", 0.0))
+    assert limit == [("limit", 20.0, 0.0)]  # the sign says 70; caution holds 20
+    assert p.standing_command().speed_cap_kmh == 20
+    stop = commands(encounter(p, "stop", 5.0))
+    # stricter commands pass unchanged; the return to the road's 70 is held at 20
+    assert stop == [("stop", 0.0, 1.0), ("relax", 20.0, 0.0)]
+    off = p.set_caution(None)
+    assert off is not None and off.speed_cap_kmh == 70.0 and "cleared" in off.reason
+    assert p.set_caution(None) is None and not p.cautious
+    p.reset()
+    assert p.set_caution("again") is not None and p.reset() is None and not p.cautious
+
+
+def test_monitor_policy_goes_cautious_without_sending() -> None:
+    p = MonitorPolicy()
+    assert p.set_caution("flags") is None and p.cautious
