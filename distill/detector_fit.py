@@ -341,10 +341,16 @@ def fit_from_dataset(onnx_path: str | os.PathLike[str], data_dir: str | os.PathL
                      squeezers: str | Sequence[str] = DEFAULT_SQUEEZERS,
                      shrinkage: float = DEFAULT_SHRINKAGE, crop_roi: bool = False,
                      providers: Sequence[str] | None = DEFAULT_PROVIDERS,
+                     calib_crops: np.ndarray | None = None,
                      progress: bool = True) -> dict[str, Any]:
     """``fit_detectors`` on the train split of the GTSRB-layout folder ``data_dir``, split
     by ``split_fit_calibration``; images are loaded at the model's input size (``crop_roi``
-    as for training). The dataset's class names must be the model's."""
+    as for training). The dataset's class names must be the model's.
+
+    calib_crops: clean crops as the device cuts them (``distill.stream.clean_crops``, float32
+    N x 3 x S x S). When given, the whole train split fits Mahalanobis and the thresholds
+    are set on these crops, the distribution the device will see (dataset images are
+    cleaner than a camera's crops, so thresholds set on them flag many clean crops)."""
     from cloud_train.gtsrb import load_gtsrb
 
     info = read_model_info(onnx_path)
@@ -354,6 +360,15 @@ def fit_from_dataset(onnx_path: str | os.PathLike[str], data_dir: str | os.PathL
         raise DatasetError(f"{data_dir} names {len(data.class_names)} classes, the model "
                            f"{info.num_classes}, or in another order",
                            "fit on the dataset the model was trained on")
+    if calib_crops is not None:
+        fit = np.arange(len(data.labels))
+        if limit_per_class is not None:
+            fit = _cap_per_class(fit, data.labels, limit_per_class, np.random.default_rng(seed))
+        log.info("fitting on %d images (train split of %s), calibrating on %d stream crops",
+                 len(fit), data_dir, len(calib_crops))
+        return fit_detectors(onnx_path, data.images[fit], data.labels[fit], calib_crops, fpr,
+                             batch, names=names, squeezers=squeezers, shrinkage=shrinkage,
+                             providers=providers, progress=progress)
     fit, cal = split_fit_calibration(data.labels, data.paths, calib_share, seed,
                                      limit_per_class)
     if not len(cal) or not len(fit):

@@ -7,6 +7,11 @@ once at least ``window`` crops were scored and the share flagged exceeds ``limit
 switches on, with a reason the policy puts on its commands (``SignRulesPolicy.set_caution``
 caps the speed at its slow limit); it switches off when the share falls to ``clear`` or
 below (hysteresis, so the car does not flicker between the two).
+
+The defaults (60 crops, 40 %) allow for flags coming in runs on a clean road: a sign the
+detectors dislike is flagged in most of the ~15 frames it is seen, so a short window or a
+low limit goes cautious on clean drives, while signs carrying an adversarial sticker are
+flagged nearly always and fill the window within a few encounters.
 """
 
 from __future__ import annotations
@@ -17,8 +22,8 @@ import numpy as np
 
 from roadshield.errors import ConfigError
 
-DEFAULT_WINDOW = 30
-DEFAULT_LIMIT = 0.3
+DEFAULT_WINDOW = 60
+DEFAULT_LIMIT = 0.4
 DEFAULT_CLEAR = 0.1
 
 

@@ -333,13 +333,13 @@ class EdgeLoop:
         return events
 
     def _export_frame(self, times: dict[str, list[float]], mark: dict[str, int],
-                      frame_index: int) -> None:
+                      frame_count: int) -> None:
         """This frame's stage times (and now and then the actuator's link) to the metrics."""
         metrics = self.monitoring.metrics
         if metrics is None:
             return
         metrics.frame({name: v[-1] for name, v in times.items() if len(v) > mark[name]})
-        if frame_index % 30 == 0:  # reading a serial link's state takes its lock
+        if frame_count % 30 == 1:  # reading a serial link's state takes its lock
             from .metrics import actuator_link_state
 
             metrics.actuator(*actuator_link_state(self.actuator))

@@ -9,8 +9,9 @@ the run's counts and the series a plot shows, and turns them into the loop repor
 
 ``{"detectors": [names], "thresholds": {name: t}, "scored": crops scored,
 "flagged": crops flagged by any detector, "flagged_by": {name: n}, "flag_rate": flagged /
-scored or None, "drift_events": [DriftEvent dicts], "drift_alarms": [statistics alarmed
-at the end], "caution_events": [{"frame", "state": "on" | "off", "reason"}],
+scored or None, "drift": whether a drift monitor ran, "drift_events": [DriftEvent dicts],
+"drift_alarms": [statistics alarmed at the end],
+"caution_events": [{"frame", "state": "on" | "off", "reason"}],
 "series": {"score:NAME": [[frame, score], ...], "drift:STATISTIC": [[frame, value,
 threshold], ...], "flag_rate": [[frame, rate], ...]}}``
 
@@ -134,6 +135,6 @@ class Monitoring:
                 "scored": self.scored, "flagged": self.flagged,
                 "flagged_by": {n: self.flagged_by.get(n, 0) for n in names},
                 "flag_rate": round(self.flagged / self.scored, 6) if self.scored else None,
-                "drift_events": list(self.drift_events),
+                "drift": self.drift is not None, "drift_events": list(self.drift_events),
                 "drift_alarms": self.drift.alarms if self.drift is not None else [],
                 "caution_events": list(self.caution_events), "series": series}

@@ -163,6 +163,11 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
                      help="false-positive rate the thresholds are set at, on clean images")
     det.add_argument("--calib-share", type=float, default=0.2,
                      help="share of the train split (whole tracks) held out to set thresholds")
+    det.add_argument("--calibrate-source", default=None, metavar="URI",
+                     help="set the thresholds on the crops of this clean stream (a recorded "
+                          "drive, synthetic://...) instead of held-out train images; the whole "
+                          "train split then fits Mahalanobis")
+    det.add_argument("--calibrate-frames", type=int, default=None, metavar="N")
     det.add_argument("--detectors", default="squeeze,mahalanobis", metavar="NAMES")
     det.add_argument("--squeezers", default="bitdepth:bits=5,median:k=3", metavar="CHAIN")
     det.add_argument("--limit-per-class", type=int, default=None, metavar="N")
@@ -205,9 +210,9 @@ def _add_edge(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--detect", default=None, metavar="NAMES",
                      help='input detectors fitted into the model by `distill detectors`, e.g. '
                           '"squeeze,mahalanobis": a flagged crop does not vote')
-    run.add_argument("--caution-window", type=int, default=30, metavar="N",
+    run.add_argument("--caution-window", type=int, default=60, metavar="N",
                      help="crops over which the detectors' flag rate is taken")
-    run.add_argument("--caution-limit", type=float, default=0.3, metavar="SHARE",
+    run.add_argument("--caution-limit", type=float, default=0.4, metavar="SHARE",
                      help="flag rate above which the policy goes cautious (caps speed)")
     run.add_argument("--drift", action="store_true",
                      help="watch the stream against the model's drift reference "

@@ -134,8 +134,16 @@ def distill_engine(args: argparse.Namespace) -> int:
 def distill_detectors(args: argparse.Namespace) -> int:
     from distill.detector_fit import fit_from_dataset, write_detectors
 
+    crops = None
+    if args.calibrate_source:
+        from distill.stream import clean_crops
+        from roadshield.pipeline import register_synthetic_camera
+
+        register_synthetic_camera()
+        crops = clean_crops(args.model, args.calibrate_source, max_frames=args.calibrate_frames)
     obj = fit_from_dataset(args.model, args.data, args.calib_share, args.fpr, args.seed,
-                           args.limit_per_class, names=args.detectors, squeezers=args.squeezers)
+                           args.limit_per_class, names=args.detectors, squeezers=args.squeezers,
+                           calib_crops=crops)
     thresholds = {k: v["threshold"] for k, v in obj.items() if isinstance(v, dict)}
     if not args.dry_run:
         write_detectors(args.model, obj)
@@ -148,8 +156,7 @@ def distill_drift_reference(args: argparse.Namespace) -> int:
     from distill.drift_reference import build_drift_reference, write_drift_reference
     from roadshield.pipeline import register_synthetic_camera
 
-    if args.source.startswith("synthetic:"):
-        register_synthetic_camera()
+    register_synthetic_camera()
     reference = build_drift_reference(args.model, args.source, detect=not args.no_detectors,
                                       max_frames=args.max_frames)
     write_drift_reference(args.model, reference)

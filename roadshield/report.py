@@ -47,7 +47,7 @@ def _monitor_rows(mon: dict[str, Any] | None) -> list[tuple[str, str]]:
         on = [e for e in mon["caution_events"] if e["state"] == "on"]
         rows.append(("cautious spells", f"{len(on)}" + (f", first at frame {on[0]['frame']}"
                                                        if on else "")))
-    if "drift_alarms" in mon and (mon["drift_events"] or mon["series"]):
+    if mon.get("drift"):
         raised = [e for e in mon["drift_events"] if e["state"] == "on"]
         rows.append(("drift alarms raised", f"{len(raised)}" + (
             ": " + ", ".join(f"{e['statistic']} @ frame {e['frame']}" for e in raised[:4])

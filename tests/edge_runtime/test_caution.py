@@ -32,7 +32,7 @@ def test_one_frame_may_bring_several_crops() -> None:
 
 
 @pytest.mark.parametrize("kwargs", [{"window": 1}, {"window": 2.5}, {"limit": 0.0},
-                                    {"limit": 1.5}, {"clear": 0.3}, {"clear": -0.1}])
+                                    {"limit": 1.5}, {"clear": 0.4}, {"clear": -0.1}])
 def test_bad_settings(kwargs: dict) -> None:
     with pytest.raises(ConfigError):
         CautionGate(**kwargs)

@@ -1,0 +1,59 @@
+"""The crops a model would see on the device, taken from a trusted clean stream.
+
+Thresholds and references fitted on a dataset's images miss what the camera adds (the
+locator's boxes, the scene's light, blur and noise), so the device would flag or alarm on a
+clean road. ``stream_crops`` runs the edge loop's own locator and preprocessing over a clean
+stream (a recorded drive, a folder of frames, the synthetic camera) and yields each frame
+with the model-input batch of its located signs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from edge_runtime.frames import Frame
+
+
+def stream_crops(model: str | os.PathLike[str], source: str, *, max_frames: int | None = None,
+                 max_rois: int = 3, progress: bool = True, desc: str = "clean stream"
+                 ) -> Iterator[tuple[Frame, np.ndarray | None]]:
+    """(frame, float32 (N, 3, S, S) crops or None when no sign was located) per frame of
+    ``source``, cut exactly as ``edge run`` cuts them for ``model`` (a ``synthetic://``
+    source must be registered first: ``roadshield.pipeline.register_synthetic_camera``)."""
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    from edge_runtime.locate import create_locator
+    from edge_runtime.model_info import read_model_info
+    from edge_runtime.preprocess import preprocess_batch
+    from edge_runtime.sources import open_source
+    size = read_model_info(model).input_size
+    locator = create_locator("hsv")
+    src = open_source(source)
+    try:
+        total = getattr(src, "frame_count", None)
+        with tqdm(total=min(total or max_frames or 0, max_frames or total or 0) or None,
+                  disable=not progress, unit="frame", desc=desc) as bar:
+            for count, frame in enumerate(src):
+                if max_frames is not None and count >= max_frames:
+                    return
+                boxes = [c.box for c in locator(frame.image)[:max_rois]]
+                yield frame, preprocess_batch(frame.image, boxes, size) if boxes else None
+                bar.update(1)
+    finally:
+        src.close()
+
+
+def clean_crops(model: str | os.PathLike[str], source: str, *, max_frames: int | None = None,
+                progress: bool = True) -> np.ndarray:
+    """Every crop of ``stream_crops``, stacked: float32 (N, 3, S, S)."""
+    parts = [b for _, b in stream_crops(model, source, max_frames=max_frames,
+                                        progress=progress) if b is not None]
+    if not parts:
+        from roadshield.errors import ConfigError
+
+        raise ConfigError(f"the stream {source} located no sign",
+                          "use a clean drive past signs, e.g. synthetic://?frames=2000")
+    return np.concatenate(parts)
