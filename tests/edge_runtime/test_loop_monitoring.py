@@ -8,13 +8,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_loop import ColourRunner, frame, make_loop
+from test_loop import CLASSES, SIZE, ColourRunner, frame, make_loop, preprocess
 
 from edge_runtime.caution import CautionGate
 from edge_runtime.detectors import DetectorSet, FeatureSqueezing
+from edge_runtime.drift import DriftConfig, DriftMonitor, DriftReference, ReferenceBuilder
+from edge_runtime.frames import Frame
+from edge_runtime.locate import SignLocator
+from edge_runtime.loop import softmax
 from edge_runtime.monitoring import Monitoring, Series
 from edge_runtime.policy import MonitorPolicy, SignRulesPolicy
 from roadshield.errors import ConfigError
+
+
+SMALL_DRIFT = DriftConfig(frame_window=20, dark_window=10, crop_window=12, check_every=5,
+                          calibration_folds=2)
 
 
 def squeezing(threshold: float) -> DetectorSet:
@@ -104,3 +112,41 @@ def test_series_thin_by_halves_and_keep_the_whole_run() -> None:
     frames = [p[0] for p in s.points]
     assert len(frames) <= 8 and frames[0] == 0 and frames[-1] >= 80
     assert len(set(np.diff(frames))) == 1  # evenly spaced after thinning
+
+
+def drift_reference(frames: list[Frame]) -> DriftReference:
+    """A reference recorded from ``frames`` as the loop cuts and classifies them."""
+    builder = ReferenceBuilder(brightness_stride=SMALL_DRIFT.brightness_stride)
+    locator = SignLocator()
+    with ColourRunner() as runner:
+        for f in frames:
+            _observe(builder, runner, locator, f)
+    return builder.build(len(CLASSES), SMALL_DRIFT)
+
+
+def _observe(builder: ReferenceBuilder, runner: ColourRunner, locator: SignLocator,
+             f: Frame) -> None:
+    builder.observe_frame(f.image)
+    boxes = [c.box for c in locator(f.image)]
+    if boxes:
+        batch = preprocess(f.image, boxes, SIZE)
+        builder.observe_crops(batch, softmax(runner.infer({"input": batch})["logits"]))
+
+
+def test_a_darker_road_raises_a_drift_alarm_in_the_log_and_the_report(tmp_path: Path) -> None:
+    signs = ("red", "blue", "yellow", None)
+    clean = [frame(i, signs[i % 4]) for i in range(200)]
+    monitor = DriftMonitor(drift_reference(clean))
+    dark = [Frame((f.image * 0.5).astype(np.uint8), i, i * 0.1, None)
+            for i, f in enumerate(clean[:60])]
+    loop, _ = make_loop(dark, tmp_path, monitoring=Monitoring(drift=monitor))
+    report = loop.run(progress=False)
+    records = [json.loads(x) for x in (tmp_path / "decisions.jsonl").read_text().splitlines()]
+    events = [e for r in records for e in r.get("drift", [])]
+    assert events and {e["statistic"] for e in events} >= {"frame_brightness"}
+    first = events[0]
+    assert first["state"] == "on" and first["value"] > first["threshold"]
+    mon = report.monitor
+    assert mon is not None and mon["drift"] and "frame_brightness" in mon["drift_alarms"]
+    assert mon["drift_events"][0] == first
+    assert any(name.startswith("drift:") for name in mon["series"])
