@@ -21,9 +21,10 @@ execution provider's rounding; CPU is used by default).
   keeping every other entry. The file's sha256 changes: sign bundles and TensorRT engines
   made from the old file must be made again.
 
-    python -m distill.detector_fit MODEL.onnx DATA_DIR [--fpr 0.05] [--calib-share 0.2]
-        [--seed 0] [--limit-per-class N] [--detectors squeeze,mahalanobis]
-        [--squeezers bitdepth:bits=5,median:k=3] [--shrinkage 0.01] [--dry-run]
+    roadshield distill detectors --model MODEL.onnx --data DATA_DIR [--fpr 0.05]
+        [--calib-share 0.2] [--calibrate-source URI [--calibrate-frames N]] [--seed 0]
+        [--limit-per-class N] [--detectors squeeze,mahalanobis]
+        [--squeezers bitdepth:bits=5,median:k=3] [--dry-run]
 """
 
 from __future__ import annotations

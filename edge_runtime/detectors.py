@@ -87,7 +87,8 @@ METADATA_KEY = "detectors"
 FORMAT_VERSION = 1
 DEFAULT_SQUEEZERS = ("bitdepth:bits=5", "median:k=3")
 FEATURES_NAME = "features"
-FIT_HINT = "fit the detectors with `python -m distill.detector_fit MODEL.onnx DATA_DIR`"
+FIT_HINT = ("fit the detectors with `roadshield distill detectors --model MODEL.onnx "
+            "--data DATA`")
 #: metadata object key of each detector name
 SECTIONS = {SQUEEZE: "feature_squeezing", MAHALANOBIS: "mahalanobis"}
 
