@@ -28,6 +28,29 @@ that end with the attacker's action at the actuator (the policy acted on the tar
 no stop went out: ``edge_runtime.scoring.attacker_encounters``), ms per crop as a ratio
 to the bare runner, and PatchCleanser's certified accuracy on clean crops. Exit 3 names
 every missed target.
+
+Input detectors (``cloud_train.redteam_detectors``, whose docstring states the protocol):
+feature squeezing and Mahalanobis are fitted into the teacher's ONNX metadata
+(``distill.detector_fit.fit_from_dataset`` on the train split of ``work/data``, rendered at
+the scale when the models were given, thresholds at 5 % FPR); ``result["detectors"]``
+holds their detection of FGSM, PGD and APGD examples at 2, 4 and 8/255 on test images, of
+the targeted and untargeted stickers' crops in the edge loop, and what is left against
+adaptive attacks (PGD with the detectors' scores in the loss, BPDA through the squeezers).
+Target: the better detector flags >= 90 % of the successful PGD 8/255 examples at its
+fitted threshold while its clean false-positive rate measured on the test images stays
+<= 10 % (``redteam_inference_report.detector_target``); the adaptive figures are
+reported, never a target.
+
+Drift monitor (``cloud_train.redteam_drift``, whose docstring states the protocol): a drift
+reference is built for the teacher's ONNX (with its detectors) from a clean synthetic drive;
+``result["drift"]`` holds the alarms a monitor raises on other clean drives (false alarms,
+per 10,000 frames) and, for five scenarios that change the road at an onset (brightness
+x1.15 and +15 % of full scale, fog, the targeted sticker on 30 % of stop signs, a road of
+stop signs only), whether and how many frames after the onset it alarmed and on which
+statistics. Targets (``redteam_inference_report.drift_targets``): an alarm within 300
+frames of the onset of the 15 % brightness shift (``brightness_gain``), and at most one
+false alarm per 10,000 clean frames. The ``tiny`` scale runs a small ``DriftConfig``
+(60-frame windows), so its figures check the plumbing, not the monitor.
 """
 
 from __future__ import annotations
@@ -44,6 +67,7 @@ import numpy as np
 
 from cloud_train.progress import step_ticker
 from cloud_train.redteam_cli import check_scale_and_seed
+from edge_runtime.drift import DriftConfig
 from edge_runtime.scoring import sticker_figures
 from roadshield.demo_drives import SIGN, TARGET, drive_sources
 from roadshield.errors import ConfigError
@@ -71,15 +95,37 @@ class Scale:
     eval_pool: int
     budget: int
     timing_crops: int
+    # the input detectors' rows (cloud_train.redteam_detectors)
+    detector_images: int  # clean test images sampled (stratified) before keeping the right
+    pgd_steps: int
+    apgd_steps: int
+    adaptive_images: int
+    adaptive_steps: int
+    lambdas: tuple[float, ...]
+    # the drift monitor's rows (cloud_train.redteam_drift)
+    drift_reference_frames: int
+    drift_clean_frames: int  # clean frames watched for false alarms
+    drift_scenario_frames: int  # per scenario, the onset included
+    drift_onset: int
+    drift_config: DriftConfig | None  # None: the monitor's defaults
 
 
 SCALES = {
     "tiny": Scale(train_per_class=12, epochs=1, masked_epochs=1, roa_epochs=1,
                   clean_frames=60, sticker_frames=60, steps=2, positions=1, pool=6,
-                  eval_pool=6, budget=320, timing_crops=8),
+                  eval_pool=6, budget=320, timing_crops=8, detector_images=28, pgd_steps=2,
+                  apgd_steps=4, adaptive_images=8, adaptive_steps=2, lambdas=(1.0,),
+                  drift_reference_frames=200, drift_clean_frames=200,
+                  drift_scenario_frames=150, drift_onset=60,
+                  drift_config=DriftConfig(frame_window=60, dark_window=30, crop_window=24,
+                                           check_every=5, calibration_folds=2)),
     "quick": Scale(train_per_class=500, epochs=10, masked_epochs=10, roa_epochs=3,
                    clean_frames=450, sticker_frames=300, steps=300, positions=4, pool=96,
-                   eval_pool=64, budget=80000, timing_crops=200),
+                   eval_pool=64, budget=80000, timing_crops=200, detector_images=280,
+                   pgd_steps=20, apgd_steps=50, adaptive_images=112, adaptive_steps=50,
+                   lambdas=(0.03, 0.1, 0.3, 1.0, 3.0), drift_reference_frames=30000,
+                   drift_clean_frames=10000, drift_scenario_frames=3000, drift_onset=1500,
+                   drift_config=None),
 }
 
 
@@ -127,7 +173,8 @@ def _train_models(work: Path, sc: Scale, seed: int, given: dict[str, str | None]
         if not ckpt.is_file():
             if not (data / "gtsrb").is_dir():
                 tick("rendering training data")
-                pipeline.synth_dataset(data, sc.train_per_class, 2, seed=seed, progress=False)
+                pipeline.synth_dataset(data, sc.train_per_class, _test_per_class(sc),
+                                       seed=seed, progress=False)
             trainer, epochs = trainers[role]
             tick(f"training the {role} model ({trainer}, {epochs} epochs)")
             ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -137,6 +184,42 @@ def _train_models(work: Path, sc: Scale, seed: int, given: dict[str, str | None]
                                       lr=0.05 if start is None else 0.02)
         paths[role] = ckpt
     return paths
+
+
+def _test_per_class(sc: Scale) -> int:
+    """Test images rendered per class: enough for the detectors' stratified sample."""
+    from cloud_train.signs import SYNTHETIC_CLASSES
+
+    return max(2, -(-sc.detector_images // len(SYNTHETIC_CLASSES)))
+
+
+def _detector_data(work: Path, sc: Scale, seed: int, tick: Tick) -> Path:
+    """The data set the detectors are fitted on (train split) and scored on (test split):
+    ``work/data``, rendered at the scale when missing (given models leave it unrendered)
+    or when its test split is short of the sample. Image (split, class, i) is rendered
+    from its own seed, so a re-render keeps every training image."""
+    from cloud_train.gtsrb import load_gtsrb
+    from roadshield import pipeline
+
+    data = work / "data"
+    need = _test_per_class(sc)
+    if (data / "gtsrb").is_dir():
+        labels = load_gtsrb(data, "test", progress=False).labels
+        if len(labels) and np.bincount(labels).min() >= need:
+            return data
+    tick("rendering the detectors' data")
+    pipeline.synth_dataset(data, sc.train_per_class, need, seed=seed, progress=False)
+    return data
+
+
+def _fit_detectors(onnx: Path, data: Path, seed: int) -> dict[str, Any]:
+    """Fit squeezing and Mahalanobis into ``onnx``'s metadata (train split of ``data``,
+    thresholds at 5 % FPR on held-out train images); returns the metadata object."""
+    from distill.detector_fit import fit_from_dataset, write_detectors
+
+    obj = fit_from_dataset(onnx, data, seed=seed, progress=False)
+    write_detectors(onnx, obj)
+    return obj
 
 
 def _export(paths: dict[str, Path], work: Path) -> dict[str, Path]:
@@ -259,6 +342,8 @@ def run_inference_redteam(out_dir: str | os.PathLike[str], scale: str = "quick",
     """Run every stack against the stickers; write redteam_inference.{json,md,png} (and the
     stickers' print files under stickers/) into ``out_dir``. Models not given are trained
     at the scale (kept under out_dir/work/models and reused by a later run)."""
+    from cloud_train.redteam_detectors import detector_rows
+    from cloud_train.redteam_drift import drift_scenarios
     from cloud_train.redteam_inference_report import chart_png, check_targets, markdown
     from roadshield.pipeline import register_synthetic_camera
 
@@ -267,7 +352,7 @@ def run_inference_redteam(out_dir: str | os.PathLike[str], scale: str = "quick",
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
     register_synthetic_camera()
-    steps = 3 + 2 + len(STACKS) - 1 + 1 + len(STACKS) * 4 + len(STACKS)
+    steps = 3 + 2 + len(STACKS) - 1 + 1 + len(STACKS) * 4 + len(STACKS) + 4
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     with step_ticker(steps, "redteam inference", progress) as tick:
@@ -275,6 +360,9 @@ def run_inference_redteam(out_dir: str | os.PathLike[str], scale: str = "quick",
                               tick)
         onnx = _export(ckpts, work)
         tick("exported the models to ONNX")
+        data = _detector_data(work, sc, seed, tick)
+        _fit_detectors(onnx["teacher"], data, seed)
+        tick("fitted the input detectors into the teacher's ONNX")
         stickers = out / "stickers"
         attacks: dict[str, Any] = {}
         tick("optimising the targeted sticker on the teacher")
@@ -329,13 +417,28 @@ def run_inference_redteam(out_dir: str | os.PathLike[str], scale: str = "quick",
                 "targeted": targeted, "untargeted": untargeted, "adaptive": adaptive,
                 "ms_per_crop": _time_stack(model, stack, sc, seed)})
             tick(f"{stack.name}: done")
+        detectors = detector_rows(
+            ckpts["teacher"], onnx["teacher"], data,
+            {"targeted": stickers / "targeted", "untargeted": stickers / "untargeted"},
+            images=sc.detector_images, seed=seed, apgd_steps=sc.apgd_steps,
+            pgd_steps=sc.pgd_steps, progress=progress, adaptive_images=sc.adaptive_images,
+            adaptive_steps=sc.adaptive_steps, lambdas=sc.lambdas,
+            clean_frames=sc.clean_frames, sticker_frames=sc.sticker_frames)
+        tick("input detectors: attacks, sticker and adaptive attacks")
+        drift = drift_scenarios(
+            onnx["teacher"], seed=seed, reference_frames=sc.drift_reference_frames,
+            clean_frames=sc.drift_clean_frames, scenario_frames=sc.drift_scenario_frames,
+            onset=sc.drift_onset, sticker_dir=stickers / "targeted", config=sc.drift_config,
+            progress=progress)
+        tick("drift monitor: reference, clean drives and scenarios")
     bare = rows[0]["ms_per_crop"]
     for r in rows:
         r["cost_ratio"] = r["ms_per_crop"] / bare if bare > 0 else None
     result: dict[str, Any] = {
         "schema": SCHEMA, "scale": scale, "seed": seed, "sizes": asdict(sc), "sign": SIGN,
         "target": TARGET, "started": started, "cpu_count": os.cpu_count(),
-        "models": {k: str(v) for k, v in ckpts.items()}, "attacks": attacks, "stacks": rows}
+        "models": {k: str(v) for k, v in ckpts.items()}, "attacks": attacks, "stacks": rows,
+        "detectors": detectors, "drift": drift}
     check_targets(result)
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["files"] = {k: str(out / f"redteam_inference.{k}") for k in ("json", "md", "png")}

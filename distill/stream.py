@@ -4,13 +4,16 @@ Thresholds and references fitted on a dataset's images miss what the camera adds
 locator's boxes, the scene's light, blur and noise), so the device would flag or alarm on a
 clean road. ``stream_crops`` runs the edge loop's own locator and preprocessing over a clean
 stream (a recorded drive, a folder of frames, the synthetic camera) and yields each frame
-with the model-input batch of its located signs.
+with the model-input batch of its located signs. An optional ``transform`` changes each
+camera frame first (the red team's weather and exposure changes), so the locator and the
+crops see the changed frame as the device would.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -18,11 +21,15 @@ from edge_runtime.frames import Frame
 
 
 def stream_crops(model: str | os.PathLike[str], source: str, *, max_frames: int | None = None,
-                 max_rois: int = 3, progress: bool = True, desc: str = "clean stream"
+                 max_rois: int = 3, progress: bool = True, desc: str = "clean stream",
+                 transform: Callable[[int, np.ndarray], np.ndarray] | None = None
                  ) -> Iterator[tuple[Frame, np.ndarray | None]]:
     """(frame, float32 (N, 3, S, S) crops or None when no sign was located) per frame of
     ``source``, cut exactly as ``edge run`` cuts them for ``model`` (a ``synthetic://``
-    source must be registered first: ``roadshield.pipeline.register_synthetic_camera``)."""
+    source must be registered first: ``roadshield.pipeline.register_synthetic_camera``).
+
+    transform: (frame index, H x W x 3 uint8 BGR image) -> image of the same kind, applied
+    to each frame before the locator; the yielded frame carries the transformed image."""
     from tqdm import tqdm  # type: ignore[import-untyped]
 
     from edge_runtime.locate import create_locator
@@ -39,6 +46,8 @@ def stream_crops(model: str | os.PathLike[str], source: str, *, max_frames: int 
             for count, frame in enumerate(src):
                 if max_frames is not None and count >= max_frames:
                     return
+                if transform is not None:
+                    frame = dataclasses.replace(frame, image=transform(frame.index, frame.image))
                 boxes = [c.box for c in locator(frame.image)[:max_rois]]
                 yield frame, preprocess_batch(frame.image, boxes, size) if boxes else None
                 bar.update(1)

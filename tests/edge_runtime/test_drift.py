@@ -225,10 +225,11 @@ def test_bad_config_is_refused(kwargs: dict[str, Any]) -> None:
 
 def test_the_monitor_needs_the_reference_windows(reference: DriftReference) -> None:
     with pytest.raises(ConfigError, match="frame_window=50"):
-        DriftMonitor(reference, DriftConfig(frame_window=50, dark_window=20, crop_window=30, check_every=5))
+        DriftMonitor(reference, DriftConfig(frame_window=50, dark_window=20, crop_window=30,
+                                            check_every=5))
     # hysteresis may differ from the reference's
-    DriftMonitor(reference, DriftConfig(frame_window=40, dark_window=20, crop_window=30, check_every=5,
-                                        on_after=5, off_after=1))
+    DriftMonitor(reference, DriftConfig(frame_window=40, dark_window=20, crop_window=30,
+                                        check_every=5, on_after=5, off_after=1))
 
 
 def test_the_builder_needs_enough_frames() -> None:
@@ -280,7 +281,8 @@ def test_calibration_replays_the_runtime_rule() -> None:
     # 2 folds of 10 frames; one crop on frames 0, 1, 2 of each fold; windows of 2 rows,
     # checks after every 2nd frame. A crop window is tested once full and only when a crop
     # arrived since its last test; the crops of the checked frame come after the check.
-    config = DriftConfig(frame_window=2, dark_window=2, crop_window=2, check_every=2, calibration_folds=2)
+    config = DriftConfig(frame_window=2, dark_window=2, crop_window=2, check_every=2,
+                         calibration_folds=2)
     rng = np.random.default_rng(16)
 
     def stream(target: Any, frames: range) -> None:
