@@ -9,8 +9,9 @@ Each model records ``arch`` (its registry name), ``num_classes``, ``input_size``
 (``(3, H, W)``, the size it is trained and exported at) and ``model_kwargs`` (the
 keyword arguments that rebuild it), which the checkpoint stores beside the weights.
 
-A model may also expose ``embed(x) -> [N, D]`` float32, its penultimate features (what the
-final linear layer reads, in eval mode), and ``classify(features) -> [N, C]`` logits, with
+A model may also expose ``embed(x) -> [N, D]`` float32, the features its classifier head
+reads (for ``SignNet`` the pooled last conv stage, in eval mode), and
+``classify(features) -> [N, C]`` logits, with
 ``classify(embed(x)) == forward(x)`` in eval mode. ``distill.export`` adds a ``"features"``
 output to the ONNX graph of a model with ``embed`` (for the Mahalanobis detector of
 ``edge_runtime.detectors``); ``classify`` lets it trace the trunk once for both outputs.
@@ -145,14 +146,15 @@ class SignNet(nn.Module):
         return self.head(self.pool(self.features(self.normalize(x))))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate features ``[N, D]``: the head up to, not including, its final
-        Dropout + Linear (D = ``hidden``, or the last stage's width when ``hidden`` is 0).
-        Meant for eval mode, where that Dropout is the identity."""
-        return self.head[:-2](self.pool(self.features(self.normalize(x))))
+        """Features ``[N, D]`` for the Mahalanobis detector: the globally average-pooled
+        output of the last conv stage, the input of the head (D = the last stage's width;
+        where a ResNet's penultimate layer sits). On the red team's PGD 8/255 examples
+        these separated from clean images better than the hidden layer's output."""
+        return self.head[0](self.pool(self.features(self.normalize(x))))
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits ``[N, C]`` from ``embed``'s features (the final Dropout + Linear)."""
-        return self.head[-2:](features)
+        """Logits ``[N, C]`` from ``embed``'s features (the rest of the head)."""
+        return self.head[1:](features)
 
 
 @register_model

@@ -9,8 +9,8 @@ an image is flagged when its score is **strictly greater** than the threshold:
   ``"bitdepth:bits=5"`` and ``"median:k=3"``), one spec per squeezer. Scores lie in [0, 2].
 * ``MahalanobisDetector`` (Lee et al., NeurIPS 2018, one tied covariance, no input
   preprocessing): score = min over classes c of ``(f - mu_c)^T P (f - mu_c)``, f the
-  penultimate features (the exported graph's "features" output), mu_c the class means, P the
-  shared precision matrix. With P = L L^T (Cholesky, done once) the score is
+  features the classifier head reads (the exported graph's "features" output), mu_c the
+  class means, P the shared precision matrix. With P = L L^T (Cholesky, done once) the score is
   ``min_c ||(f - mu_c) L||^2``: one (N, D) @ (D, D) product, then squared distances to the C
   projected means.
 
@@ -244,7 +244,7 @@ def _float_matrix(value: Any, what: str) -> np.ndarray:
 class MahalanobisDetector:
     """Lee et al. 2018 with a tied covariance: score = min_c (f - mu_c)^T P (f - mu_c).
 
-    means: (C, D) class means of the penultimate features; precision: (D, D) symmetric
+    means: (C, D) class means of the head's input features; precision: (D, D) symmetric
     positive-definite inverse covariance; threshold: flag when score > threshold.
     """
 

@@ -5,7 +5,7 @@
 ``normalization``, ``arch`` and ``source_sha256``. ``read_model_info`` reads
 them with the ``onnx`` package, or with onnxruntime's model metadata where
 ``onnx`` is not installed, and adds the file's own sha256. The logits are graph
-output 0; a model exported with penultimate features has a second output, named by
+output 0; a model exported with its head's input features has a second output, named by
 the ``features_output`` metadata ("features"), which ``ModelInfo.features_name`` reports.
 """
 
@@ -37,7 +37,7 @@ class ModelInfo:
     arch: architecture name recorded at export.
     sha256: hex digest of the model file's bytes.
     metadata: every metadata_props entry as written (e.g. normalization, source_sha256).
-    features_name: name of the float32 [N, D] penultimate-features output ("features"),
+    features_name: name of the float32 [N, D] features output ("features": what the head reads),
         or None when the graph has no such output.
     """
 
