@@ -28,15 +28,16 @@ from ``seed``: base = 1000 (seed + 1).
    - ``fog``: a Gaussian blur (sigma up to 2 px) blended toward grey 200 (share up to 0.35);
    - ``sticker_campaign``: the red team's printed sticker (``sticker_dir``) on 30 % of the
      signs of its class;
+   - ``random_stickers``: the synthetic camera's random stickers on 30 % of all signs;
    - ``one_class``: a road with stop signs only.
 
    Frame changes act on the camera frame (uint8 BGR, rounded and clipped) before the
    locator cuts the crops; their strength ramps linearly over ``RAMP_FRAMES`` frames from
-   the onset, then holds. The sticker campaign and the one-class road splice two renders of
+   the onset, then holds. The sticker scenarios and the one-class road splice two renders of
    the same seed: the clean drive before the onset, then the drive rendered with the
-   camera's ``sticker=...&sticker_rate=0.3`` / ``classes=stop`` options from frame
-   ``onset`` on (its earlier frames are read and dropped), so the road changes at the
-   onset (mid-encounter when one is under way).
+   camera's options (``sticker=...&sticker_rate=0.3``, ``sticker_rate=0.3``,
+   ``classes=stop``) from frame ``onset`` on (its earlier frames are read and dropped), so
+   the road changes at the onset (mid-encounter when one is under way).
 
    Per scenario: ``alarmed`` (an "on" event at or after the onset), ``frames_to_alarm``
    (the first such event's frame minus the onset), ``first_statistics`` (every statistic
@@ -126,6 +127,8 @@ def default_scenarios(sticker_dir: str | os.PathLike[str]) -> tuple[Scenario, ..
         Scenario("sticker_campaign", f"printed sticker '{Path(sticker_dir).name}' on "
                  f"{100 * STICKER_RATE:g} % of the signs of its class",
                  options=(("sticker", str(sticker_dir)), ("sticker_rate", str(STICKER_RATE)))),
+        Scenario("random_stickers", f"random stickers on {100 * STICKER_RATE:g} % of all signs",
+                 options=(("sticker_rate", str(STICKER_RATE)),)),
         Scenario("one_class", f"only {ONE_CLASS} signs", options=(("classes", ONE_CLASS),)))
 
 

@@ -132,7 +132,8 @@ def test_the_run_is_json_and_follows_its_sizes(run: dict[str, Any]) -> None:
     assert ref["frames"] == SIZES["reference_frames"] and ref["crops"] > SMALL.crop_window
     assert "seed=1000&" in ref["source"] and run["config"] == asdict(SMALL)
     assert [r["name"] for r in run["scenarios"]] == [
-        "control", "brightness_gain", "brightness_lift", "fog", "sticker_campaign", "one_class",
+        "control", "brightness_gain", "brightness_lift", "fog", "sticker_campaign",
+        "random_stickers", "one_class",
         "strong_lift"]
     for r in run["scenarios"]:
         assert (r["onset"], r["frames"]) == (SIZES["onset"], SIZES["scenario_frames"])

@@ -271,7 +271,8 @@ def _check_drift_section(res, on_disk, out):
     assert drift["reference"]["frames"] == sizes["drift_reference_frames"]
     assert drift["false_alarms"]["frames"] == sizes["drift_clean_frames"]
     assert [r["name"] for r in drift["scenarios"]] == [
-        "control", "brightness_gain", "brightness_lift", "fog", "sticker_campaign", "one_class"]
+        "control", "brightness_gain", "brightness_lift", "fog", "sticker_campaign",
+        "random_stickers", "one_class"]
     for r in drift["scenarios"]:
         assert (r["onset"], r["frames"]) == (sizes["drift_onset"], sizes["drift_scenario_frames"])
         assert r["alarmed"] == (r["frames_to_alarm"] is not None)
