@@ -20,6 +20,23 @@ import numpy as np
 from edge_runtime.frames import Frame
 
 
+def crop_cutter(model: str | os.PathLike[str], max_rois: int = 3
+                ) -> Callable[[np.ndarray], np.ndarray | None]:
+    """image (H x W x 3 uint8 BGR) -> float32 (N, 3, S, S) model-input crops of its located
+    signs, or None when none was located: the edge loop's HSV locator and preprocessing."""
+    from edge_runtime.locate import create_locator
+    from edge_runtime.model_info import read_model_info
+    from edge_runtime.preprocess import preprocess_batch
+
+    size = read_model_info(model).input_size
+    locator = create_locator("hsv")
+
+    def cut(image: np.ndarray) -> np.ndarray | None:
+        boxes = [c.box for c in locator(image)[:max_rois]]
+        return preprocess_batch(image, boxes, size) if boxes else None
+    return cut
+
+
 def stream_crops(model: str | os.PathLike[str], source: str, *, max_frames: int | None = None,
                  max_rois: int = 3, progress: bool = True, desc: str = "clean stream",
                  transform: Callable[[int, np.ndarray], np.ndarray] | None = None
@@ -32,12 +49,9 @@ def stream_crops(model: str | os.PathLike[str], source: str, *, max_frames: int 
     to each frame before the locator; the yielded frame carries the transformed image."""
     from tqdm import tqdm  # type: ignore[import-untyped]
 
-    from edge_runtime.locate import create_locator
-    from edge_runtime.model_info import read_model_info
-    from edge_runtime.preprocess import preprocess_batch
     from edge_runtime.sources import open_source
-    size = read_model_info(model).input_size
-    locator = create_locator("hsv")
+
+    cut = crop_cutter(model, max_rois)
     src = open_source(source)
     try:
         total = getattr(src, "frame_count", None)
@@ -48,8 +62,7 @@ def stream_crops(model: str | os.PathLike[str], source: str, *, max_frames: int 
                     return
                 if transform is not None:
                     frame = dataclasses.replace(frame, image=transform(frame.index, frame.image))
-                boxes = [c.box for c in locator(frame.image)[:max_rois]]
-                yield frame, preprocess_batch(frame.image, boxes, size) if boxes else None
+                yield frame, cut(frame.image)
                 bar.update(1)
     finally:
         src.close()

@@ -7,9 +7,11 @@ Usage: python scripts/drift_check.py [--model runs/latest/model.onnx]
            [--ramp 100] [--frame-window 1200] [--crop-window 480] [--check-every 15]
            [--on-after 2] [--off-after 8] [--margin 1.1] [--save-reference PATH] [--json]
 
-Every frame goes through the edge loop's own parts (``build_loop``: the HSV locator, the
-preprocess, the ONNX runner; up to ``max_rois`` crops a frame), and the monitor sees the
-frame and the crops with their softmax probabilities, as the loop would show them.
+Every frame goes through the parts ``distill drift-reference`` uses (``distill.stream.
+crop_cutter``: the edge loop's HSV locator and preprocess, up to 3 crops a frame;
+``distill.drift_reference.crop_scorer``: the ONNX model and the detectors fitted into it),
+and the monitor sees the frame and the crops with their softmax probabilities and detector
+scores, as the loop would show them.
 
 1. Reference: ``synthetic://?seed=S&frames=F`` for each reference seed, one drive after the
    other, into a ``ReferenceBuilder``; ``build`` sketches and calibrates (one calibration
@@ -57,42 +59,37 @@ def factors(text: str) -> list[float]:
 
 
 class Pipeline:
-    """The edge loop's locator, preprocess and runner: frame -> (batch, probs)."""
+    """The edge loop's locator and preprocess, and the model with the detectors fitted into
+    it, as ``distill drift-reference`` runs them: frame -> (batch, probs, scores)."""
 
     def __init__(self, model: Path) -> None:
-        from edge_runtime.loop import build_loop
-        from edge_runtime.sources import open_source
+        from distill.drift_reference import crop_scorer
+        from distill.stream import crop_cutter
+        from edge_runtime.model_info import read_model_info
 
-        self.loop = build_loop(open_source("synthetic://?seed=0&frames=1"), model)
-        self.loop.source.close()
-        self.loop.runner.activate()
-        self.class_names = self.loop.class_names
+        info = read_model_info(model)
+        self.class_names, self.size = info.class_names, info.input_size
+        self.cut = crop_cutter(model)
+        self._scorer = crop_scorer(model)
+        self.score = self._scorer.__enter__()
 
-    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from edge_runtime.loop import softmax
-
-        loop = self.loop
-        boxes = [c.box for c in loop.locator(image)[: loop.max_rois]]
-        if not boxes:
-            empty = np.zeros((0, 3, loop.input_size, loop.input_size), np.float32)
-            return empty, np.zeros((0, len(self.class_names)), np.float32)
-        batch = loop.preprocess(image, boxes, loop.input_size)
-        outputs = loop.runner.infer({loop.input_name: batch})
-        logits = np.asarray(outputs[loop.output_name]).reshape(len(boxes), -1)
-        return batch, softmax(logits)
+    def __call__(self, image: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray] | None]:
+        batch = self.cut(image)
+        if batch is None:
+            empty = np.zeros((0, 3, self.size, self.size), np.float32)
+            return empty, np.zeros((0, len(self.class_names)), np.float32), None
+        probs, scores = self.score(batch)
+        return batch, probs, scores or None
 
     def close(self) -> None:
-        self.loop.runner.deactivate()
+        self._scorer.__exit__(None, None, None)
 
 
 def drive(seed: int, frames: int) -> Any:
     from edge_runtime.sources import open_source
 
     return open_source(f"synthetic://?seed={seed}&frames={frames}")
-
-
-def ramped(image: np.ndarray, factor: float) -> np.ndarray:
-    return np.clip(np.rint(image.astype(np.float32) * factor), 0, 255).astype(np.uint8)
 
 
 @dataclass
@@ -128,6 +125,7 @@ def build_reference(pipe: Pipeline, ref_seeds: list[int], ref_frames: int, confi
 def test_drive(pipe: Pipeline, reference: Any, seed: int, t0: int, after: int, ramp: int,
                ramp_factors: list[float], cost_us: list[float]
                ) -> tuple[CleanResult, list[RampResult]]:
+    from cloud_train.redteam_drift import gain
     from edge_runtime.drift import DriftMonitor
 
     clean = DriftMonitor(reference)
@@ -137,20 +135,20 @@ def test_drive(pipe: Pipeline, reference: Any, seed: int, t0: int, after: int, r
     with drive(seed, t0 + after) as src:
         for frame in src:
             i = frame.index
-            batch, probs = pipe(frame.image)
+            batch, probs, scores = pipe(frame.image)
             c0 = time.perf_counter()
             clean.observe_frame(i, frame.image)
-            clean.observe_crops(i, batch, probs)
+            clean.observe_crops(i, batch, probs, scores)
             cost_us.append((time.perf_counter() - c0) * 1e6)
             result.alarms += [e.to_dict() for e in clean.poll() if e.state == "on"]
             for f, monitor in ramps.items():
                 if i < t0:  # the same frames as the clean drive
-                    image, b, p = frame.image, batch, probs
+                    image, b, p, sc = frame.image, batch, probs, scores
                 else:
-                    image = ramped(frame.image, 1 + (f - 1) * min(1.0, (i - t0) / ramp))
-                    b, p = pipe(image)
+                    image = gain(f)(min(1.0, (i - t0) / ramp), frame.image)
+                    b, p, sc = pipe(image)
                 monitor.observe_frame(i, image)
-                monitor.observe_crops(i, b, p)
+                monitor.observe_crops(i, b, p, sc)
                 for e in monitor.poll():
                     if e.state == "on" and e.frame >= t0 and first[f] is None:
                         first[f] = (e.frame - t0, e.statistic)
@@ -166,7 +164,7 @@ def isolated_cost(pipe: Pipeline, reference: Any, seed: int, frames: int = 3000
     sample = None
     with drive(seed, 400) as src:
         for frame in src:
-            batch, probs = pipe(frame.image)
+            batch, probs, scores = pipe(frame.image)
             if len(batch):
                 sample = frame.image
                 break
@@ -179,7 +177,7 @@ def isolated_cost(pipe: Pipeline, reference: Any, seed: int, frames: int = 3000
     for i in range(frames):
         t = time.perf_counter()
         monitor.observe_frame(i, sample)
-        monitor.observe_crops(i, batch, probs)
+        monitor.observe_crops(i, batch, probs, scores)
         monitor.poll()
         (checks if (i + 1) % every == 0 else plain).append((time.perf_counter() - t) * 1e6)
     return {"crops_per_frame": len(batch), "mean": round(float(np.mean(plain + checks)), 1),
