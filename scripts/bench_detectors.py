@@ -29,9 +29,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from edge_runtime.detectors import DetectorSet
+    from edge_runtime.model_info import ModelInfo
+    from edge_runtime.runners.base import BaseRunner
 
 
 def untrained_model(folder: Path) -> Path:
@@ -57,23 +64,23 @@ def median_ms(call: Callable[[], object], repeats: int) -> float:
     return statistics.median(times) * 1000.0
 
 
-def time_batch(runner: object, sets: dict[str, object], batch: np.ndarray, info: object,
-               repeats: int) -> dict[str, object]:
+def time_batch(runner: BaseRunner, sets: dict[str, DetectorSet], batch: np.ndarray,
+               info: ModelInfo, repeats: int) -> dict[str, Any]:
     """One batch size: bare and per-detector medians, and the added ms per crop."""
     n = len(batch)
-    feed = {info.input_name: batch}  # type: ignore[attr-defined]
-    bare = median_ms(lambda: runner.infer(feed), repeats)  # type: ignore[attr-defined]
-    row: dict[str, object] = {"crops": n, "bare_ms": bare}
+    feed = {info.input_name: batch}
+    bare = median_ms(lambda: runner.infer(feed), repeats)
+    row: dict[str, Any] = {"crops": n, "bare_ms": bare}
     for name, det in sets.items():
-        ms = median_ms(lambda det=det: det.infer(  # type: ignore[misc]
-            runner, batch, info.input_name, info.output_name), repeats)  # type: ignore[attr-defined]
+        ms = median_ms(partial(det.infer, runner, batch, info.input_name, info.output_name),
+                       repeats)
         row[f"{name}_ms"] = ms
         row[f"{name}_added_ms_per_crop"] = (ms - bare) / n
     return row
 
 
 def bench(model: Path, crops: list[int], repeats: int, threads: int,
-          squeezers: str | None = None) -> dict[str, object]:
+          squeezers: str | None = None) -> dict[str, Any]:
     from edge_runtime.detectors import (
         DEFAULT_SQUEEZERS,
         DetectorSet,
@@ -89,7 +96,7 @@ def bench(model: Path, crops: list[int], repeats: int, threads: int,
                  "export` (Mahalanobis needs it)")
     rng = np.random.default_rng(0)
     size = info.input_size
-    rows: list[dict[str, object]] = []
+    rows: list[dict[str, Any]] = []
     with OnnxRuntimeRunner(model, intra_op_threads=threads) as runner:
         probe = runner.infer({info.input_name: np.zeros((1, 3, size, size), np.float32)})
         dim = probe[info.features_name].shape[1]
@@ -130,9 +137,9 @@ def main() -> int:
         return 0
     print(f"{result['model']}: input {result['input_size']} px, features "
           f"{result['features_dim']}, {args.threads} threads, median of {args.repeats} calls, "
-          f"squeezers {', '.join(result['squeezers'])}")  # type: ignore[arg-type]
+          f"squeezers {', '.join(result['squeezers'])}")
     print(f"{'crops':>5} {'bare ms':>8} {'+squeeze':>9} {'+maha':>7} {'+both':>7}  (ms per crop)")
-    for r in result["rows"]:  # type: ignore[attr-defined]
+    for r in result["rows"]:
         print(f"{r['crops']:>5} {r['bare_ms']:8.3f} {r['squeeze_added_ms_per_crop']:9.3f} "
               f"{r['mahalanobis_added_ms_per_crop']:7.3f} {r['both_added_ms_per_crop']:7.3f}")
     return 0
