@@ -366,13 +366,9 @@ def _md_table(rows: list[tuple[str, ...]]) -> list[str]:
 
 
 def text_table(result: dict[str, Any]) -> str:
-    rows = _rows(result)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [f"roadshield redteam inference ({result['scale']}, seed {result['seed']}, "
-             f"{result.get('seconds', 0):.0f} s)"]
-    for r in rows:
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
-    lines += _attack_lines(result)
+             f"{result.get('seconds', 0):.0f} s)", *_aligned(_rows(result)),
+             *_attack_lines(result)]
     det = result.get("detectors")
     if det is not None:
         lines += ["", *_aligned(_detector_table(det)), *_detector_lines(det), ""]
@@ -386,15 +382,12 @@ def text_table(result: dict[str, Any]) -> str:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    rows = _rows(result)
     out = [f"# Sticker red team ({result['scale']}, seed {result['seed']})", "",
            f"Sign {result['sign']}, target {result['target']}. Success: share of stickered "
            "sightings read as the target (untargeted: as anything but the sign). Attacker "
            "enc.: stickered encounters where the policy acted on the target and never stopped. "
            "Adaptive: the sticker re-optimised with the stack in the loop. Cost: ms per "
-           "crop as a multiple of the bare runner's.", "",
-           "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+           "crop as a multiple of the bare runner's.", "", *_md_table(_rows(result))]
     out += ["", *[f"- {line}" for line in _attack_lines(result)], ""]
     det = result.get("detectors")
     if det is not None:
