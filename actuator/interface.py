@@ -11,7 +11,7 @@ import abc
 import time
 from dataclasses import asdict, dataclass, field
 
-from roadshield.errors import ActuatorError
+from roadshield_base.errors import ActuatorError
 
 
 @dataclass(frozen=True)

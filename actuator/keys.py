@@ -6,8 +6,8 @@ import os
 import secrets
 from pathlib import Path
 
-from roadshield.errors import ActuatorError
-from roadshield.fileio import atomic_write_bytes
+from roadshield_base.errors import ActuatorError
+from roadshield_base.fileio import atomic_write_bytes
 
 from .protocol import FACTORY_KEY, KEY_LEN
 

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from roadshield.errors import ActuatorError
+from roadshield_base.errors import ActuatorError
 
 from . import messages as m
 from . import protocol as p

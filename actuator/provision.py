@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from roadshield.errors import ActuatorError
+from roadshield_base.errors import ActuatorError
 
 from . import messages as m
 from .keys import generate_key, load_key, save_key

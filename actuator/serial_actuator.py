@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 
-from roadshield.errors import ActuatorError
+from roadshield_base.errors import ActuatorError
 
 from . import messages as m
 from .interface import Actuator, ActuatorCommand

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from roadshield.errors import ActuatorError
+from roadshield_base.errors import ActuatorError
 
 from . import messages as m
 from .device import Device

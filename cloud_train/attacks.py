@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 AttackFn = Callable[..., torch.Tensor]
 _ATTACKS: dict[str, AttackFn] = {}

@@ -25,8 +25,8 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from cloud_train.models import create_model
-from roadshield.errors import ConfigError, ModelLoadError, RoadshieldError
-from roadshield.fileio import atomic_write_bytes
+from roadshield_base.errors import ConfigError, ModelLoadError, RoadshieldError
+from roadshield_base.fileio import atomic_write_bytes
 
 FORMAT = "roadshield-checkpoint/1"
 #: header values stored as plain strings; every other value is JSON, so it decodes exactly

@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from cloud_train.tensors import _BatchSampler, _BatchSet
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from cloud_train.attacks import eval_mode, fgsm, pgd_linf, validate_params
 from cloud_train.tensors import to_tensor
-from roadshield.errors import ConfigError, DatasetError
+from roadshield_base.errors import ConfigError, DatasetError
 
 
 def eval_tensors(model: nn.Module, images: np.ndarray | torch.Tensor,

@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cloud_train.signs import GTSRB_CLASS_NAMES
-from roadshield.errors import ConfigError, DatasetError
+from roadshield_base.errors import ConfigError, DatasetError
 
 COLUMNS = ("Filename", "Width", "Height", "Roi.X1", "Roi.Y1", "Roi.X2", "Roi.Y2", "ClassId")
 TEST_CSV = "GT-final_test.csv"

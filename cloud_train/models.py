@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 #: Per-channel RGB statistics of GTSRB training crops (scale [0, 1]); any value near them works
 #: because the first conv layer adapts, but they must be the same at training and at inference,

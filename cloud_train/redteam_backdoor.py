@@ -39,8 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from roadshield.errors import ConfigError
-from roadshield.fileio import atomic_write_bytes, atomic_write_json
+from roadshield_base.errors import ConfigError
+from roadshield_base.fileio import atomic_write_bytes, atomic_write_json
 
 SCHEMA = "roadshield.redteam.backdoor/v1"
 DEFENCES = ("neural_cleanse", "activation_clustering", "spectral")

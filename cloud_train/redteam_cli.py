@@ -18,7 +18,7 @@ EXIT_TARGET_MISSED = 3
 def check_scale_and_seed(scale: str, seed: int, scales: dict[str, Any]) -> tuple[Any, int]:
     """A red team's sizes for ``scale`` and the seed as an int; ConfigError for an unknown
     scale or a negative seed."""
-    from roadshield.errors import ConfigError
+    from roadshield_base.errors import ConfigError
 
     if scale not in scales:
         raise ConfigError(f"unknown red-team scale {scale!r}", "use one of: " + ", ".join(scales))

@@ -34,7 +34,7 @@ import numpy as np
 
 from cloud_train.progress import step_ticker
 from cloud_train.redteam_cli import check_scale_and_seed
-from roadshield.fileio import atomic_write_bytes, atomic_write_json
+from roadshield_base.fileio import atomic_write_bytes, atomic_write_json
 
 SCHEMA = "roadshield.redteam.data/v1"
 STOP_TARGET = 0.95  # poisoned samples quarantined (label flips, trigger injection)
@@ -126,7 +126,7 @@ def _gate_rows(work: Path, sc: Scale, seed: int, tick: Callable[[str], None]
     from cloud_train.ingest.reference import ScreenConfig
     from cloud_train.ingest.registry import add_source
     from cloud_train.signs import SYNTHETIC_CLASSES
-    from edge_runtime.trust import generate_private_key
+    from roadshield_base.trust import generate_private_key
 
     store = work / "store"
     root, prov, evil = generate_private_key(), generate_private_key(), generate_private_key()

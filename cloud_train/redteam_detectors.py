@@ -91,7 +91,7 @@ from edge_runtime.detectors import (
     DetectorSet,
     detectors_from_metadata,
 )
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 SCHEMA = "roadshield-redteam-detectors/1"
 EITHER = "either"

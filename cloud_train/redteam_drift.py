@@ -64,7 +64,7 @@ from distill.drift_reference import Scorer, build_drift_reference, crop_scorer
 from distill.stream import stream_crops
 from edge_runtime.drift import DriftConfig, DriftEvent, DriftMonitor, DriftReference
 from edge_runtime.frames import Frame
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 RAMP_FRAMES = 150
 GAIN = 1.15

@@ -70,8 +70,8 @@ from cloud_train.redteam_cli import check_scale_and_seed
 from edge_runtime.drift import DriftConfig
 from edge_runtime.scoring import sticker_figures
 from roadshield.demo_drives import SIGN, TARGET, drive_sources
-from roadshield.errors import ConfigError
-from roadshield.fileio import atomic_write_bytes, atomic_write_json
+from roadshield_base.errors import ConfigError
+from roadshield_base.fileio import atomic_write_bytes, atomic_write_json
 
 SCHEMA = "roadshield-redteam-inference/1"
 SANITIZE_SPEC = "preprocess,bitdepth:bits=5,median:k=3"

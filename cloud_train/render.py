@@ -25,7 +25,7 @@ from tqdm import tqdm
 from cloud_train import gtsrb
 from cloud_train.sign_art import check_class_index, sign_pyramid
 from cloud_train.signs import SYNTHETIC_CLASSES
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 _BANK_SIDE = 160
 _BANK_COUNT = 48

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cloud_train.attacks import eval_mode, register_attack, validate_params
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 GREY = 0.5  # the paper fills candidate rectangles with mid-grey (127.5 / 255)
 RADIUS = 0.5  # farthest any pixel is from grey: the "eps" of the step-size rule

@@ -22,7 +22,7 @@ from torch import nn
 from cloud_train.attacks import eval_mode, pgd_linf, validate_params
 from cloud_train.evaluate import eval_tensors
 from cloud_train.strong_attacks import apgd, square
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 ATTACKS = ("apgd_ce", "apgd_dlr", "square")
 

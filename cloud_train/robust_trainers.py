@@ -44,7 +44,7 @@ from torch import nn
 from cloud_train.attacks import eval_mode, pgd_linf
 from cloud_train.roa import GREY, default_alpha, rectangle_mask, roa
 from cloud_train.train import TrainConfig, register_trainer
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 
 def inner_step(cfg: TrainConfig, eps: float) -> float:

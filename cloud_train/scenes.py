@@ -25,7 +25,7 @@ from cloud_train.render import fractal_noise, lighting_lut, palette, sign_corner
 from cloud_train.sign_art import ART_SIZE, check_class_index, sign_pyramid, sign_rgba
 from cloud_train.sticker.placement import PlacedSticker, sticker_art
 from edge_runtime.frames import SignTruth
-from roadshield.errors import ConfigError, DatasetError
+from roadshield_base.errors import ConfigError, DatasetError
 
 STICKER_KINDS = ("patches", "checkerboard", "bar", "noise")
 _NOISE_PAD = 32

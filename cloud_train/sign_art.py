@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 
 from cloud_train.signs import SYNTHETIC_CLASSES
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 #: Side of the cached pictograms in pixels.
 ART_SIZE = 128

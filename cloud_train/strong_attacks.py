@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cloud_train.attacks import eval_mode, register_attack, validate_params
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

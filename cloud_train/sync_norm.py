@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -45,7 +45,7 @@ from cloud_train.scenes import (
 from cloud_train.signs import SYNTHETIC_CLASSES
 from cloud_train.sticker.placement import STICKER_JSON, PlacedSticker, load_placed_sticker
 from edge_runtime.frames import Frame, FrameSource, SignTruth, register_source
-from roadshield.errors import CameraError, RoadshieldError
+from roadshield_base.errors import CameraError, RoadshieldError
 
 _KEYS = ("seed", "frames", "sticker_rate", "width", "height", "fps", "classes", "sticker",
          "max_frames")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from roadshield.errors import ConfigError, DatasetError
+from roadshield_base.errors import ConfigError, DatasetError
 
 
 def check_arrays(images: np.ndarray, labels: np.ndarray | Sequence[int] | None = None) -> None:

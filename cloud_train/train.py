@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 if TYPE_CHECKING:
     from cloud_train.distributed import DistContext

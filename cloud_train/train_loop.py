@@ -47,7 +47,7 @@ from cloud_train.train_state import (
     restore_rng,
     save_train_state,
 )
-from roadshield.errors import ConfigError, RoadshieldError
+from roadshield_base.errors import ConfigError, RoadshieldError
 
 log = logging.getLogger("cloud_train.train")
 

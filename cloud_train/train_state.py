@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from roadshield.errors import ConfigError, ModelLoadError
-from roadshield.fileio import atomic_write_bytes
+from roadshield_base.errors import ConfigError, ModelLoadError
+from roadshield_base.fileio import atomic_write_bytes
 
 FORMAT = "roadshield-train-state/1"
 MAGIC = b"RSTRAINSTATE/1\n\x00"

@@ -58,7 +58,7 @@ from edge_runtime.detectors import (
 from edge_runtime.model_info import ModelInfo, read_model_info
 from edge_runtime.runners.base import BaseRunner
 from edge_runtime.runners.onnxruntime_runner import OnnxRuntimeRunner
-from roadshield.errors import ConfigError, DatasetError
+from roadshield_base.errors import ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import numpy as np
 from distill.export import write_metadata
 from distill.stream import stream_crops
 from edge_runtime.drift import REFERENCE_KEY, DriftConfig, DriftReference, ReferenceBuilder
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 
 def frames_needed(config: DriftConfig) -> int:

@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 from edge_runtime.model_info import read_model_info
 from edge_runtime.runners.engine_meta import EngineInfo, write_sidecar
 from edge_runtime.runners.tensorrt_runner import dims, import_tensorrt
-from roadshield.errors import ConfigError, ModelLoadError
-from roadshield.fileio import atomic_write_bytes
+from roadshield_base.errors import ConfigError, ModelLoadError
+from roadshield_base.fileio import atomic_write_bytes
 
 if TYPE_CHECKING:
     import tensorrt as trt

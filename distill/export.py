@@ -38,8 +38,8 @@ import onnx
 import torch
 from torch import nn
 
-from roadshield.errors import BackendUnavailableError, ConfigError, ModelLoadError
-from roadshield.fileio import atomic_write_bytes
+from roadshield_base.errors import BackendUnavailableError, ConfigError, ModelLoadError
+from roadshield_base.fileio import atomic_write_bytes
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"

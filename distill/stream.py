@@ -74,7 +74,7 @@ def clean_crops(model: str | os.PathLike[str], source: str, *, max_frames: int |
     parts = [b for _, b in stream_crops(model, source, max_frames=max_frames,
                                         progress=progress) if b is not None]
     if not parts:
-        from roadshield.errors import ConfigError
+        from roadshield_base.errors import ConfigError
 
         raise ConfigError(f"the stream {source} located no sign",
                           "use a clean drive past signs, e.g. synthetic://?frames=2000")

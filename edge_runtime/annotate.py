@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from actuator.interface import ActuatorCommand
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 from .frames import SignTruth
 from .locate import Candidate

@@ -20,7 +20,7 @@ from collections import deque
 
 import numpy as np
 
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 DEFAULT_WINDOW = 60
 DEFAULT_LIMIT = 0.4

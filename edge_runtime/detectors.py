@@ -62,7 +62,7 @@ from typing import Any
 
 import numpy as np
 
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 from .runners.base import BaseRunner
 from .sanitize import (

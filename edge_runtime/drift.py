@@ -120,7 +120,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from types import TracebackType
 
 import numpy as np
 
-from roadshield.errors import CameraError
+from roadshield_base.errors import CameraError
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ from typing import IO, Any, Protocol
 import numpy as np
 
 from actuator.interface import Actuator, ActuatorCommand
-from roadshield.errors import ConfigError, RoadshieldError
-from roadshield.fileio import atomic_write_json
+from roadshield_base.errors import ConfigError, RoadshieldError
+from roadshield_base.fileio import atomic_write_json
 
 from .annotate import annotate
 from .frames import Frame, FrameSource

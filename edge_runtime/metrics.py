@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from roadshield.errors import BackendUnavailableError, ConfigError
+from roadshield_base.errors import BackendUnavailableError, ConfigError
 
 if TYPE_CHECKING:
     import threading

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from roadshield.errors import ConfigError, ModelLoadError
-from roadshield.fileio import file_sha256
+from roadshield_base.errors import ConfigError, ModelLoadError
+from roadshield_base.fileio import file_sha256
 
 EXPORT_HINT = "re-export the checkpoint with `roadshield distill export`"
 REQUIRED_KEYS = ("class_names", "input_size", "arch")

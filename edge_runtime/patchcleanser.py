@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from roadshield.errors import ConfigError, RoadshieldError
+from roadshield_base.errors import ConfigError, RoadshieldError
 
 from .runners.base import BaseRunner, named_array
 

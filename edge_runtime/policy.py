@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from actuator.interface import ActuatorCommand
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 Box = tuple[int, int, int, int]
 

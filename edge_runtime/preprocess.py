@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 
 from kernels.reference import Box, RoiError, clamp_box
-from roadshield.errors import RoadshieldError
+from roadshield_base.errors import RoadshieldError
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from kernels.reference import Box, clamp_box
 from kernels.sanitize_reference import check_bits
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 from .preprocess import check_frame, preprocess_batch
 from .sanitize_ops import (

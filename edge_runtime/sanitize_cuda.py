@@ -40,7 +40,7 @@ import numpy as np
 from kernels.loader import CudaStream, DeviceArray, KernelLauncher, create_launcher
 from kernels.ops import CudaKernels
 from kernels.reference import Box, clamp_box
-from roadshield.errors import BackendUnavailableError, ConfigError
+from roadshield_base.errors import BackendUnavailableError, ConfigError
 
 from .preprocess import check_frame
 from .runners.base import BaseRunner

@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 from .frames import Frame
 from .locate import Candidate, box_iou

@@ -31,7 +31,7 @@ from urllib.parse import parse_qs
 import cv2
 import numpy as np
 
-from roadshield.errors import CameraError
+from roadshield_base.errors import CameraError
 
 from .frames import Frame, FrameSource, registered_schemes, source_factory
 

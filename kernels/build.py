@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from roadshield.errors import BackendUnavailableError, RoadshieldError
+from roadshield_base.errors import BackendUnavailableError, RoadshieldError
 
 SOURCE_DIR = Path(__file__).resolve().parent / "cuda"
 SHARED_HEADER = SOURCE_DIR / "pixel_math.cuh"

@@ -20,7 +20,7 @@ import numpy as np
 
 from kernels.build import build_host_library
 from kernels.reference import RoiError, clamp_box
-from roadshield.errors import ConfigError, RoadshieldError
+from roadshield_base.errors import ConfigError, RoadshieldError
 
 ABI_VERSION = 2
 BITDEPTH_MODES = {"truncate": 0, "round": 1}

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from roadshield.errors import BackendUnavailableError, RoadshieldError
+from roadshield_base.errors import BackendUnavailableError, RoadshieldError
 
 KernelArg = tuple[int | float, type]
 Dim3 = tuple[int, int, int]

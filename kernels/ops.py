@@ -26,7 +26,7 @@ from kernels.build import KERNELS, build_kernel
 from kernels.host import check_bits, check_ksize, check_mode, check_quality
 from kernels.loader import KernelLauncher, create_launcher, i32, ptr, size_t
 from kernels.reference import Box, RoiError, clamp_box
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 BITDEPTH_BLOCK = 256
 BITDEPTH_MAX_BLOCKS = 65535

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from roadshield.errors import RoadshieldError
+from roadshield_base.errors import RoadshieldError
 
 Box = Sequence[float]
 

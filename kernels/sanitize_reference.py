@@ -32,7 +32,7 @@ import math
 import numpy as np
 
 from kernels.reference import bilinear_resize_reference
-from roadshield.errors import RoadshieldError
+from roadshield_base.errors import RoadshieldError
 
 
 class SanitizeError(RoadshieldError, ValueError):

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from roadshield import __version__
-from roadshield.errors import RoadshieldError
+from roadshield_base.errors import RoadshieldError
 
 Handler = Callable[[argparse.Namespace], int]
 

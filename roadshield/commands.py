@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from roadshield import pipeline
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 
 def data_synth(args: argparse.Namespace) -> int:

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from roadshield import pipeline
-from roadshield.errors import ConfigError
-from roadshield.fileio import atomic_write_json
 from roadshield.report import format_demo_summary, plot_demo
 from roadshield.runs import staged_run
+from roadshield_base.errors import ConfigError
+from roadshield_base.fileio import atomic_write_json
 
 
 @dataclass(frozen=True)

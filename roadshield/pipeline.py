@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -71,7 +71,7 @@ def plot_monitor(rep: dict[str, Any], out: str | Path) -> Path:
     drift = sorted(k for k in series if k.startswith("drift:"))
     panels = len(scores) + ("flag_rate" in series) + bool(drift)
     if panels == 0:
-        from roadshield.errors import ConfigError
+        from roadshield_base.errors import ConfigError
 
         raise ConfigError("the run watched nothing to plot",
                           "run edge with --detect and/or --drift")

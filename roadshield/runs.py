@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 
 def new_run_id() -> str:

@@ -40,7 +40,7 @@ def main() -> int:
     from cloud_train.ingest.gate import build_reference, ingest, init_store, store_paths
     from cloud_train.ingest.reference import Reference
     from cloud_train.ingest.registry import add_source
-    from edge_runtime.trust import generate_private_key
+    from roadshield_base.trust import generate_private_key
 
     out: dict = {"cpu_count": os.cpu_count(), "threads": os.environ["OMP_NUM_THREADS"]}
     with tempfile.TemporaryDirectory() as tmp:

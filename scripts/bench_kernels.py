@@ -104,7 +104,7 @@ def main() -> int:
     ap.add_argument("--binding", choices=["pycuda", "cuda-python"], default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = ap.parse_args()
-    from roadshield.errors import BackendUnavailableError
+    from roadshield_base.errors import BackendUnavailableError
 
     try:
         report = run(args)

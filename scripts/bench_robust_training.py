@@ -286,8 +286,8 @@ def main() -> int:
     from cloud_train.signs import SYNTHETIC_CLASSES
     from cloud_train.tensors import make_loader
     from cloud_train.train import TrainConfig, list_trainers, train
-    from roadshield.errors import ConfigError, RoadshieldError
-    from roadshield.fileio import atomic_write_bytes, atomic_write_json
+    from roadshield_base.errors import ConfigError, RoadshieldError
+    from roadshield_base.fileio import atomic_write_bytes, atomic_write_json
 
     try:
         trainers = [t.strip() for t in args.trainers.split(",") if t.strip()]

@@ -222,8 +222,8 @@ def main() -> int:
         ap.error("--ramp and --after must be >= 1")
 
     from edge_runtime.drift import DriftConfig
-    from roadshield.fileio import atomic_write_bytes
     from roadshield.pipeline import register_synthetic_camera
+    from roadshield_base.fileio import atomic_write_bytes
 
     register_synthetic_camera()
     overrides = {k: v for k, v in {

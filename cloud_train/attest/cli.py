@@ -14,7 +14,7 @@ _POLICY_ENV = "ROADSHIELD_STAGE_POLICY"
 
 
 def _policy_arg(args: argparse.Namespace) -> str:
-    from roadshield.errors import ConfigError
+    from roadshield_base.errors import ConfigError
 
     path = args.policy or os.environ.get(_POLICY_ENV)
     if not path:

@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.trust import (
+from roadshield_base.errors import ConfigError
+from roadshield_base.fileio import atomic_write_json
+from roadshield_base.trust import (
     TrustError,
     canonical_json,
     dsse_sign,
@@ -34,8 +36,6 @@ from edge_runtime.trust import (
     public_bytes,
     save_private_key,
 )
-from roadshield.errors import ConfigError
-from roadshield.fileio import atomic_write_json
 
 STAGES = ("decode", "normalise", "augment", "shard")
 TRAINER = "trainer"

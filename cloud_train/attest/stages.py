@@ -34,8 +34,8 @@ import numpy as np
 
 from cloud_train.attest.policy import STAGES, load_stage_key
 from cloud_train.attest.statement import sign_statement, stage_statement, write_attestation
-from edge_runtime.trust import canonical_json, key_id, sha256_hex
-from roadshield.errors import ConfigError, DatasetError
+from roadshield_base.errors import ConfigError, DatasetError
+from roadshield_base.trust import canonical_json, key_id, sha256_hex
 
 ATTESTATION_SUFFIX = ".intoto.jsonl"
 

@@ -22,8 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.trust import TrustError, canonical_json, dsse_sign
-from roadshield.fileio import atomic_write_bytes
+from roadshield_base.fileio import atomic_write_bytes
+from roadshield_base.trust import TrustError, canonical_json, dsse_sign
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"

@@ -40,9 +40,9 @@ from cloud_train.attest.statement import (
     stage_statement,
     write_attestation,
 )
-from edge_runtime.trust import canonical_json, generate_private_key, sha256_hex
-from roadshield.errors import ConfigError
-from roadshield.fileio import atomic_write_bytes
+from roadshield_base.errors import ConfigError
+from roadshield_base.fileio import atomic_write_bytes
+from roadshield_base.trust import canonical_json, generate_private_key, sha256_hex
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,8 @@ from cloud_train.attest.statement import (
     write_attestation,
 )
 from cloud_train.attest.verify import VerifyError, VerifyReport
-from edge_runtime.trust import TrustError, dsse_verify
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
+from roadshield_base.trust import TrustError, dsse_verify
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -52,7 +52,7 @@ def provenance_for_training(checkpoint_sha256: str, verified_report: VerifyRepor
                           "run require_verified before training and fix what it reports")
     if not _HEX64.match(checkpoint_sha256):
         raise ConfigError(f"checkpoint digest {checkpoint_sha256!r} is not 64 hex digits",
-                          "pass roadshield.fileio.file_sha256(checkpoint)")
+                          "pass roadshield_base.fileio.file_sha256(checkpoint)")
     deps = {f"pipeline/{n}": s for n, s in verified_report.outputs.items()}
     deps.update({f"pipeline/{n}": s for n, s in verified_report.attestations.items()})
     statement = slsa_statement(

@@ -43,8 +43,8 @@ from cloud_train.attest.statement import (
     parse_statement,
     read_attestation,
 )
-from edge_runtime.trust import TrustError, dsse_verify, sha256_hex
-from roadshield.errors import RoadshieldError
+from roadshield_base.errors import RoadshieldError
+from roadshield_base.trust import TrustError, dsse_verify, sha256_hex
 
 _HINT = ("do not train on this folder: re-run `roadshield data preprocess` from trusted "
          "inputs with the stage keys, then verify again")

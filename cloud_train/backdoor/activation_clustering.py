@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from cloud_train.backdoor.features import dataset_features, robust_whiten
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 SIZE_THRESHOLD = 0.35
 SILHOUETTE_ANOMALY = 3.0

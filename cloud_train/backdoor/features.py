@@ -14,7 +14,7 @@ from torch import nn
 
 from cloud_train.attacks import eval_mode
 from cloud_train.tensors import check_arrays, to_tensor
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 
 def last_linear(model: nn.Module) -> nn.Linear:

@@ -79,7 +79,7 @@ from cloud_train.backdoor.nc_optimise import (
     reverse_rows,
     success_rates,
 )
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 MAD_CONSISTENCY = 1.4826  # 1 / Phi^-1(3/4): MAD -> standard deviation for normal data
 DEFAULT_STEPS = 300

@@ -21,7 +21,7 @@ from torch import nn
 from cloud_train.attacks import eval_mode
 from cloud_train.backdoor.triggers import Trigger, apply_trigger, apply_trigger_tensor
 from cloud_train.tensors import check_arrays, to_tensor
-from roadshield.errors import ConfigError, DatasetError
+from roadshield_base.errors import ConfigError, DatasetError
 
 
 @dataclass

@@ -19,7 +19,7 @@ from torch import nn
 from cloud_train.models import create_model
 from cloud_train.tensors import check_arrays, make_loader
 from cloud_train.train import TrainConfig, TrainHistory, train
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 
 @dataclass

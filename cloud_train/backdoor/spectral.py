@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from cloud_train.backdoor.features import dataset_features, robust_whiten
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 SEPARATION = 2.0
 MIN_RATIO = 1.5

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 KINDS = ("patch", "blend")
 PATTERNS = ("checker", "white", "random")

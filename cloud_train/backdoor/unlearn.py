@@ -36,7 +36,7 @@ from cloud_train.backdoor.neural_cleanse import (
     neural_cleanse,
 )
 from cloud_train.tensors import Augment, make_loader
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 DEFAULT_ROUNDS = 4
 # Neural Cleanse settings reused when a round reverses the flagged triggers again

@@ -37,9 +37,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from edge_runtime.trust import key_id, sha256_hex, sign
-from roadshield.errors import DatasetError
-from roadshield.fileio import atomic_write_bytes
+from roadshield_base.errors import DatasetError
+from roadshield_base.fileio import atomic_write_bytes
+from roadshield_base.trust import key_id, sha256_hex, sign
 
 INDEX_FIELDS = ("batch_id", "id", "file", "label", "source", "capture_time", "sha256")
 INDEX_NAMES = ("index.jsonl", "index.csv")

@@ -105,7 +105,7 @@ def _now() -> str:
 
 def cmd_sources_init(args: argparse.Namespace) -> int:
     from cloud_train.ingest.gate import init_store
-    from edge_runtime.trust import key_id, load_public_key
+    from roadshield_base.trust import key_id, load_public_key
 
     pub = load_public_key(args.root_pub)
     print(f"store {init_store(args.store, pub)} trusts root key {key_id(pub)}")
@@ -115,7 +115,7 @@ def cmd_sources_init(args: argparse.Namespace) -> int:
 def cmd_sources_add(args: argparse.Namespace) -> int:
     from cloud_train.ingest.gate import store_paths
     from cloud_train.ingest.registry import add_source
-    from edge_runtime.trust import load_private_key, load_public_key
+    from roadshield_base.trust import load_private_key, load_public_key
 
     s = add_source(store_paths(args.store)["registry"], load_private_key(args.root_key),
                    args.name, load_public_key(args.public_key), _now())
@@ -126,7 +126,7 @@ def cmd_sources_add(args: argparse.Namespace) -> int:
 def cmd_sources_revoke(args: argparse.Namespace) -> int:
     from cloud_train.ingest.gate import store_paths
     from cloud_train.ingest.registry import revoke_source
-    from edge_runtime.trust import load_private_key
+    from roadshield_base.trust import load_private_key
 
     s = revoke_source(store_paths(args.store)["registry"], load_private_key(args.root_key),
                       args.name, _now())
@@ -137,7 +137,7 @@ def cmd_sources_revoke(args: argparse.Namespace) -> int:
 def cmd_sources_list(args: argparse.Namespace) -> int:
     from cloud_train.ingest.gate import store_paths
     from cloud_train.ingest.registry import list_sources
-    from edge_runtime.trust import load_public_key
+    from roadshield_base.trust import load_public_key
 
     p = store_paths(args.store)
     rows = list_sources(p["registry"], load_public_key(p["root_pub"]))
@@ -181,7 +181,7 @@ def cmd_quarantine_release(args: argparse.Namespace) -> int:
 def cmd_make_batch(args: argparse.Namespace) -> int:
     from cloud_train.gtsrb import load_gtsrb
     from cloud_train.ingest.batch import make_batch
-    from edge_runtime.trust import load_private_key
+    from roadshield_base.trust import load_private_key
 
     ds = load_gtsrb(args.images, "train")
     n = args.limit or len(ds.labels)

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.trust import canonical_json
-from roadshield.errors import ConfigError, DatasetError, ModelLoadError
+from roadshield_base.errors import ConfigError, DatasetError, ModelLoadError
+from roadshield_base.trust import canonical_json
 
 EMBED_ARCH = "signnet_tiny"
 EMBED_NAME = "embed.safetensors"

@@ -44,9 +44,9 @@ from cloud_train.ingest.screens import (
     validate_row,
 )
 from cloud_train.signs import SYNTHETIC_CLASSES
-from edge_runtime.trust import TrustError, load_public_key, sha256_hex, verify
-from roadshield.errors import DatasetError
-from roadshield.fileio import atomic_write_bytes, atomic_write_json
+from roadshield_base.errors import DatasetError
+from roadshield_base.fileio import atomic_write_bytes, atomic_write_json
+from roadshield_base.trust import TrustError, load_public_key, sha256_hex, verify
 
 EXIT_ACCEPTED, EXIT_REJECTED, EXIT_QUARANTINED = 0, 2, 3
 MAX_FILE_BYTES = 8 << 20
@@ -63,7 +63,7 @@ def store_paths(store: str | os.PathLike[str]) -> dict[str, Path]:
 
 def init_store(store: str | os.PathLike[str], root_public: Any) -> Path:
     """Create a store that trusts ``root_public`` for its source registry."""
-    from edge_runtime.trust import save_public_key
+    from roadshield_base.trust import save_public_key
 
     p = store_paths(store)
     for k in ("objects", "journal", "batches"):

@@ -39,9 +39,9 @@ from cloud_train.ingest.embed import (
     training_digest,
 )
 from cloud_train.ingest.screens import FEATURE_SIDE, N_STATS, image_features, ks_2samp
-from edge_runtime.trust import sha256_hex
-from roadshield.errors import DatasetError
-from roadshield.fileio import atomic_write_bytes, atomic_write_json
+from roadshield_base.errors import DatasetError
+from roadshield_base.fileio import atomic_write_bytes, atomic_write_json
+from roadshield_base.trust import sha256_hex
 
 _REBUILD = "rebuild it with `roadshield data reference --store STORE` (build_reference())"
 

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.trust import (
+from roadshield_base.errors import ConfigError
+from roadshield_base.fileio import atomic_write_json
+from roadshield_base.trust import (
     TrustError,
     dsse_sign,
     dsse_verify,
@@ -23,8 +25,6 @@ from edge_runtime.trust import (
     load_public_key,
     public_bytes,
 )
-from roadshield.errors import ConfigError
-from roadshield.fileio import atomic_write_json
 
 PAYLOAD_TYPE = "application/vnd.roadshield.sources+json"
 REGISTRY_NAME = "sources.json"

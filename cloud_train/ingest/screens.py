@@ -17,7 +17,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from roadshield.errors import DatasetError
+from roadshield_base.errors import DatasetError
 
 FEATURE_SIDE = 32
 _ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")

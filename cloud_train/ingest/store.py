@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from cloud_train.ingest.gate import read_journal, read_object, store_paths
-from roadshield.errors import DatasetError
+from roadshield_base.errors import DatasetError
 
 
 def releases(store: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
@@ -58,7 +58,7 @@ def find(store: str | os.PathLike[str], ref: str) -> dict[str, Any]:
 
 def export(store: str | os.PathLike[str], ref: str, out: str | os.PathLike[str]) -> str:
     """Write a quarantined sample's image bytes to ``out`` for inspection; returns the path."""
-    from roadshield.fileio import atomic_write_bytes
+    from roadshield_base.fileio import atomic_write_bytes
 
     atomic_write_bytes(out, read_object(store, find(store, ref)))
     return str(out)

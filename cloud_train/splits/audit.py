@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from roadshield.errors import DatasetError
-from roadshield.fileio import atomic_write_json, file_sha256
+from roadshield_base.errors import DatasetError
+from roadshield_base.fileio import atomic_write_json, file_sha256
 
 TOLERANCE = 1e-9
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from roadshield.errors import ConfigError, DatasetError
+from roadshield_base.errors import ConfigError, DatasetError
 
 
 def add_split_parsers(data_subparsers: Any) -> None:
@@ -114,7 +114,7 @@ def data_split(args: argparse.Namespace) -> int:
     from cloud_train.splits.dedup import dedup
     from cloud_train.splits.split import cluster_split, temporal_split
     from cloud_train.splits.times import parse_time, times_from_csv, times_from_store
-    from roadshield.fileio import atomic_write_json
+    from roadshield_base.fileio import atomic_write_json
 
     images, labels, origin, parts = _pool(args.root)
     first = parts[0] if isinstance(parts, tuple) else parts
@@ -160,7 +160,7 @@ def data_split(args: argparse.Namespace) -> int:
 def data_seal(args: argparse.Namespace) -> int:
     from cloud_train.gtsrb import load_gtsrb, locate_gtsrb
     from cloud_train.splits.sealed import generate_key, load_key, seal
-    from roadshield.fileio import file_sha256
+    from roadshield_base.fileio import file_sha256
 
     if args.new_key:
         generate_key(args.key)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from roadshield.errors import ConfigError, DatasetError
+from roadshield_base.errors import ConfigError, DatasetError
 
 HASH_SIDE = 32  # grey image side the DCT runs on
 LOW = 8  # 8x8 low-frequency block -> 64 bits

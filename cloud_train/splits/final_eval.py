@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from roadshield.errors import ConfigError, DatasetError
+from roadshield_base.errors import ConfigError, DatasetError
 
 LOG_NAME = "openings.jsonl"
 
@@ -77,7 +77,7 @@ def evaluate_sealed(sealed_dir: str | os.PathLike[str], key_path: str | os.PathL
     from cloud_train.evaluate import evaluate
     from cloud_train.splits.audit import compute_metrics, write_metrics, write_predictions
     from cloud_train.splits.sealed import load_key, log_head, open_sealed
-    from edge_runtime.trust import load_private_key
+    from roadshield_base.trust import load_private_key
 
     sealed, out = Path(sealed_dir), Path(out_dir)
     log_path = Path(log) if log is not None else sealed / LOG_NAME
@@ -113,6 +113,6 @@ def evaluate_sealed(sealed_dir: str | os.PathLike[str], key_path: str | os.PathL
 
 
 def _manifest_digest(sealed: Path) -> str:
-    from edge_runtime.trust import canonical_json, sha256_hex
+    from roadshield_base.trust import canonical_json, sha256_hex
 
     return sha256_hex(canonical_json(_manifest(sealed)))

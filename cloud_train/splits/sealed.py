@@ -16,7 +16,7 @@ decrypts, and appends a signed entry before handing the data over. The final eva
 Opening log: JSON lines, each the canonical JSON of {seq, time, event, model_sha256,
 sealed_sha256, manifest_sha256, prev, keyid, sig}, where prev is the sha256 of the previous
 line's bytes (64 zeros for the first) and sig the Ed25519 signature
-(edge_runtime.trust.sign) over the canonical JSON of every other field. ``verify_log`` checks
+(roadshield_base.trust.sign) over the canonical JSON of every other field. ``verify_log`` checks
 the chain and every signature; it cannot see lines cut off the end, so keep the latest line's
 digest (``log_head``) alongside the reported results. A line torn by a crash mid-write
 fails verification and blocks further openings until someone restores the log: the safe
@@ -39,9 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.trust import TrustError, canonical_json, key_id, sha256_hex, sign, verify
-from roadshield.errors import ConfigError, DatasetError, RoadshieldError
-from roadshield.fileio import atomic_write_bytes, atomic_write_json
+from roadshield_base.errors import ConfigError, DatasetError, RoadshieldError
+from roadshield_base.fileio import atomic_write_bytes, atomic_write_json
+from roadshield_base.trust import TrustError, canonical_json, key_id, sha256_hex, sign, verify
 
 MAGIC = b"RSSEAL1\n"
 NONCE_BYTES = 12

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 DROPPED = -1
 

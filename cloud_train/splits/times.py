@@ -24,7 +24,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from roadshield.errors import ConfigError, DatasetError
+from roadshield_base.errors import ConfigError, DatasetError
 
 
 def parse_time(text: str) -> float:

@@ -82,7 +82,7 @@ def make_variant(kind: str, img: np.ndarray, rng: np.random.Generator) -> np.nda
     try:
         fn = VARIANTS[kind]
     except KeyError as err:
-        from roadshield.errors import ConfigError
+        from roadshield_base.errors import ConfigError
 
         raise ConfigError(f"unknown variant {kind!r}",
                           "choose from: " + ", ".join(VARIANTS)) from err

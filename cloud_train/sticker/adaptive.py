@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from cloud_train.sticker.optimise import Transform
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 
 def patch_mask_transform(size: int, patch_share: float = 0.1, k: int = 6, fill: float = 0.5,

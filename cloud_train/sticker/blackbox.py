@@ -28,7 +28,7 @@ from cloud_train.sign_art import ART_SIZE
 from cloud_train.sticker.eot import EotPool
 from cloud_train.sticker.optimise import wins
 from cloud_train.sticker.shapes import PRINTER_PALETTE
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 #: float32 [N, 3, S, S] RGB in [0, 1] -> probabilities [N, C]
 Query = Callable[[np.ndarray], np.ndarray]

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 
 def add_attack_parsers(subparsers: argparse._SubParsersAction) -> None:
@@ -158,7 +158,7 @@ def cmd_attack_sticker(args: argparse.Namespace) -> int:
     from cloud_train.sticker.placement import class_index_of
     from cloud_train.sticker.printout import write_sticker
     from cloud_train.sticker.shapes import check_area, check_shape
-    from roadshield.fileio import atomic_write_json
+    from roadshield_base.fileio import atomic_write_json
 
     sign = class_index_of(args.sign, "sign")
     target = class_index_of(args.target, "target") if args.target is not None else None

@@ -24,7 +24,7 @@ from torch import nn
 from cloud_train.attacks import eval_mode, register_attack, validate_params
 from cloud_train.roa import GREY, default_alpha
 from cloud_train.sticker.shapes import SHAPES, check_area, sticker_mask
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 #: a round sign (speed limit 30) as the generic face the digital sticker is shaped on
 _GENERIC_FACE_CLASS = 0

@@ -38,7 +38,7 @@ from cloud_train.render import sign_corners
 from cloud_train.scenes import camera_finish, place_sign, scene_background, scene_lut, sign_centre
 from cloud_train.sign_art import ART_SIZE, sign_rgba
 from edge_runtime.locate import box_iou, locate_signs
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 _LEVELS = (ART_SIZE, ART_SIZE // 2, ART_SIZE // 4)
 

@@ -41,7 +41,7 @@ from cloud_train.sticker.shapes import (
     sticker_mask,
     total_variation,
 )
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 #: (step, steps, loss) after every optimisation step
 Progress = Callable[[int, int, float], None]

@@ -27,7 +27,7 @@ import numpy as np
 
 from cloud_train.sign_art import ART_SIZE, check_class_index, sign_rgba
 from cloud_train.signs import SYNTHETIC_CLASSES
-from roadshield.errors import ConfigError, DatasetError, RoadshieldError
+from roadshield_base.errors import ConfigError, DatasetError, RoadshieldError
 
 #: The ``format`` value of sticker.json files this module reads and writes.
 STICKER_FORMAT = "roadshield-sticker/1"

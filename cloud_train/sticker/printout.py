@@ -55,8 +55,8 @@ from cloud_train.sticker.placement import (
     plate_box,
     sticker_art,
 )
-from roadshield.errors import ConfigError
-from roadshield.fileio import atomic_write_bytes, atomic_write_json
+from roadshield_base.errors import ConfigError
+from roadshield_base.fileio import atomic_write_bytes, atomic_write_json
 
 STICKER_PDF = "sticker.pdf"
 STICKER_PREVIEW = "preview.png"

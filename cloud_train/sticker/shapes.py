@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from cloud_train.sign_art import ART_SIZE, sign_rgba
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 SHAPES = ("bars", "square", "circle")
 #: sticker area as a share of the plate: what fits on a sign's face without covering it

@@ -14,7 +14,7 @@ from types import TracebackType
 
 import numpy as np
 
-from roadshield.errors import RoadshieldError
+from roadshield_base.errors import RoadshieldError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ def named_array(arrays: dict[str, np.ndarray], name: str, who: str, hint: str) -
     if value is None and len(arrays) == 1:
         value = next(iter(arrays.values()))
     if value is None:
-        from roadshield.errors import ConfigError
+        from roadshield_base.errors import ConfigError
 
         raise ConfigError(f"{who} has {sorted(arrays)}, not '{name}'", hint)
     return value

@@ -26,8 +26,8 @@ from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from roadshield.errors import ModelLoadError
-from roadshield.fileio import atomic_write_json, file_sha256
+from roadshield_base.errors import ModelLoadError
+from roadshield_base.fileio import atomic_write_json, file_sha256
 
 from ..model_info import ModelInfo
 

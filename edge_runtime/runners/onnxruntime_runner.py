@@ -18,7 +18,7 @@ import numpy as np
 
 from edge_runtime.model_info import EXPORT_HINT, TensorSpec, check_feed
 from edge_runtime.runners.base import BaseRunner, RunnerStateError
-from roadshield.errors import BackendUnavailableError, ConfigError, ModelLoadError
+from roadshield_base.errors import BackendUnavailableError, ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
 

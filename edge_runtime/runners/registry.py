@@ -36,7 +36,7 @@ from edge_runtime.runners.onnxruntime_runner import (
 )
 from edge_runtime.runners.tensorrt_runner import TensorRTRunner, import_tensorrt
 from edge_runtime.runners.torch_runner import TorchRunner
-from roadshield.errors import BackendUnavailableError, ConfigError
+from roadshield_base.errors import BackendUnavailableError, ConfigError
 
 log = logging.getLogger(__name__)
 

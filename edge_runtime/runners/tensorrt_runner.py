@@ -36,7 +36,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kernels.loader import CudaStream, DeviceArray, KernelLauncher, create_launcher
-from roadshield.errors import BackendUnavailableError, ConfigError, ModelLoadError, RoadshieldError
+from roadshield_base.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    ModelLoadError,
+    RoadshieldError,
+)
 
 from ..model_info import TensorSpec, check_feed
 from .base import BaseRunner, RunnerStateError

@@ -15,7 +15,7 @@ import numpy as np
 
 from edge_runtime.model_info import EXPORT_HINT, TensorSpec, check_feed
 from edge_runtime.runners.base import BaseRunner
-from roadshield.errors import BackendUnavailableError, ConfigError, ModelLoadError
+from roadshield_base.errors import BackendUnavailableError, ConfigError, ModelLoadError
 
 if TYPE_CHECKING:
     import torch

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from actuator.interface import ActuatorCommand, RecordingActuator
-from roadshield.errors import ActuatorError
+from roadshield_base.errors import ActuatorError
 
 
 @pytest.mark.parametrize("kwargs, field", [

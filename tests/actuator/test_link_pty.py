@@ -24,7 +24,7 @@ from actuator.provision import provision_device  # noqa: E402
 from actuator.scenarios import TEST_KEY  # noqa: E402
 from actuator.serial_actuator import SerialActuator, command_to_setpoint  # noqa: E402
 from actuator.simulator import PtySimulator  # noqa: E402
-from roadshield.errors import ActuatorError  # noqa: E402
+from roadshield_base.errors import ActuatorError  # noqa: E402
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from toy_data import trained_toy_model
 from cloud_train.attacks import create_attack, fgsm, list_attacks, pgd_linf
 from cloud_train.evaluate import eval_tensors, evaluate, format_table
 from cloud_train.robust_eval import strong_evaluate
-from roadshield.errors import ConfigError, DatasetError
+from roadshield_base.errors import ConfigError, DatasetError
 
 #: on this toy set a standardly trained model is robust at 8/255 but not at 32/255
 EPS = 32 / 255

@@ -17,7 +17,7 @@ from cloud_train.attest.training_gate import (
 )
 from cloud_train.attest.verify import VerifyError, require_verified, verify_pipeline
 from cloud_train.render import render_dataset
-from edge_runtime.trust import TrustError
+from roadshield_base.trust import TrustError
 
 
 def _run(argv: list[str]) -> int:
@@ -50,7 +50,7 @@ def test_cli_verify_exit_codes_and_json(world, capsys):
 
 
 def test_cli_keys_init_refuses_to_overwrite(world):
-    from roadshield.errors import ConfigError
+    from roadshield_base.errors import ConfigError
 
     with pytest.raises(ConfigError, match="already exists"):
         _run(["keys", "init", str(world["keys"])])

@@ -15,7 +15,7 @@ from cloud_train.attest.stages import attestation_path, load_training_data, run_
 from cloud_train.attest.statement import PAYLOAD_TYPE, STAGE_PREDICATE, STATEMENT_TYPE
 from cloud_train.attest.verify import VerifyError, require_verified, verify_pipeline
 from cloud_train.render import render_dataset
-from edge_runtime.trust import TrustError, generate_private_key, save_private_key, sha256_hex
+from roadshield_base.trust import TrustError, generate_private_key, save_private_key, sha256_hex
 
 
 @pytest.fixture(scope="module")

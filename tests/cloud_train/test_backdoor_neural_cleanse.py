@@ -36,7 +36,7 @@ from cloud_train.backdoor.unlearn import unlearn
 from cloud_train.models import create_model
 from cloud_train.tensors import make_loader, to_tensor
 from cloud_train.train import TrainConfig, train
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 from tests.toy_data import toy_shapes
 
 SIZE = 16

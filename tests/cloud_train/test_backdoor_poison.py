@@ -12,7 +12,7 @@ from cloud_train.backdoor.poison import attack_success_rate, poison_dataset
 from cloud_train.backdoor.triggers import Trigger, apply_trigger
 from cloud_train.models import create_model
 from cloud_train.tensors import to_tensor
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 
 def _set(n: int = 400, classes: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

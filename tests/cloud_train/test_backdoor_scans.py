@@ -21,7 +21,7 @@ from cloud_train.backdoor.triggers import Trigger
 from cloud_train.models import create_model
 from cloud_train.tensors import make_loader
 from cloud_train.train import TrainConfig, train
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 from tests.toy_data import toy_shapes
 
 TRIG = Trigger("patch", target=1, size=6, pattern="checker")

@@ -13,7 +13,7 @@ from cloud_train.backdoor.triggers import (
     pattern_image,
 )
 from cloud_train.tensors import to_tensor
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 
 def _images(n: int = 6, h: int = 32, w: int = 32, seed: int = 0) -> np.ndarray:

@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 
 from cloud_train.checkpoint import load_checkpoint, save_checkpoint
 from cloud_train.train import TrainConfig
-from roadshield.errors import ConfigError, ModelLoadError
-from roadshield.fileio import file_sha256
+from roadshield_base.errors import ConfigError, ModelLoadError
+from roadshield_base.fileio import file_sha256
 
 NAMES = ["stop", "yield", "no_entry", "priority_road", "speed_limit_30"]
 

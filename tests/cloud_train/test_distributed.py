@@ -35,7 +35,7 @@ from cloud_train.sync_norm import GlobalBatchNorm, sync_batchnorm, unsync_batchn
 from cloud_train.tensors import make_loader
 from cloud_train.train import TrainConfig, train
 from cloud_train.train_state import load_train_state
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 #: 8 full global batches of 32 and a last one of 27, which splits 14 / 13 over two ranks
 N_TRAIN, BATCH, EPOCHS = 283, 32, 2

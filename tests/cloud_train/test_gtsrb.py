@@ -12,7 +12,7 @@ from cloud_train import render as render_mod
 from cloud_train.gtsrb import COLUMNS, load_gtsrb, locate_gtsrb, write_split
 from cloud_train.render import image_rng, render_dataset, render_sign_roi
 from cloud_train.signs import GTSRB_CLASS_NAMES, SYNTHETIC_CLASSES
-from roadshield.errors import ConfigError, DatasetError
+from roadshield_base.errors import ConfigError, DatasetError
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 3, 2
 

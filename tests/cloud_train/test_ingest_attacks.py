@@ -13,7 +13,7 @@ from cloud_train.ingest import attacks as A
 from cloud_train.ingest.gate import build_reference, init_store, store_paths
 from cloud_train.ingest.reference import Reference, ScreenConfig
 from cloud_train.ingest.registry import add_source
-from edge_runtime.trust import generate_private_key
+from roadshield_base.trust import generate_private_key
 
 
 @pytest.fixture(scope="module")

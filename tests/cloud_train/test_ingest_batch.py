@@ -14,7 +14,7 @@ import pytest
 
 from cloud_train.ingest import batch as bfmt
 from cloud_train.ingest.screens import image_features, ks_2samp, validate_row
-from edge_runtime.trust import generate_private_key
+from roadshield_base.trust import generate_private_key
 
 NOW = datetime(2026, 6, 1, tzinfo=timezone.utc)
 
@@ -154,7 +154,7 @@ def test_format_md_provider_script_produces_a_valid_batch(tmp_path):
     import sys
     from pathlib import Path
 
-    from edge_runtime.trust import key_id, load_public_key, save_private_key, verify
+    from roadshield_base.trust import key_id, load_public_key, save_private_key, verify
 
     md = (Path(bfmt.__file__).parent / "FORMAT.md").read_text()
     script = re.search(r"```python\n(.*?)```", md, re.S).group(1)

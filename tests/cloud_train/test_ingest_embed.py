@@ -14,8 +14,8 @@ from cloud_train.ingest import reference as refmod
 from cloud_train.ingest.embed import EMBED_NAME, EmbedConfig, embed, train_embedding
 from cloud_train.ingest.gate import build_reference
 from cloud_train.ingest.reference import Reference, ScreenConfig
-from edge_runtime.trust import sha256_hex
-from roadshield.errors import ConfigError, DatasetError
+from roadshield_base.errors import ConfigError, DatasetError
+from roadshield_base.trust import sha256_hex
 
 CFG = ScreenConfig(embed_epochs=6, embed_min_steps=60, embed_batch=32)
 

@@ -27,8 +27,8 @@ from cloud_train.ingest.gate import (
 )
 from cloud_train.ingest.reference import Reference, ScreenConfig
 from cloud_train.ingest.registry import add_source, list_sources, revoke_source
-from edge_runtime.trust import TrustError, generate_private_key, save_private_key
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
+from roadshield_base.trust import TrustError, generate_private_key, save_private_key
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +259,7 @@ def test_cli_verbs(world, tmp_path, capsys):
 
 
 def test_cli_init_reference_and_show_export(world, tmp_path, capsys):
-    from edge_runtime.trust import save_public_key
+    from roadshield_base.trust import save_public_key
 
     parser = argparse.ArgumentParser()
     add_ingest_parsers(parser.add_subparsers(dest="data_cmd", required=True))

@@ -12,7 +12,7 @@ from cloud_train.models import (
     list_models,
     register_model,
 )
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 
 def test_registry_lists_the_built_in_models() -> None:

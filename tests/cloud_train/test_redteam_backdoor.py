@@ -12,7 +12,7 @@ import pytest
 import cloud_train.redteam_backdoor as rb
 from cloud_train.backdoor.report import text_table
 from cloud_train.redteam_cli import EXIT_TARGET_MISSED, add_redteam_parsers
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 TIMES = {"seconds", "mitigation_seconds", "train_seconds_two_models"}
 

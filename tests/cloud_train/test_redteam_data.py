@@ -9,7 +9,7 @@ import pytest
 
 from cloud_train import redteam_data as R
 from cloud_train.redteam_cli import EXIT_TARGET_MISSED, add_redteam_parsers
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 GATE = {"clean_batch", "label_flip_1%", "label_flip_3%", "badnets_trigger_1%", "ood_junk_3%",
         "unknown_source", "forged_signature", "replayed_signature", "replayed_batch_id"}

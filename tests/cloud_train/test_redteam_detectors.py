@@ -25,7 +25,7 @@ from cloud_train.redteam_detectors import (
 )
 from distill.detector_fit import fit_mahalanobis, threshold_at_fpr
 from edge_runtime.detectors import DetectorSet, FeatureSqueezing, MahalanobisDetector
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 # --- ROC AUC --------------------------------------------------------------------------------
 

@@ -33,8 +33,8 @@ from cloud_train.redteam_inference_report import (  # noqa: E402
 )
 from distill.stream import stream_crops  # noqa: E402
 from edge_runtime.drift import DriftConfig, DriftEvent  # noqa: E402
-from roadshield.errors import RoadshieldError  # noqa: E402
 from roadshield.pipeline import register_synthetic_camera  # noqa: E402
+from roadshield_base.errors import RoadshieldError  # noqa: E402
 
 # small windows; a wide margin keeps a 400-frame reference from alarming on clean drives
 SMALL = DriftConfig(frame_window=60, dark_window=30, crop_window=24, check_every=5,

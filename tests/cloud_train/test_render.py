@@ -9,7 +9,7 @@ import pytest
 from cloud_train.render import image_rng, render_sign, render_sign_roi
 from cloud_train.sign_art import ART_SIZE, sign_pyramid, sign_rgba
 from cloud_train.signs import SYNTHETIC_CLASSES
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 N_CLASSES = len(SYNTHETIC_CLASSES)
 

@@ -18,7 +18,7 @@ from cloud_train.roa import (
     roa,
     search_positions,
 )
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 N = 100
 

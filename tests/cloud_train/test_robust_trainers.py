@@ -25,7 +25,7 @@ from cloud_train.robust_trainers import (
 )
 from cloud_train.tensors import make_loader, to_tensor
 from cloud_train.train import TrainConfig, TrainHistory, list_trainers, train
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 SIZE = 16  # 16 x 16 toy shapes keep a multi-step epoch well under a second
 #: on this toy set standard training loses most accuracy at 32/255 (small for 16 px shapes

@@ -20,7 +20,7 @@ from cloud_train.scenes import (
 from cloud_train.signs import SYNTHETIC_CLASSES
 from cloud_train.synthetic_camera import SyntheticCamera, register
 from edge_runtime.frames import source_factory
-from roadshield.errors import CameraError, ConfigError, DatasetError
+from roadshield_base.errors import CameraError, ConfigError, DatasetError
 
 
 def test_scene_shape_truth_and_determinism() -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cloud_train.splits.audit import audit, compute_metrics, write_metrics, write_predictions
-from roadshield.errors import DatasetError
+from roadshield_base.errors import DatasetError
 
 
 @pytest.fixture()

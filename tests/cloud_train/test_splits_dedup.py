@@ -9,7 +9,7 @@ import pytest
 from cloud_train.render import image_rng, render_sign
 from cloud_train.splits import dedup as D
 from cloud_train.splits.variants import REQUIRED_KINDS, VARIANTS, make_variant
-from roadshield.errors import ConfigError, DatasetError
+from roadshield_base.errors import ConfigError, DatasetError
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,8 @@ from cloud_train.models import create_model
 from cloud_train.render import render_dataset
 from cloud_train.splits.final_eval import predict
 from cloud_train.splits.sealed import verify_log
-from edge_runtime.trust import generate_private_key, load_private_key, save_private_key
 from roadshield.cli import main
+from roadshield_base.trust import generate_private_key, load_private_key, save_private_key
 
 CLASSES = ("stop", "yield", "no_entry")
 

@@ -19,8 +19,8 @@ from cloud_train.splits.sealed import (
     seal,
     verify_log,
 )
-from edge_runtime.trust import TrustError, generate_private_key
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
+from roadshield_base.trust import TrustError, generate_private_key
 
 MODEL_A = "a" * 64
 MODEL_B = "b" * 64

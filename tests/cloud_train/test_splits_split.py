@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cloud_train.splits.split import DROPPED, cluster_split, spanning_clusters, temporal_split
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 
 def _clusters(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

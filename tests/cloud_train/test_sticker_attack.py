@@ -39,7 +39,7 @@ from cloud_train.sticker.shapes import (
     plate_masks,
     sticker_mask,
 )
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 STOP = SYNTHETIC_CLASSES.index("stop")
 LIMIT_100 = SYNTHETIC_CLASSES.index("speed_limit_100")

@@ -20,7 +20,7 @@ from cloud_train.sticker.eot import EotPool, EotSample, _JpegBPDA
 from cloud_train.sticker.shapes import sticker_mask
 from edge_runtime.locate import box_iou, locate_signs
 from edge_runtime.preprocess import preprocess_batch
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 STOP = SYNTHETIC_CLASSES.index("stop")
 LIMIT_30 = SYNTHETIC_CLASSES.index("speed_limit_30")

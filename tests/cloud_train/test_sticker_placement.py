@@ -21,7 +21,7 @@ from cloud_train.sticker.placement import (
 )
 from cloud_train.sticker.printout import write_sticker
 from cloud_train.synthetic_camera import SyntheticCamera
-from roadshield.errors import CameraError, ConfigError, DatasetError
+from roadshield_base.errors import CameraError, ConfigError, DatasetError
 
 STOP = SYNTHETIC_CLASSES.index("stop")
 YIELD = SYNTHETIC_CLASSES.index("yield")

@@ -15,7 +15,7 @@ from cloud_train.sign_art import sign_rgba
 from cloud_train.signs import SYNTHETIC_CLASSES
 from cloud_train.sticker.placement import load_placed_sticker, placed_from_art, plate_box
 from cloud_train.sticker.printout import write_sticker
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 STOP = SYNTHETIC_CLASSES.index("stop")
 PT_PER_MM = 72 / 25.4

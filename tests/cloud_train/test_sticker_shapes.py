@@ -27,7 +27,7 @@ from cloud_train.sticker.shapes import (
     sticker_mask,
     total_variation,
 )
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 STOP = SYNTHETIC_CLASSES.index("stop")
 LIMIT_30 = SYNTHETIC_CLASSES.index("speed_limit_30")

@@ -9,7 +9,7 @@ from toy_data import trained_toy_model
 from cloud_train.attacks import create_attack, list_attacks, pgd_linf
 from cloud_train.robust_eval import sanity_checks, strong_evaluate
 from cloud_train.strong_attacks import apgd, dlr_loss, margin, pgd_l2, square
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 #: a standardly trained toy model is robust at 8/255 but not at 32/255 (see test_attacks.py)
 EPS = 32 / 255

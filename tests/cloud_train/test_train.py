@@ -15,7 +15,7 @@ from cloud_train.models import create_model
 from cloud_train.tensors import Augment, make_loader, to_tensor
 from cloud_train.train import TrainConfig, TrainHistory, list_trainers, train
 from cloud_train.train_state import load_train_state
-from roadshield.errors import ConfigError, DatasetError, ModelLoadError
+from roadshield_base.errors import ConfigError, DatasetError, ModelLoadError
 
 #: on this toy set standard training is robust at 8/255 but not at 32/255 (measured)
 EPS = 32 / 255

@@ -29,7 +29,7 @@ from edge_runtime.detectors import DetectorSet, detectors_from_metadata  # noqa:
 from edge_runtime.model_info import read_model_info  # noqa: E402
 from edge_runtime.runners.onnxruntime_runner import OnnxRuntimeRunner  # noqa: E402
 from roadshield.cli import main as cli_main  # noqa: E402
-from roadshield.errors import ConfigError, DatasetError  # noqa: E402
+from roadshield_base.errors import ConfigError, DatasetError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

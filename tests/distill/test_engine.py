@@ -24,7 +24,7 @@ from edge_runtime.runners.engine_meta import (
     sidecar_path,
 )
 from roadshield.cli import main as roadshield_main
-from roadshield.errors import BackendUnavailableError, ConfigError, ModelLoadError
+from roadshield_base.errors import BackendUnavailableError, ConfigError, ModelLoadError
 
 VERSION = "10.3.0.30"
 GPU = ("Orin", (8, 7))

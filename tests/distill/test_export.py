@@ -22,7 +22,7 @@ from distill.export import (
     export_torch_program,
     read_onnx_metadata,
 )
-from roadshield.errors import ConfigError, ModelLoadError
+from roadshield_base.errors import ConfigError, ModelLoadError
 
 ort = pytest.importorskip("onnxruntime")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge_runtime.caution import CautionGate
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 
 def test_switches_on_above_the_limit_and_off_at_the_clear_level() -> None:

@@ -26,7 +26,7 @@ from edge_runtime.detectors import (
     softmax,
 )
 from edge_runtime.sanitize_ops import bitdepth, median
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 C, D = 4, 6
 

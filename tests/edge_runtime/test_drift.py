@@ -34,7 +34,7 @@ from edge_runtime.drift import (
     wasserstein_1d,
     wasserstein_to_sketch,
 )
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 stats = pytest.importorskip("scipy.stats")
 

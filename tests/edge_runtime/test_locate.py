@@ -23,7 +23,7 @@ from edge_runtime.locate import (
     list_locators,
     locate_signs,
 )
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 RED = (30, 30, 200)
 BLUE = (170, 90, 10)

@@ -18,7 +18,7 @@ from edge_runtime.locate import SignLocator
 from edge_runtime.loop import EdgeLoop, LoopReport, build_loop, softmax
 from edge_runtime.policy import SignRulesPolicy
 from edge_runtime.runners.base import BaseRunner
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 CLASSES = ("stop", "ahead_only", "priority_road", "speed_limit_30")
 SIZE = 24

@@ -18,7 +18,7 @@ from edge_runtime.locate import SignLocator
 from edge_runtime.loop import softmax
 from edge_runtime.monitoring import Monitoring, Series
 from edge_runtime.policy import MonitorPolicy, SignRulesPolicy
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 SMALL_DRIFT = DriftConfig(frame_window=20, dark_window=10, crop_window=12, check_every=5,
                           calibration_folds=2)

@@ -25,7 +25,7 @@ from edge_runtime.metrics import (  # noqa: E402
     EdgeMetrics,
     actuator_link_state,
 )
-from roadshield.errors import BackendUnavailableError, ConfigError  # noqa: E402
+from roadshield_base.errors import BackendUnavailableError, ConfigError  # noqa: E402
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -283,7 +283,7 @@ def test_missing_prometheus_client(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_edge_runtime_imports_without_prometheus_client() -> None:
     code = ("import sys; sys.modules['prometheus_client'] = None\n"
             "import edge_runtime.metrics, edge_runtime.loop\n"
-            "from roadshield.errors import BackendUnavailableError\n"
+            "from roadshield_base.errors import BackendUnavailableError\n"
             "try:\n    edge_runtime.metrics.EdgeMetrics(0)\n"
             "except BackendUnavailableError:\n    print('unavailable')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

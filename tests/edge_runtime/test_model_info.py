@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from edge_runtime.model_info import ModelInfo, TensorSpec, check_feed, read_model_info
-from roadshield.errors import ConfigError, ModelLoadError
+from roadshield_base.errors import ConfigError, ModelLoadError
 
 onnx = pytest.importorskip("onnx")
 

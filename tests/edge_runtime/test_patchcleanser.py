@@ -37,8 +37,8 @@ from edge_runtime.patchcleanser import (
     parse_defence,
 )
 from edge_runtime.policy import UNKNOWN, Decision, Observation, Prediction, Rule, SignRulesPolicy
-from roadshield.errors import ConfigError
 from roadshield.report import format_loop_report
+from roadshield_base.errors import ConfigError
 
 S = 16
 CLASSES = ("stop", "ahead_only", "priority_road")

@@ -20,7 +20,7 @@ from edge_runtime.policy import (
     list_policies,
     register_policy,
 )
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 
 def obs(*preds: tuple[str, float], t: float | None = None) -> Observation:

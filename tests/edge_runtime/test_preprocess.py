@@ -18,7 +18,7 @@ from edge_runtime.preprocess import (
     preprocess_roi,
 )
 from kernels.reference import preprocess_roi_reference
-from roadshield.errors import RoadshieldError
+from roadshield_base.errors import RoadshieldError
 
 TOL = 1 / 255 + 1e-6  # float32 rounding on top of OpenCV's uint8 rounding
 

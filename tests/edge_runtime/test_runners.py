@@ -24,7 +24,7 @@ from edge_runtime.runners.onnxruntime_runner import (
 )
 from edge_runtime.runners.registry import create_runner
 from edge_runtime.runners.torch_runner import TorchRunner, resolve_device
-from roadshield.errors import BackendUnavailableError, ConfigError, ModelLoadError
+from roadshield_base.errors import BackendUnavailableError, ConfigError, ModelLoadError
 
 ort = pytest.importorskip("onnxruntime")
 

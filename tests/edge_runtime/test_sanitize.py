@@ -38,7 +38,7 @@ from kernels.sanitize_reference import (
     resize_pad_params,
     resize_pad_reference,
 )
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 ODD_SHAPES = [(1, 1, 3), (7, 9, 3), (4095, 1, 3), (1, 40, 3), (48, 64, 3)]
 

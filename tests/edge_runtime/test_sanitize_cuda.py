@@ -35,7 +35,7 @@ from kernels.emulator import EmulatedLauncher
 from kernels.loader import DeviceArray
 from kernels.reference import preprocess_roi_reference
 from kernels.sanitize_reference import jpeg_dct_reference
-from roadshield.errors import BackendUnavailableError, ConfigError
+from roadshield_base.errors import BackendUnavailableError, ConfigError
 
 FRAME = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
 BOXES = [(5, 4, 29, 30), (-3, 20, 17.5, 60), (40, 0, 64, 12)]  # the 2nd is clamped

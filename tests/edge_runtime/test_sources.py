@@ -13,7 +13,7 @@ from edge_runtime import frames as frames_mod
 from edge_runtime import sources
 from edge_runtime.frames import Frame, FrameSource
 from edge_runtime.sources import csi_pipeline, open_source
-from roadshield.errors import CameraError
+from roadshield_base.errors import CameraError
 
 
 def write_images(folder: Path, names: list[str], size: tuple[int, int] = (48, 64)) -> None:

@@ -27,7 +27,12 @@ from edge_runtime.runners.registry import create_runner, list_runners, pick_runn
 from edge_runtime.runners.tensorrt_runner import TensorRTRunner
 from kernels.emulator import EmulatedLauncher
 from kernels.loader import DeviceArray
-from roadshield.errors import BackendUnavailableError, ConfigError, ModelLoadError, RoadshieldError
+from roadshield_base.errors import (
+    BackendUnavailableError,
+    ConfigError,
+    ModelLoadError,
+    RoadshieldError,
+)
 
 TRT_VERSION = "10.3.0.30"
 GPU = "Orin (emulated)"

@@ -20,7 +20,7 @@ from kernels.build import (
     build_kernels,
     fatbin_entries,
 )
-from roadshield.errors import BackendUnavailableError
+from roadshield_base.errors import BackendUnavailableError
 
 needs_nvcc = pytest.mark.skipif(build.find_nvcc() is None,
                                 reason="nvcc not found (CUDA toolkit not installed)")

@@ -21,7 +21,7 @@ from kernels.host import HostMath, load_host_math
 from kernels.loader import BINDINGS, create_launcher
 from kernels.ops import CudaKernels
 from kernels.reference import preprocess_roi_reference
-from roadshield.errors import BackendUnavailableError
+from roadshield_base.errors import BackendUnavailableError
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("device")]
 SHAPES = [(1, 1), (7, 9), (4095, 1), (67, 131)]

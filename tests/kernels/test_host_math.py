@@ -26,7 +26,7 @@ from jpeg_numpy import CHROMA, LUMA, dct_matrix, ijg_table, jpeg_reference
 
 from kernels.host import HostMath, load_host_math
 from kernels.reference import RoiError, linear_taps, preprocess_roi_reference
-from roadshield.errors import BackendUnavailableError, ConfigError
+from roadshield_base.errors import BackendUnavailableError, ConfigError
 
 EDGE_SHAPES = [(1, 1), (7, 9), (4095, 1)]
 

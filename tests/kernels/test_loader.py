@@ -28,7 +28,7 @@ from kernels.loader import (
 )
 from kernels.ops import CudaKernels
 from kernels.reference import RoiError
-from roadshield.errors import BackendUnavailableError, ConfigError
+from roadshield_base.errors import BackendUnavailableError, ConfigError
 
 
 class RecordingLauncher(KernelLauncher):

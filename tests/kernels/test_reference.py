@@ -13,7 +13,7 @@ from kernels.reference import (
     linear_taps,
     preprocess_roi_reference,
 )
-from roadshield.errors import RoadshieldError
+from roadshield_base.errors import RoadshieldError
 
 # 2x2 -> 4x4: s = (d + 0.5) * 0.5 - 0.5 = -0.25, 0.25, 0.75, 1.25 -> clipped to 0, .25, .75, 1,
 # so each output mixes (p0, p1) with weights (1, 0), (.75, .25), (.25, .75), (0, 1).

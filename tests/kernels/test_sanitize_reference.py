@@ -24,7 +24,7 @@ from kernels.sanitize_reference import (
     resize_pad_params,
     resize_pad_reference,
 )
-from roadshield.errors import RoadshieldError
+from roadshield_base.errors import RoadshieldError
 
 ODD_SHAPES = [(1, 1, 3), (7, 9, 3), (4095, 1, 3), (1, 33, 3), (2, 2, 3)]
 

@@ -10,7 +10,7 @@ import pytest
 
 from roadshield import pipeline
 from roadshield.demo import run_demo
-from roadshield.errors import ModelLoadError
+from roadshield_base.errors import ModelLoadError
 
 pytestmark = pytest.mark.slow
 

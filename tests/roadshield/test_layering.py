@@ -31,3 +31,19 @@ def test_leaf_packages_import_only_leaves():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_base_package_imports_nothing_of_the_project():
+    import roadshield_base
+
+    mods = sorted(m.name for m in pkgutil.walk_packages(roadshield_base.__path__,
+                                                          "roadshield_base."))
+    assert {"roadshield_base.errors", "roadshield_base.fileio", "roadshield_base.trust"} <= set(mods)
+    code = (f"import importlib, sys\nfor m in {mods!r}: importlib.import_module(m)\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'roadshield', 'edge_runtime', 'cloud_train', 'distill', 'actuator', 'kernels', "
+            "'torch'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from roadshield.errors import ConfigError
-from roadshield.fileio import atomic_write_json
 from roadshield.runs import staged_run
+from roadshield_base.errors import ConfigError
+from roadshield_base.fileio import atomic_write_json
 
 
 def test_successful_run_is_published_and_latest_points_at_it(tmp_path):
@@ -47,7 +47,7 @@ def test_atomic_write_json_leaves_no_temp_files(tmp_path):
 
 
 def test_atomic_writes_get_ordinary_permissions_unless_asked(tmp_path):
-    from roadshield.fileio import atomic_write_bytes
+    from roadshield_base.fileio import atomic_write_bytes
 
     umask = os.umask(0o022)
     try:

@@ -8,7 +8,7 @@ import torch
 from cloud_train.checkpoint import load_checkpoint
 from cloud_train.render import render_dataset
 from roadshield import pipeline
-from roadshield.errors import ConfigError
+from roadshield_base.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_an_incompatible_or_altered_start_is_refused(data_and_start):
         pipeline.train_checkpoint(root / "data", root / "x.safetensors", arch="signnet",
                                   epochs=1, batch_size=16, progress=False,
                                   init=start.checkpoint)
-    from roadshield.errors import ModelLoadError
+    from roadshield_base.errors import ModelLoadError
 
     with pytest.raises(ModelLoadError):
         pipeline.train_checkpoint(root / "data", root / "y.safetensors", arch="signnet_tiny",

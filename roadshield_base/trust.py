@@ -20,8 +20,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from roadshield.errors import RoadshieldError
-from roadshield.fileio import atomic_write_bytes
+from roadshield_base.errors import RoadshieldError
+from roadshield_base.fileio import atomic_write_bytes
 
 
 class TrustError(RoadshieldError):

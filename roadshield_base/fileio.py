@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from roadshield.errors import ModelLoadError
+from roadshield_base.errors import ModelLoadError
 
 
 def _default_mode() -> int:

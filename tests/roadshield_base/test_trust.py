@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from edge_runtime.trust import (
+from roadshield_base.trust import (
     TrustError,
     canonical_json,
     dsse_sign,
@@ -40,7 +40,7 @@ def test_detached_signature_round_trip_and_tamper(tmp_path):
 
 def test_key_files_round_trip_with_private_mode(tmp_path):
     key = generate_private_key()
-    from edge_runtime.trust import save_private_key
+    from roadshield_base.trust import save_private_key
 
     path = save_private_key(key, tmp_path / "stage.key")
     assert (path.stat().st_mode & 0o777) == 0o600
