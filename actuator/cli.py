@@ -1,6 +1,6 @@
 """``roadshield actuator simulate|provision|status|fuzz``.
 
-``add_actuator_parser(subparsers)`` adds the subcommand to the main parser; handlers
+``add_parsers(subparsers)`` adds the subcommand to the main parser; handlers
 import their modules only when they run, so ``roadshield --help`` stays fast and a
 machine without pyserial can still simulate and fuzz.
 """
@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 
-def add_actuator_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``actuator`` with its four subcommands to ``subparsers`` (from add_subparsers)."""
     act = subparsers.add_parser("actuator", help="the serial actuator link: simulate, provision,"
                                                  " status, fuzz")

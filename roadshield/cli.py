@@ -233,9 +233,9 @@ def _add_edge(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_actuator(sub: argparse._SubParsersAction) -> None:
-    from actuator.cli import add_actuator_parser  # argparse and json only: stays fast
+    from actuator.cli import add_parsers  # argparse and json only: stays fast
 
-    add_actuator_parser(sub)
+    add_parsers(sub)
 
 
 def _add_redteam(sub: argparse._SubParsersAction) -> None:

@@ -1,4 +1,4 @@
-"""``roadshield actuator ...`` parser and handlers (the lead wires add_actuator_parser)."""
+"""``roadshield actuator ...`` parser and handlers, as the main command registers them."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import time
 
 import pytest
 
-from actuator.cli import add_actuator_parser
+from actuator.cli import add_parsers
 from actuator.keys import save_key
 from actuator.scenarios import TEST_KEY
 
 
 def parse(argv):
     parser = argparse.ArgumentParser(prog="roadshield")
-    add_actuator_parser(parser.add_subparsers(dest="command", required=True))
+    add_parsers(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(argv)
 
 
@@ -44,7 +44,7 @@ def test_simulate_and_status_end_to_end(tmp_path, capsys):
     proc = subprocess.Popen([sys.executable, "-c",
                              "import sys; from actuator.cli import *; import argparse;"
                              "p = argparse.ArgumentParser(); "
-                             "add_actuator_parser(p.add_subparsers(dest='c'));"
+                             "add_parsers(p.add_subparsers(dest='c'));"
                              "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))",
                              "actuator", "simulate", "--link", str(link), "--key-file",
                              str(key_file), "--duration", "20"],
