@@ -38,7 +38,7 @@ Protocol:
    OR flags. Every figure is None when it has nothing to count.
 4. The sticker: the edge loop (``edge_runtime.loop.build_loop`` with the onnxruntime
    backend and ``detect="squeeze,mahalanobis"``) runs over the clean drive and each
-   stickered drive of ``roadshield.demo_drives.drive_sources(seed + 1, clean_frames,
+   stickered drive of ``cloud_train.demo_drives.drive_sources(seed + 1, clean_frames,
    sticker_frames, folder)``, locating and classifying every frame (``EdgeLoop.classify``)
    and reading the crop of the sign (the first candidate with IoU >= 0.5 to the frame's
    truth box, among the ``max_rois`` classified, as ``TruthScorer`` matches them) with its
@@ -466,8 +466,8 @@ def _crop_scores(crops: Sequence[Mapping[str, Any]], names: Sequence[str]) -> Sc
 def _sticker_rows(onnx: Path, scorer: OnnxScorer, sticker_dirs: Mapping[str, Path], seed: int,
                   clean_frames: int, sticker_frames: int, tick: Callable[[str], None]
                   ) -> dict[str, Any]:
-    from roadshield.demo_drives import drive_sources
-    from roadshield.pipeline import register_synthetic_camera
+    from cloud_train.demo_drives import drive_sources
+    from cloud_train.pipeline import register_synthetic_camera
 
     register_synthetic_camera()
     names = list(scorer.thresholds)

@@ -1,6 +1,6 @@
 """``roadshield redteam inference``: the printable sticker against the car, undefended and defended.
 
-Every stack is the real edge loop (``roadshield.pipeline.run_edge``: synthetic camera ->
+Every stack is the real edge loop (``cloud_train.pipeline.run_edge``: synthetic camera ->
 sign locator -> [sanitizers] -> ONNX Runtime [inside PatchCleanser] -> policy -> actuator)
 on two drives: a clean one (every class, no sticker) and a stickered one (stop signs
 carrying the printed sticker where its sticker.json puts it). Stacks:
@@ -65,11 +65,11 @@ from typing import Any
 
 import numpy as np
 
+from cloud_train.demo_drives import SIGN, TARGET, drive_sources
 from cloud_train.progress import step_ticker
 from cloud_train.redteam_cli import check_scale_and_seed
 from edge_runtime.drift import DriftConfig
 from edge_runtime.scoring import sticker_figures
-from roadshield.demo_drives import SIGN, TARGET, drive_sources
 from roadshield_base.errors import ConfigError
 from roadshield_base.fileio import atomic_write_bytes, atomic_write_json
 
@@ -154,7 +154,7 @@ def _train_models(work: Path, sc: Scale, seed: int, given: dict[str, str | None]
                   tick: Tick) -> dict[str, Path]:
     """Checkpoints by role: the given ones, else trained here (kept in ``work`` for reuse);
     the masked and ROA models start from the teacher's weights."""
-    from roadshield import pipeline
+    from cloud_train import pipeline
 
     # the defended models are the teacher fine-tuned against patches, as PatchCleanser's
     # authors fine-tune theirs: the same start, so a difference is the defence's
@@ -198,8 +198,8 @@ def _detector_data(work: Path, sc: Scale, seed: int, tick: Tick) -> Path:
     ``work/data``, rendered at the scale when missing (given models leave it unrendered)
     or when its test split is short of the sample. Image (split, class, i) is rendered
     from its own seed, so a re-render keeps every training image."""
+    from cloud_train import pipeline
     from cloud_train.gtsrb import load_gtsrb
-    from roadshield import pipeline
 
     data = work / "data"
     need = _test_per_class(sc)
@@ -223,7 +223,7 @@ def _fit_detectors(onnx: Path, data: Path, seed: int) -> dict[str, Any]:
 
 
 def _export(paths: dict[str, Path], work: Path) -> dict[str, Path]:
-    from roadshield import pipeline
+    from cloud_train import pipeline
 
     onnx = {}
     for role, ckpt in paths.items():
@@ -249,7 +249,7 @@ def _optimise(ckpt: Path, sc: Scale, seed: int, target: str | None, out: Path,
               transform: Any = None) -> dict[str, Any]:
     """Optimise a sticker on ``ckpt`` (with a defence's ``transform`` in the loop) and write
     its print files into ``out``; returns the optimiser's figures."""
-    from roadshield.pipeline import optimise_sticker_files
+    from cloud_train.pipeline import optimise_sticker_files
 
     return optimise_sticker_files(ckpt, out, sign=SIGN, target=target, seed=seed,
                                   transform=transform, steps=sc.steps, positions=sc.positions,
@@ -286,7 +286,7 @@ def _blackbox(onnx: Path, sc: Scale, seed: int, target: str | None,
 # --- the drives -----------------------------------------------------------------------------
 
 def _drive(onnx: Path, stack: Stack, source: str, certify: bool = False) -> dict[str, Any]:
-    from roadshield import pipeline
+    from cloud_train import pipeline
 
     defence = stack.defence
     if defence and certify:
@@ -342,10 +342,10 @@ def run_inference_redteam(out_dir: str | os.PathLike[str], scale: str = "quick",
     """Run every stack against the stickers; write redteam_inference.{json,md,png} (and the
     stickers' print files under stickers/) into ``out_dir``. Models not given are trained
     at the scale (kept under out_dir/work/models and reused by a later run)."""
+    from cloud_train.pipeline import register_synthetic_camera
     from cloud_train.redteam_detectors import detector_rows
     from cloud_train.redteam_drift import drift_scenarios
     from cloud_train.redteam_inference_report import chart_png, check_targets, markdown
-    from roadshield.pipeline import register_synthetic_camera
 
     sc, seed = check_scale_and_seed(scale, seed, SCALES)
     out = Path(out_dir)

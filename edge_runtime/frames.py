@@ -9,6 +9,7 @@ in ``cloud_train``) register their own source at start-up.
 from __future__ import annotations
 
 import abc
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -16,6 +17,8 @@ from types import TracebackType
 import numpy as np
 
 from roadshield_base.errors import CameraError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,11 +77,38 @@ def register_source(scheme: str, factory: SourceFactory) -> None:
     _SOURCES[scheme] = factory
 
 
+SOURCE_PLUGIN_GROUP = "roadshield.sources"
+_plugins_loaded = False
+
+
+def load_source_plugins() -> None:
+    """Let installed packages register their schemes through the ``roadshield.sources``
+    entry-point group (each entry point is a callable that calls ``register_source``).
+
+    The cloud tier's ``synthetic://`` camera arrives this way, so the edge runtime never
+    names the cloud tier and a device install without it simply lacks the scheme. A
+    plugin that fails to import is skipped: its scheme then reads as unknown."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group=SOURCE_PLUGIN_GROUP):
+        try:
+            entry.load()()
+        except ImportError as err:  # e.g. the plugin's own dependencies are absent
+            log.debug("source plugin %s unavailable: %s", entry.name, err)
+
+
 def registered_schemes() -> list[str]:
+    load_source_plugins()
     return sorted(_SOURCES)
 
 
 def source_factory(scheme: str) -> SourceFactory:
+    if scheme not in _SOURCES:
+        load_source_plugins()
     try:
         return _SOURCES[scheme]
     except KeyError:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from roadshield import pipeline
+from cloud_train import pipeline
 from roadshield.report import format_demo_summary, plot_demo
 from roadshield.runs import staged_run
 from roadshield_base.errors import ConfigError
@@ -88,8 +88,7 @@ def demo_actuator(kind: str) -> Iterator[tuple[object, float | None]]:
 def run_demo(profile_name: str = "quick", runs_dir: str | Path = "runs", seed: int = 0,
              progress: bool = True, actuator: str = "recording") -> dict[str, Any]:
     """Run every stage into a new run folder; return the summary also saved as summary.json."""
-    from edge_runtime.scoring import sticker_figures
-    from roadshield.demo_drives import (
+    from cloud_train.demo_drives import (
         SIGN,
         TARGET,
         DemoStack,
@@ -97,6 +96,7 @@ def run_demo(profile_name: str = "quick", runs_dir: str | Path = "runs", seed: i
         run_drives,
         side_by_side,
     )
+    from edge_runtime.scoring import sticker_figures
 
     if profile_name not in PROFILES:
         raise ConfigError(f"unknown demo profile {profile_name!r}",

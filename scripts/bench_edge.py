@@ -38,7 +38,7 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from roadshield.pipeline import run_edge
+    from cloud_train.pipeline import run_edge
 
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else untrained_model(Path(tmp))

@@ -221,8 +221,8 @@ def main() -> int:
     if args.ramp < 1 or args.after < 1:
         ap.error("--ramp and --after must be >= 1")
 
+    from cloud_train.pipeline import register_synthetic_camera
     from edge_runtime.drift import DriftConfig
-    from roadshield.pipeline import register_synthetic_camera
     from roadshield_base.fileio import atomic_write_bytes
 
     register_synthetic_camera()

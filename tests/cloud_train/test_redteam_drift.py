@@ -15,6 +15,7 @@ pytest.importorskip("onnxruntime")
 
 from test_redteam_inference import _result, _row  # noqa: E402
 
+from cloud_train.pipeline import register_synthetic_camera  # noqa: E402
 from cloud_train.redteam_drift import (  # noqa: E402
     RAMP_FRAMES,
     Scenario,
@@ -33,7 +34,6 @@ from cloud_train.redteam_inference_report import (  # noqa: E402
 )
 from distill.stream import stream_crops  # noqa: E402
 from edge_runtime.drift import DriftConfig, DriftEvent  # noqa: E402
-from roadshield.pipeline import register_synthetic_camera  # noqa: E402
 from roadshield_base.errors import RoadshieldError  # noqa: E402
 
 # small windows; a wide margin keeps a 400-frame reference from alarming on clean drives

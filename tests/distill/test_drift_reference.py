@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
 from cloud_train.models import create_model  # noqa: E402
+from cloud_train.pipeline import register_synthetic_camera  # noqa: E402
 from distill.drift_reference import (  # noqa: E402
     build_drift_reference,
     frames_needed,
@@ -21,7 +22,6 @@ from edge_runtime.drift import REFERENCE_KEY, DriftConfig, DriftReference  # noq
 from edge_runtime.loop import build_loop  # noqa: E402
 from edge_runtime.model_info import read_model_info  # noqa: E402
 from roadshield.cli import main as cli_main  # noqa: E402
-from roadshield.pipeline import register_synthetic_camera  # noqa: E402
 from roadshield_base.errors import ConfigError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

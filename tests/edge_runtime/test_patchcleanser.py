@@ -37,7 +37,7 @@ from edge_runtime.patchcleanser import (
     parse_defence,
 )
 from edge_runtime.policy import UNKNOWN, Decision, Observation, Prediction, Rule, SignRulesPolicy
-from roadshield.report import format_loop_report
+from edge_runtime.report import format_loop_report
 from roadshield_base.errors import ConfigError
 
 S = 16

@@ -6,13 +6,13 @@ import json
 
 import pytest
 
+from cloud_train import pipeline
 from cloud_train.attest.policy import make_stage_keys
 from cloud_train.attest.stages import run_pipeline
 from cloud_train.attest.tamper import change_normalisation_constant
 from cloud_train.attest.training_gate import verify_training_provenance
 from cloud_train.attest.verify import VerifyError
 from cloud_train.render import render_dataset
-from roadshield import pipeline
 
 
 @pytest.fixture

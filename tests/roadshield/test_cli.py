@@ -26,9 +26,43 @@ def test_help_imports_only_the_parsers_of_each_tier():
     # each tier contributes at most its package and its argparse-only ``cli`` module
     assert ast.literal_eval(out.stdout) == [
         "actuator", "actuator.cli", "cloud_train", "cloud_train.attest",
-        "cloud_train.attest.cli", "cloud_train.ingest", "cloud_train.ingest.cli",
-        "cloud_train.redteam_cli", "cloud_train.splits", "cloud_train.splits.cli",
-        "cloud_train.sticker", "cloud_train.sticker.cli"]
+        "cloud_train.attest.cli", "cloud_train.cli", "cloud_train.ingest",
+        "cloud_train.ingest.cli", "cloud_train.redteam_cli", "cloud_train.splits",
+        "cloud_train.splits.cli", "cloud_train.sticker", "cloud_train.sticker.cli", "distill",
+        "distill.cli", "edge_runtime", "edge_runtime.cli"]
+
+
+def test_each_tier_registers_its_own_verbs_beside_their_handlers():
+    """The command only gathers the tiers' parsers; every handler lives in its tier."""
+    import argparse
+    import importlib
+
+    from roadshield.cli import TIER_PARSERS
+
+    owners = {"cloud_train.cli": {"data", "train", "eval", "attack", "redteam"},
+              "distill.cli": {"distill"}, "edge_runtime.cli": {"edge"},
+              "actuator.cli": {"actuator"}}
+    assert set(TIER_PARSERS) == set(owners)
+    for module, verbs in owners.items():
+        parser = argparse.ArgumentParser()
+        sub = parser.add_subparsers(dest="command")
+        importlib.import_module(module).add_parsers(sub)
+        assert set(sub.choices) == verbs, module
+        tier = module.split(".")[0]
+        for leaf in _leaf_parsers(sub):
+            handler = leaf.get_default("func")
+            assert handler is not None and handler.__module__.split(".")[0] == tier, leaf.prog
+
+
+def _leaf_parsers(sub) -> list:
+    """Every parser below ``sub`` that has no subcommands of its own."""
+    import argparse
+
+    leaves = []
+    for parser in sub.choices.values():
+        nested = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        leaves += [leaf for a in nested for leaf in _leaf_parsers(a)] if nested else [parser]
+    return leaves
 
 
 @pytest.mark.parametrize("stage", ["data", "train", "eval", "distill", "edge", "actuator",

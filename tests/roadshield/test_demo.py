@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from roadshield import pipeline
+from cloud_train import pipeline
 from roadshield.demo import run_demo
 from roadshield_base.errors import ModelLoadError
 

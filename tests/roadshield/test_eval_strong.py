@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from cloud_train import pipeline
 from cloud_train.checkpoint import save_checkpoint
 from cloud_train.signs import SYNTHETIC_CLASSES
-from roadshield import pipeline
 from roadshield.cli import main
 from tests.toy_data import used_model
 

@@ -38,7 +38,8 @@ def test_base_package_imports_nothing_of_the_project():
 
     mods = sorted(m.name for m in pkgutil.walk_packages(roadshield_base.__path__,
                                                           "roadshield_base."))
-    assert {"roadshield_base.errors", "roadshield_base.fileio", "roadshield_base.trust"} <= set(mods)
+    assert {"roadshield_base.errors", "roadshield_base.fileio",
+            "roadshield_base.trust"} <= set(mods)
     code = (f"import importlib, sys\nfor m in {mods!r}: importlib.import_module(m)\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & "
             "{'roadshield', 'edge_runtime', 'cloud_train', 'distill', 'actuator', 'kernels', "
@@ -47,3 +48,17 @@ def test_base_package_imports_nothing_of_the_project():
                          check=True)
     assert out.stdout.strip() == "[]"
 
+
+
+def test_leaves_and_tiers_never_import_the_command_package():
+    """The ``roadshield`` package is the roof: no tier's module may import it."""
+    code = ("import importlib, pkgutil, sys\n"
+            "for pkg in ('actuator', 'kernels', 'edge_runtime', 'distill', 'cloud_train'):\n"
+            "    p = importlib.import_module(pkg)\n"
+            "    for m in pkgutil.walk_packages(p.__path__, pkg + '.'):\n"
+            "        importlib.import_module(m.name)\n"
+            "print(sorted(m for m in sys.modules if m == 'roadshield' or "
+            "m.startswith('roadshield.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"

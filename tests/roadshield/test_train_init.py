@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cloud_train import pipeline
 from cloud_train.checkpoint import load_checkpoint
 from cloud_train.render import render_dataset
-from roadshield import pipeline
 from roadshield_base.errors import ConfigError
 
 

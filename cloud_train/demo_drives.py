@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from roadshield import pipeline
+from cloud_train import pipeline
 
 SIGN, TARGET = "stop", "priority_road"
 

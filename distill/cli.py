@@ -1,0 +1,118 @@
+"""The ``distill`` verbs: export, engine, detectors, drift-reference.
+
+``add_parsers`` imports argparse only; each handler imports its modules when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def add_parsers(sub: Any) -> None:
+    """Add ``distill`` and its subcommands to ``sub`` (from ``add_subparsers``)."""
+    distill = sub.add_parser("distill", help="export a checkpoint for the edge")
+    dsub = distill.add_subparsers(dest="distill_cmd", required=True)
+    exp = dsub.add_parser("export", help="ONNX (and optionally .pt2) with metadata")
+    exp.add_argument("--checkpoint", required=True)
+    exp.add_argument("--out", required=True, help="path of the .onnx file to write")
+    exp.add_argument("--opset", type=int, default=17)
+    exp.add_argument("--pt2", action="store_true", help="also write a torch.export program")
+    exp.set_defaults(func=distill_export)
+    eng = dsub.add_parser("engine", help="build a TensorRT engine from the ONNX file (on the "
+                                         "device that will run it)")
+    eng.add_argument("onnx", help="the .onnx written by `distill export`")
+    eng.add_argument("--out", default=None, help="engine path (default: beside it, .engine)")
+    eng.add_argument("--precision", choices=("auto", "fp16", "fp32"), default="auto",
+                     help="auto: FP16 where the GPU has fast FP16 (Orin does)")
+    eng.add_argument("--workspace-mib", type=int, default=1024)
+    eng.add_argument("--min-batch", type=int, default=1)
+    eng.add_argument("--opt-batch", type=int, default=None)
+    eng.add_argument("--max-batch", type=int, default=8)
+    eng.add_argument("--verbose", action="store_true", help="TensorRT's own log at INFO")
+    eng.set_defaults(func=distill_engine)
+    det = dsub.add_parser("detectors", help="fit the adversarial-input detectors (feature "
+                          "squeezing, Mahalanobis) into the model's metadata")
+    det.add_argument("--model", required=True, help="the .onnx written by `distill export`")
+    det.add_argument("--data", required=True,
+                     help="GTSRB-layout folder; only its train split is read")
+    det.add_argument("--fpr", type=float, default=0.05,
+                     help="false-positive rate the thresholds are set at, on clean images")
+    det.add_argument("--calib-share", type=float, default=0.2,
+                     help="share of the train split (whole tracks) held out to set thresholds")
+    det.add_argument("--calibrate-source", default=None, metavar="URI",
+                     help="set the thresholds on the crops of this clean stream (a recorded "
+                          "drive, synthetic://...) instead of held-out train images; the whole "
+                          "train split then fits Mahalanobis")
+    det.add_argument("--calibrate-frames", type=int, default=None, metavar="N")
+    det.add_argument("--detectors", default="squeeze,mahalanobis", metavar="NAMES")
+    det.add_argument("--squeezers", default="bitdepth:bits=5,median:k=3", metavar="CHAIN")
+    det.add_argument("--limit-per-class", type=int, default=None, metavar="N")
+    det.add_argument("--seed", type=int, default=0)
+    det.add_argument("--dry-run", action="store_true", help="print the fit, write nothing")
+    det.set_defaults(func=distill_detectors)
+    ref = dsub.add_parser("drift-reference",
+                          help="record the drift monitor's reference from a clean stream into "
+                               "the model's metadata")
+    ref.add_argument("--model", required=True, help="the .onnx written by `distill export`")
+    ref.add_argument("--source", required=True,
+                     help="a trusted clean stream: a video, a folder of frames, synthetic://...")
+    ref.add_argument("--max-frames", type=int, default=None)
+    ref.add_argument("--no-detectors", action="store_true",
+                     help="leave the detectors' scores out of the reference")
+    ref.set_defaults(func=distill_drift_reference)
+
+
+def distill_export(args: argparse.Namespace) -> int:
+    from cloud_train import pipeline  # the checkpoint's model class lives there
+
+    result = pipeline.export_checkpoint(args.checkpoint, args.out, opset=args.opset,
+                                        pt2=args.pt2)
+    print(f"wrote {result.onnx} (ONNX Runtime vs torch max abs diff {result.parity_max_abs:.2e})"
+          + (f" and {result.pt2}" if result.pt2 else ""))
+    return 0
+
+
+def distill_engine(args: argparse.Namespace) -> int:
+    from distill.engine import build_engine
+    from edge_runtime.runners.engine_meta import sidecar_path
+
+    info = build_engine(args.onnx, args.out, precision=args.precision,
+                        workspace_mib=args.workspace_mib, min_batch=args.min_batch,
+                        opt_batch=args.opt_batch, max_batch=args.max_batch, verbose=args.verbose)
+    out = Path(args.out) if args.out else Path(args.onnx).with_suffix(".engine")
+    print(f"wrote {out} ({info.precision}, TensorRT {info.tensorrt_version}, {info.gpu_name}); "
+          f"sidecar {sidecar_path(out).name}")
+    return 0
+
+
+def distill_detectors(args: argparse.Namespace) -> int:
+    from distill.detector_fit import fit_from_dataset, write_detectors
+
+    crops = None
+    if args.calibrate_source:
+        from distill.stream import clean_crops
+
+        crops = clean_crops(args.model, args.calibrate_source, max_frames=args.calibrate_frames)
+    obj = fit_from_dataset(args.model, args.data, args.calib_share, args.fpr, args.seed,
+                           args.limit_per_class, names=args.detectors, squeezers=args.squeezers,
+                           calib_crops=crops)
+    thresholds = {k: v["threshold"] for k, v in obj.items() if isinstance(v, dict)}
+    if not args.dry_run:
+        write_detectors(args.model, obj)
+    print(json.dumps({"written": not args.dry_run, "fpr": obj["fpr"],
+                      "thresholds": thresholds}))
+    return 0
+
+
+def distill_drift_reference(args: argparse.Namespace) -> int:
+    from distill.drift_reference import build_drift_reference, write_drift_reference
+
+    reference = build_drift_reference(args.model, args.source, detect=not args.no_detectors,
+                                      max_frames=args.max_frames)
+    write_drift_reference(args.model, reference)
+    print(f"wrote the drift reference ({reference.frames} frames, {reference.crops} crops, "
+          f"{len(reference.statistics)} statistics) into {args.model}")
+    return 0

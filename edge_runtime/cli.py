@@ -1,0 +1,108 @@
+"""The ``edge`` verbs: ``run`` (camera -> model -> policy -> actuator) and ``backends``.
+
+``add_parsers`` imports argparse only; the handlers import the runtime when they run,
+and nothing here names torch or the cloud tier, so a device install runs them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def add_parsers(sub: Any) -> None:
+    """Add ``edge`` and its subcommands to ``sub`` (from ``add_subparsers``)."""
+    edge = sub.add_parser("edge", help="the on-device runtime")
+    esub = edge.add_subparsers(dest="edge_cmd", required=True)
+    run = esub.add_parser("run", help="camera -> locate -> infer -> decide -> actuator")
+    run.add_argument("--model", required=True,
+                     help=".onnx, .pt2 (torch backend) or .engine (tensorrt backend)")
+    run.add_argument("--source", default="synthetic://?frames=120",
+                     help="csi://N, /dev/videoN, v4l2://N, a video file, a folder, synthetic://")
+    run.add_argument("--backend", default="auto", help="auto | onnxruntime | torch | tensorrt")
+    run.add_argument("--max-frames", type=int, default=None)
+    run.add_argument("--video", default=None, help="write an annotated video here (.mp4/.avi)")
+    run.add_argument("--decision-log", default=None, help="append decisions here (JSON lines)")
+    run.add_argument("--max-speed", type=float, default=50.0, help="km/h the policy never exceeds")
+    run.add_argument("--sanitize", default=None, metavar="CHAIN",
+                     help='input sanitizers run on each crop, e.g. "bitdepth:bits=5,median:k=3"'
+                          " (bitdepth, median, jpeg, resize_pad; preprocess splits crop/batch);"
+                          ' a "cuda:" prefix runs the chain as CUDA kernels, e.g. '
+                          '"cuda:bitdepth:bits=5,median:k=3,preprocess"')
+    run.add_argument("--defence", default=None, metavar="SPEC",
+                     help='input-patch defence wrapped around the model, e.g. '
+                          '"patchcleanser:share=0.1,k=6"')
+    run.add_argument("--detect", default=None, metavar="NAMES",
+                     help='input detectors fitted into the model by `distill detectors`, e.g. '
+                          '"squeeze,mahalanobis": a flagged crop does not vote')
+    run.add_argument("--caution-window", type=int, default=60, metavar="N",
+                     help="crops over which the detectors' flag rate is taken")
+    run.add_argument("--caution-limit", type=float, default=0.4, metavar="SHARE",
+                     help="flag rate above which the policy goes cautious (caps speed)")
+    run.add_argument("--drift", action="store_true",
+                     help="watch the stream against the model's drift reference "
+                          "(`distill drift-reference`)")
+    run.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                     help="serve Prometheus metrics on 127.0.0.1:PORT (0: any free port)")
+    run.add_argument("--plot", default=None, metavar="PNG",
+                     help="write a plot of the detector scores and drift statistics over time")
+    run.add_argument("--serial", default=None,
+                     help="drive a serial actuator: /dev/ttyACM0, /dev/roadshield-actuator, "
+                          "or a simulator's pty")
+    run.add_argument("--serial-key", default=None,
+                     help="the board's key file (written by `roadshield actuator provision`)")
+    run.add_argument("--json", action="store_true", help="print the loop report as JSON")
+    run.set_defaults(func=edge_run)
+    backends = esub.add_parser("backends", help="list the inference backends usable here")
+    backends.set_defaults(func=edge_backends)
+
+
+def edge_run(args: argparse.Namespace) -> int:
+    from edge_runtime.loop import build_loop
+    from roadshield_base.errors import ConfigError
+
+    actuator = None
+    if args.serial:
+        if not args.serial_key:
+            raise ConfigError("--serial needs --serial-key",
+                              "pass the key file written by `roadshield actuator provision`")
+        from actuator.serial_actuator import SerialActuator
+
+        actuator = SerialActuator(args.serial, args.serial_key, max_speed_kmh=args.max_speed)
+    try:
+        # commands on the serial link expire after their TTL (500 ms): refresh well before
+        loop = build_loop(args.source, args.model, backend=args.backend,
+                          policy_options={"max_speed_kmh": args.max_speed}, actuator=actuator,
+                          annotate_video=args.video, decision_log=args.decision_log,
+                          sanitize=args.sanitize, defence=args.defence,
+                          keepalive_s=0.2 if actuator is not None else None,
+                          detect=args.detect, drift=args.drift,
+                          metrics_port=args.metrics_port,
+                          caution={"window": args.caution_window,
+                                   "limit": args.caution_limit})
+        with loop:
+            report = loop.run(max_frames=args.max_frames, progress=True)
+    finally:
+        if actuator is not None:
+            actuator.close()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        from edge_runtime.report import format_loop_report
+
+        print(format_loop_report(report.to_dict()))
+    if args.plot:
+        from edge_runtime.report import plot_monitor
+
+        print(f"wrote {plot_monitor(report.to_dict(), args.plot)}")
+    return 0
+
+
+def edge_backends(args: argparse.Namespace) -> int:
+    from edge_runtime.runners.registry import available_runners, list_runners
+
+    usable = available_runners()
+    for name in list_runners():
+        print(f"{name:12s} {'available' if name in usable else 'not installed'}")
+    return 0
