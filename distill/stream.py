@@ -42,8 +42,8 @@ def stream_crops(model: str | os.PathLike[str], source: str, *, max_frames: int 
                  transform: Callable[[int, np.ndarray], np.ndarray] | None = None
                  ) -> Iterator[tuple[Frame, np.ndarray | None]]:
     """(frame, float32 (N, 3, S, S) crops or None when no sign was located) per frame of
-    ``source``, cut exactly as ``edge run`` cuts them for ``model`` (a ``synthetic://``
-    source must be registered first: ``cloud_train.pipeline.register_synthetic_camera``).
+    ``source``, cut exactly as ``edge run`` cuts them for ``model`` (any scheme the
+    ``roadshield.sources`` entry points install, ``synthetic://`` among them).
 
     transform: (frame index, H x W x 3 uint8 BGR image) -> image of the same kind, applied
     to each frame before the locator; the yielded frame carries the transformed image."""
