@@ -63,6 +63,23 @@ def add_parsers(sub: Any) -> None:
     ref.add_argument("--no-detectors", action="store_true",
                      help="leave the detectors' scores out of the reference")
     ref.set_defaults(func=distill_drift_reference)
+    keygen = dsub.add_parser("keygen", help="make the key pair that signs model bundles")
+    keygen.add_argument("--out", required=True,
+                        help="folder for bundle.key (keep it secret) and bundle.pub (give it "
+                             "to the devices as --trust-key)")
+    keygen.set_defaults(func=distill_keygen)
+    bundle = dsub.add_parser("bundle", help="write the signed bundle the device runs")
+    bundle.add_argument("--model", required=True, help="the .onnx written by `distill export`")
+    bundle.add_argument("--key", required=True, help="bundle.key from `distill keygen`")
+    bundle.add_argument("--out", required=True, help="bundle folder to create")
+    bundle.add_argument("--int8", default=None, help="the Q/DQ INT8 model to carry as well")
+    bundle.add_argument("--evaluation", default=None, metavar="JSON",
+                        help="evaluation results (`roadshield eval --json`) to carry")
+    bundle.add_argument("--provenance", default=None, metavar="JSONL",
+                        help="the checkpoint's <checkpoint>.intoto.jsonl from `train --attested`")
+    bundle.add_argument("--policy", default=None,
+                        help="the stage policy (policy.json) that verifies --provenance")
+    bundle.set_defaults(func=distill_bundle)
 
 
 def distill_export(args: argparse.Namespace) -> int:
@@ -115,4 +132,24 @@ def distill_drift_reference(args: argparse.Namespace) -> int:
     write_drift_reference(args.model, reference)
     print(f"wrote the drift reference ({reference.frames} frames, {reference.crops} crops, "
           f"{len(reference.statistics)} statistics) into {args.model}")
+    return 0
+
+
+def distill_keygen(args: argparse.Namespace) -> int:
+    from distill.bundle import generate_bundle_keys
+
+    priv, pub = generate_bundle_keys(args.out)
+    print(f"wrote {priv} (mode 0600: the signing key) and {pub} (the devices' --trust-key)")
+    return 0
+
+
+def distill_bundle(args: argparse.Namespace) -> int:
+    from distill.bundle import write_bundle
+
+    result = write_bundle(args.out, args.model, key=args.key, int8=args.int8,
+                          evaluation=args.evaluation, provenance=args.provenance,
+                          policy=args.policy)
+    for name, digest in result.files.items():
+        print(f"  {digest[:16]}  {name}")
+    print(f"signed bundle {result.out} (key {result.key_hint[:16]}...)")
     return 0

@@ -1,0 +1,112 @@
+"""The signed bundle: written with model-signing's key mode, checked on the device without
+it, refused when unsigned, altered, padded or signed by another key; the upstream
+``model_signing verify`` accepts the same folder."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distill.bundle import generate_bundle_keys, write_bundle
+from edge_runtime.bundle import verify_bundle
+from roadshield_base.errors import ConfigError
+from roadshield_base.trust import TrustError
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return generate_bundle_keys(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture
+def bundle(tiny_onnx: Path, keys: tuple[Path, Path], tmp_path: Path) -> Path:
+    evaluation = tmp_path / "eval.json"
+    evaluation.write_text(json.dumps({"clean_acc": 0.97}))
+    write_bundle(tmp_path / "b", tiny_onnx, key=keys[0], evaluation=evaluation)
+    return tmp_path / "b"
+
+
+def test_a_bundle_verifies_and_hands_on_the_bytes_it_hashed(bundle, tiny_onnx, keys):
+    verified = verify_bundle(bundle, keys[1])
+    assert sorted(verified.files) == ["evaluation.json", "metadata.json", "model.onnx"]
+    assert verified.model_bytes() == tiny_onnx.read_bytes()
+    meta = verified.metadata
+    assert meta["format"] == "roadshield.bundle/v1" and meta["models"] == {"model": "model.onnx"}
+    assert meta["evaluation"] == "evaluation.json" and meta["class_names"]
+    assert len(verified.root_digest) == 64
+
+
+def test_the_upstream_model_signing_verifier_accepts_the_same_bundle(bundle, keys):
+    out = subprocess.run([sys.executable, "-m", "model_signing", "verify", "key", str(bundle),
+                          "--signature", str(bundle / "model.sig"),
+                          "--public_key", str(keys[1])],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr + out.stdout
+    assert "Verification succeeded" in out.stdout
+
+
+def test_an_altered_model_is_refused_by_name(bundle, keys):
+    data = bytearray((bundle / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit
+    (bundle / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(TrustError, match="altered after signing: model.onnx"):
+        verify_bundle(bundle, keys[1])
+
+
+def test_an_added_file_and_a_removed_file_are_refused(bundle, keys, tmp_path):
+    padded = tmp_path / "padded"
+    shutil.copytree(bundle, padded)
+    (padded / "model.int8.onnx").write_bytes(b"\x00")
+    with pytest.raises(TrustError, match="not signed: model.int8.onnx"):
+        verify_bundle(padded, keys[1])
+    (bundle / "evaluation.json").unlink()
+    with pytest.raises(TrustError, match="missing: evaluation.json"):
+        verify_bundle(bundle, keys[1])
+
+
+def test_a_symlink_inside_the_bundle_is_refused(bundle, keys, tmp_path):
+    target = tmp_path / "elsewhere.onnx"
+    (bundle / "model.onnx").rename(target)
+    (bundle / "model.onnx").symlink_to(target)
+    with pytest.raises(TrustError, match="link or special file"):
+        verify_bundle(bundle, keys[1])
+
+
+def test_another_key_and_an_unsigned_folder_are_refused(bundle, tmp_path, tiny_onnx):
+    _, other_pub = generate_bundle_keys(tmp_path / "other")
+    with pytest.raises(TrustError, match="signed by another key"):
+        verify_bundle(bundle, other_pub)
+    (bundle / "model.sig").unlink()
+    with pytest.raises(TrustError, match="model.sig is missing"):
+        verify_bundle(bundle, other_pub)
+
+
+def test_a_forged_statement_without_the_key_hint_still_fails_the_signature(bundle, keys):
+    sig = json.loads((bundle / "model.sig").read_text())
+    sig["verificationMaterial"]["publicKey"]["hint"] = ""
+    statement = json.loads(base64.b64decode(sig["dsseEnvelope"]["payload"]))
+    statement["predicate"]["resources"] = statement["predicate"]["resources"][:1]
+    sig["dsseEnvelope"]["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
+    (bundle / "model.sig").write_text(json.dumps(sig))
+    with pytest.raises(TrustError, match="does not verify with the trusted key"):
+        verify_bundle(bundle, keys[1])
+
+
+def test_bad_inputs_to_the_writer_are_refused_before_anything_is_written(tiny_onnx, keys,
+                                                                         tmp_path):
+    with pytest.raises(ConfigError, match="already exists"):
+        write_bundle(tmp_path, tiny_onnx, key=keys[0])
+    with pytest.raises(ConfigError, match="does not exist"):
+        write_bundle(tmp_path / "x", tiny_onnx, key=tmp_path / "nokey")
+    with pytest.raises(ConfigError, match="go together"):
+        write_bundle(tmp_path / "x", tiny_onnx, key=keys[0], provenance=tiny_onnx)
+    with pytest.raises(ConfigError, match="already holds a bundle key"):
+        generate_bundle_keys(keys[0].parent)
+    assert not (tmp_path / "x").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".x.")] == []
