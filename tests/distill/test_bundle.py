@@ -110,3 +110,40 @@ def test_bad_inputs_to_the_writer_are_refused_before_anything_is_written(tiny_on
         generate_bundle_keys(keys[0].parent)
     assert not (tmp_path / "x").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".x.")] == []
+
+
+def _provenance_for(checkpoint_sha256: str, keys_dir: Path, out: Path) -> Path:
+    from cloud_train.attest.policy import load_stage_key, make_stage_keys
+    from cloud_train.attest.training_gate import provenance_for_training, write_provenance
+    from cloud_train.attest.verify import VerifyReport
+
+    if not (keys_dir / "policy.json").exists():
+        make_stage_keys(keys_dir)
+    report = VerifyReport(out_dir=keys_dir, outputs={"shard/train.npz": "ab" * 32},
+                          attestations={"shard.intoto.jsonl": "cd" * 32})
+    envelope = provenance_for_training(checkpoint_sha256, report, {"trainer": "fast_at"},
+                                       load_stage_key(keys_dir, "trainer"))
+    return write_provenance(out, envelope)
+
+
+def test_the_provenance_goes_in_only_for_its_own_checkpoint(tiny_onnx, keys, tmp_path):
+    from distill.export import write_metadata
+
+    sha = "12" * 32
+    model = tmp_path / "m.onnx"
+    shutil.copyfile(tiny_onnx, model)
+    write_metadata(model, "source_sha256", sha)
+    prov = _provenance_for(sha, tmp_path / "stage_keys", tmp_path / "ck.intoto.jsonl")
+    write_bundle(tmp_path / "b", model, key=keys[0], provenance=prov,
+                 policy=tmp_path / "stage_keys" / "policy.json")
+    verified = verify_bundle(tmp_path / "b", keys[1])
+    link = verified.metadata["provenance"]
+    assert link["checkpoint_sha256"] == sha and link["file"] in verified.files
+    assert link["training_data"] == {"pipeline/shard/train.npz": "ab" * 32,
+                                     "pipeline/shard.intoto.jsonl": "cd" * 32}
+    assert link["train_config"] == {"trainer": "fast_at"}
+
+    other = _provenance_for("34" * 32, tmp_path / "stage_keys", tmp_path / "other.intoto.jsonl")
+    with pytest.raises(ConfigError, match="does not vouch for this model"):
+        write_bundle(tmp_path / "b2", model, key=keys[0], provenance=other,
+                     policy=tmp_path / "stage_keys" / "policy.json")
