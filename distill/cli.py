@@ -63,6 +63,21 @@ def add_parsers(sub: Any) -> None:
     ref.add_argument("--no-detectors", action="store_true",
                      help="leave the detectors' scores out of the reference")
     ref.set_defaults(func=distill_drift_reference)
+    quant = dsub.add_parser("quantize", help="static INT8 quantization to a Q/DQ ONNX model "
+                                             "(what TensorRT's INT8 engines are built from)")
+    quant.add_argument("--model", required=True, help="the .onnx written by `distill export`")
+    quant.add_argument("--data", required=True,
+                       help="GTSRB-layout folder the model was trained on: a stratified sample "
+                            "of its train split calibrates, its test split measures")
+    quant.add_argument("--out", required=True, help="the INT8 model, e.g. model.int8.onnx")
+    quant.add_argument("--per-class", type=int, default=32, metavar="N",
+                       help="calibration images per class")
+    quant.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile"),
+                       help="how activation ranges are set from the calibration images")
+    quant.add_argument("--test-limit", type=int, default=None, metavar="N")
+    quant.add_argument("--seed", type=int, default=0)
+    quant.add_argument("--json", action="store_true", help="print the measurement as JSON")
+    quant.set_defaults(func=distill_quantize)
     keygen = dsub.add_parser("keygen", help="make the key pair that signs model bundles")
     keygen.add_argument("--out", required=True,
                         help="folder for bundle.key (keep it secret) and bundle.pub (give it "
@@ -152,4 +167,23 @@ def distill_bundle(args: argparse.Namespace) -> int:
     for name, digest in result.files.items():
         print(f"  {digest[:16]}  {name}")
     print(f"signed bundle {result.out} (key {result.key_hint[:16]}...)")
+    return 0
+
+
+def distill_quantize(args: argparse.Namespace) -> int:
+    from distill.quantize import quantize_from_dataset
+
+    report = quantize_from_dataset(args.model, args.out, args.data, per_class=args.per_class,
+                                   method=args.method, seed=args.seed,
+                                   test_limit=args.test_limit)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+        return 0
+    print(f"wrote {report.out} ({report.int8_bytes / 1e6:.2f} MB, float "
+          f"{report.float_bytes / 1e6:.2f} MB); calibrated on {report.calibration_images} "
+          f"train images ({report.method})")
+    print(f"on {report.test_images} test images: top-1 agreement with the float model "
+          f"{100 * report.top1_agreement:.1f} %, accuracy {100 * report.int8_accuracy:.1f} % "
+          f"(float {100 * report.float_accuracy:.1f} %), largest logit difference "
+          f"{report.max_abs_logit_diff:.3f}")
     return 0
