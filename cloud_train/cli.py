@@ -17,7 +17,8 @@ def add_parsers(sub: Any) -> None:
     from cloud_train.redteam_cli import add_redteam_parsers
     from cloud_train.sticker.cli import add_attack_parsers
 
-    for add in (_add_data, _add_train, add_attack_parsers, add_redteam_parsers):
+    for add in (_add_data, _add_train, _add_eval, add_attack_parsers,
+                add_redteam_parsers):
         add(sub)
 
 
@@ -51,47 +52,56 @@ def _add_data(sub: Any) -> None:
 
 
 def _add_train(sub: Any) -> None:
-    train_parser = sub.add_parser(
+    parser = sub.add_parser(
         "train", help="train a classifier (standard or adversarial; one or several processes)",
         description="Train a classifier. The same command scales out with torchrun: "
                     "torchrun --standalone --nproc_per_node N -m roadshield.cli train ... "
                     "(--batch-size is then the global batch, split over the N processes).")
-    train_parser.add_argument("--data", required=True,
-                       help="GTSRB-layout dataset root, or with --attested a folder written "
-                            "by `roadshield data preprocess`")
-    train_parser.add_argument("--attested", metavar="KEYS", default=None,
-                       help="stage keys folder (policy.json, trainer.key): verify --data's "
-                            "signed stages first, refuse to train if any check fails, and "
-                            "write SLSA provenance beside the checkpoint")
-    train_parser.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
-    train_parser.add_argument("--init", default=None, metavar="CKPT",
-                       help="start from this checkpoint's weights (fine-tuning; same --arch "
-                            "and classes) instead of random ones")
-    train_parser.add_argument("--arch", default="signnet")
-    train_parser.add_argument("--trainer", default="fast_at",
-                       help="standard | fast_at | pgd_at | trades | roa | masked")
-    train_parser.add_argument("--epochs", type=int, default=10)
-    train_parser.add_argument("--batch-size", type=int, default=128,
-                       help="global batch (all processes together)")
-    train_parser.add_argument("--lr", type=float, default=0.05, help="peak of the one-cycle schedule")
-    train_parser.add_argument("--eps", type=float, default=8 / 255, help="L-inf radius in [0,1] units")
-    train_parser.add_argument("--eps-warmup", type=int, default=0,
-                       help="epochs over which eps ramps up from 0 (adversarial trainers)")
-    train_parser.add_argument("--size", type=int, default=32)
-    train_parser.add_argument("--seed", type=int, default=0)
-    multi = train_parser.add_argument_group("multi-step trainers (pgd_at, trades, roa)")
+    parser.add_argument("--data", required=True,
+                        help="GTSRB-layout dataset root, or with --attested a folder written "
+                             "by `roadshield data preprocess`")
+    parser.add_argument("--attested", metavar="KEYS", default=None,
+                        help="stage keys folder (policy.json, trainer.key): verify --data's "
+                             "signed stages first, refuse to train if any check fails, and "
+                             "write SLSA provenance beside the checkpoint")
+    parser.add_argument("--out", required=True, help="checkpoint path (.safetensors)")
+    parser.add_argument("--init", default=None, metavar="CKPT",
+                        help="start from this checkpoint's weights (fine-tuning; same --arch "
+                             "and classes) instead of random ones")
+    parser.add_argument("--arch", default="signnet")
+    parser.add_argument("--trainer", default="fast_at",
+                        help="standard | fast_at | pgd_at | trades | roa | masked")
+    add_training_options(parser)
+    parser.set_defaults(func=train)
+
+
+def add_training_options(parser: argparse.ArgumentParser, *, epochs: int = 10) -> None:
+    """The schedule, attack, device and resumption options every training command shares
+    (``train`` and ``distill train``); ``training_kwargs`` turns them into arguments of
+    ``cloud_train.pipeline.train_checkpoint``."""
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch-size", type=int, default=128,
+                        help="global batch (all processes together)")
+    parser.add_argument("--lr", type=float, default=0.05, help="peak of the one-cycle schedule")
+    parser.add_argument("--eps", type=float, default=8 / 255,
+                        help="L-inf radius in [0,1] units")
+    parser.add_argument("--eps-warmup", type=int, default=0,
+                        help="epochs over which eps ramps up from 0 (adversarial trainers)")
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    multi = parser.add_argument_group("multi-step trainers (pgd_at, trades, roa, ard, rslad)")
     multi.add_argument("--pgd-steps", type=int, default=7, help="inner attack steps")
     multi.add_argument("--trades-beta", type=float, default=6.0,
                        help="weight of TRADES' robustness term")
     multi.add_argument("--roa-size", type=int, default=7,
                        help="side in pixels of ROA's occluding rectangle")
-    masked = train_parser.add_argument_group("masked trainer (PatchCleanser's model)")
+    masked = parser.add_argument_group("masked trainer (PatchCleanser's model)")
     masked.add_argument("--mask-size", type=int, default=None,
                         help="side in pixels of the grey squares (default: PatchCleanser's "
                              "mask for a 10 %% patch at the input size, 14 at 32 px)")
     masked.add_argument("--mask-double-rate", type=float, default=0.5,
                         help="share of examples masked by two squares instead of one")
-    run = train_parser.add_argument_group("devices, processes and resumption")
+    run = parser.add_argument_group("devices, processes and resumption")
     run.add_argument("--device", default="auto",
                      help="auto | cpu | cuda (under torchrun each process takes cuda:LOCAL_RANK)")
     run.add_argument("--world-size", type=int, default=None, metavar="N",
@@ -109,8 +119,46 @@ def _add_train(sub: Any) -> None:
                      help="continue an interrupted run from its training state")
     run.add_argument("--stop-after-epoch", type=int, default=None, metavar="E",
                      help="stop after epoch E (time-boxed jobs); continue later with --resume")
-    train_parser.set_defaults(func=train)
 
+
+def training_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of ``train_checkpoint`` from ``add_training_options``'s options."""
+    switch = {"auto": None, "on": True, "off": False}
+    return dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, eps=args.eps,
+                eps_warmup_epochs=args.eps_warmup, size=args.size, seed=args.seed,
+                device=args.device, amp=switch[args.amp],
+                channels_last=switch[args.channels_last], world_size=args.world_size,
+                backend=args.backend, resume=args.resume,
+                state_path=args.state or f"{args.out}.trainstate",
+                stop_after_epoch=args.stop_after_epoch,
+                trainer_options={"pgd_steps": args.pgd_steps, "trades_beta": args.trades_beta,
+                                 "roa_height": args.roa_size, "roa_width": args.roa_size,
+                                 "mask_size": args.mask_size,
+                                 "mask_double_rate": args.mask_double_rate})
+
+
+def report_training(result: Any, args: argparse.Namespace) -> int:
+    """Print what a training run left behind (rank 0 only under torchrun)."""
+    import os
+
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        return 0
+    history = result.history
+    state = args.state or f"{args.out}.trainstate"
+    if not history["completed"]:
+        done = history["epochs"][-1]["epoch"] if history["epochs"] else 0
+        print(f"stopped after epoch {done} of {args.epochs}; training state {state} "
+              f"(continue with --resume {state})")
+        return 0
+    print(f"checkpoint {result.checkpoint} sha256={result.sha256} "
+          f"({history['seconds_per_epoch']:.1f} s/epoch on {history['world_size']} "
+          f"process(es), {history['device']})")
+    if result.provenance is not None:
+        print(f"provenance {result.provenance} (signed by the trainer key)")
+    return 0
+
+
+def _add_eval(sub: Any) -> None:
     ev = sub.add_parser("eval", help="clean, FGSM and PGD accuracy of a checkpoint")
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--data", required=True, help="GTSRB-layout dataset root (its test split)")
@@ -179,39 +227,14 @@ def train(args: argparse.Namespace) -> int:
     import logging
     import os
 
-    rank = os.environ.get("RANK", "0")
-    if rank not in ("", "0"):  # under torchrun only rank 0 reports
-        logging.getLogger().setLevel(logging.WARNING)
-    switch = {"auto": None, "on": True, "off": False}
-    state = args.state or f"{args.out}.trainstate"
     from cloud_train import pipeline
 
-    result = pipeline.train_checkpoint(
-        args.data, args.out, arch=args.arch, trainer=args.trainer, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, eps=args.eps, eps_warmup_epochs=args.eps_warmup,
-        size=args.size, seed=args.seed, attested_keys=args.attested, device=args.device,
-        amp=switch[args.amp], channels_last=switch[args.channels_last],
-        world_size=args.world_size, backend=args.backend, resume=args.resume, state_path=state,
-        stop_after_epoch=args.stop_after_epoch,
-        init=args.init,
-        trainer_options={"pgd_steps": args.pgd_steps, "trades_beta": args.trades_beta,
-                         "roa_height": args.roa_size, "roa_width": args.roa_size,
-                         "mask_size": args.mask_size,
-                         "mask_double_rate": args.mask_double_rate})
-    if rank not in ("", "0"):
-        return 0
-    history = result.history
-    if not history["completed"]:
-        done = history["epochs"][-1]["epoch"] if history["epochs"] else 0
-        print(f"stopped after epoch {done} of {args.epochs}; training state {state} "
-              f"(continue with --resume {state})")
-        return 0
-    print(f"checkpoint {result.checkpoint} sha256={result.sha256} "
-          f"({history['seconds_per_epoch']:.1f} s/epoch on {history['world_size']} "
-          f"process(es), {history['device']})")
-    if result.provenance is not None:
-        print(f"provenance {result.provenance} (signed by the trainer key)")
-    return 0
+    if os.environ.get("RANK", "0") not in ("", "0"):  # under torchrun only rank 0 reports
+        logging.getLogger().setLevel(logging.WARNING)
+    result = pipeline.train_checkpoint(args.data, args.out, arch=args.arch,
+                                       trainer=args.trainer, attested_keys=args.attested,
+                                       init=args.init, **training_kwargs(args))
+    return report_training(result, args)
 
 
 def evaluate(args: argparse.Namespace) -> int:

@@ -170,6 +170,59 @@ def signnet_tiny(num_classes: int, **kw: Any) -> nn.Module:
     return SignNet(num_classes, stages=((16,), (32,), (48,), (64,)), hidden=0, **kw)
 
 
+def depthwise_separable(c_in: int, c_out: int, stride: int) -> nn.Sequential:
+    """MobileNet's block: 3x3 depthwise conv (stride ``stride``), BN, ReLU6, then a 1x1
+    pointwise conv, BN, ReLU6. TensorRT runs both as fused conv + activation kernels."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_in, 3, stride=stride, padding=1, groups=c_in, bias=False),
+        nn.BatchNorm2d(c_in), nn.ReLU6(inplace=True),
+        nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU6(inplace=True))
+
+
+class MobileSignNet(nn.Module):
+    """A MobileNet-style (Howard et al. 2017) student shaped for the Jetson: a 3x3 stem,
+    depthwise-separable blocks that halve H and W where ``stride`` is 2, global average
+    pooling and a linear head. Input float32 ``[N, 3, H, W]`` RGB in [0, 1]; output logits
+    ``[N, num_classes]``; ``embed`` / ``classify`` as ``SignNet``'s."""
+
+    def __init__(self, num_classes: int, blocks: Sequence[tuple[int, int]], stem: int = 16,
+                 input_size: int | Sequence[int] = 32, dropout: float = 0.1,
+                 mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD) -> None:
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {dropout}", "use e.g. 0.1")
+        h, w = _square(input_size)
+        self.input_size = (3, h, w)
+        self.normalize = Normalize(mean, std)
+        layers: list[nn.Module] = [nn.Conv2d(3, stem, 3, padding=1, bias=False),
+                                   nn.BatchNorm2d(stem), nn.ReLU6(inplace=True)]
+        c_in = stem
+        for c_out, stride in blocks:
+            layers.append(depthwise_separable(c_in, c_out, stride))
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(self.normalize(x))))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Features ``[N, D]``: the pooled last block, the head's input."""
+        return self.head[0](self.pool(self.features(self.normalize(x))))
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head[1:](features)
+
+
+@register_model
+def signnet_mobile(num_classes: int, **kw: Any) -> nn.Module:
+    """Jetson-shaped distillation student, about 49k parameters: a 16-channel stem and six
+    depthwise-separable blocks (32, 64 /2, 64, 96 /2, 128 /2, 128)."""
+    return MobileSignNet(num_classes, blocks=((32, 1), (64, 2), (64, 1), (96, 2), (128, 2),
+                                              (128, 1)), **kw)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable parameters (buffers such as mean/std and BN statistics excluded)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

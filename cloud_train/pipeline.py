@@ -76,7 +76,8 @@ def train_checkpoint(data: str | Path, out: str | Path, *, arch: str = "signnet"
                      stop_after_epoch: int | None = None,
                      trainer_options: dict[str, Any] | None = None,
                      init: str | Path | None = None,
-                     init_sha256: str | None = None) -> TrainResult:
+                     init_sha256: str | None = None,
+                     teacher: str | Path | None = None) -> TrainResult:
     """Train ``arch`` on the train split of a GTSRB-layout dataset, or on a verified attested
     pipeline folder (``attested_keys``); save a safetensors file (and, when attested, its
     signed SLSA provenance beside it as ``<checkpoint>.intoto.jsonl``).
@@ -91,8 +92,10 @@ def train_checkpoint(data: str | Path, out: str | Path, *, arch: str = "signnet"
     TrainConfig fields (``pgd_steps``, ``trades_beta``, ``roa_height``, ...). ``init``: a
     checkpoint of the same architecture and classes to start from instead of random
     weights (fine-tuning, e.g. a teacher fine-tuned with ``masked`` for PatchCleanser;
-    ``init_sha256`` pins it). Every setting, the launch and the resume file are checked
-    before the data is loaded.
+    ``init_sha256`` pins it). ``teacher``: the checkpoint a distillation trainer (``kd``,
+    ``ard``, ``rslad``, registered by ``distill.robust_distill``) learns from, on the same
+    classes; its sha256 goes into the student's checkpoint. Every setting, the launch and
+    the resume file are checked before the data is loaded.
     """
     import torch
 
@@ -115,6 +118,8 @@ def train_checkpoint(data: str | Path, out: str | Path, *, arch: str = "signnet"
         model = create_model(arch, num_classes=len(class_names), input_size=size)
         if init is not None:
             _load_init(model, init, init_sha256, arch, class_names)
+        teacher_model, teacher_meta = (None, {}) if teacher is None else \
+            _load_teacher(teacher, class_names)
         # hold out a small, fixed slice of the training split for per-epoch validation
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(labels))
@@ -125,14 +130,15 @@ def train_checkpoint(data: str | Path, out: str | Path, *, arch: str = "signnet"
         val = (images[val_idx], labels[val_idx]) if n_val else None
         history = train(model, loader, cfg, val=val, progress=progress, dist=ctx,
                         resume=resume if state is None else state, state_path=state_path,
-                        stop_after_epoch=stop_after_epoch)
+                        stop_after_epoch=stop_after_epoch, teacher=teacher_model)
         # rank 0 writes; every rank learns the sha256, or every rank raises if rank 0 failed
         sha, provenance, error = "", None, None
         if history.completed and ctx.is_main:
             try:
                 sha = save_checkpoint(model, out, {"class_names": list(class_names),
                                                    "train_config": cfg,
-                                                   "dataset": str(Path(data))})
+                                                   "dataset": str(Path(data)),
+                                                   **teacher_meta})
                 log.info("checkpoint %s sha256=%s", out, sha)
                 if report is not None:
                     from cloud_train.attest.policy import load_stage_key
@@ -156,6 +162,20 @@ def train_checkpoint(data: str | Path, out: str | Path, *, arch: str = "signnet"
         # history["completed"] is False after stop_after_epoch: no checkpoint yet (sha256 "")
         return TrainResult(Path(out), sha, tuple(class_names), history.to_dict(),
                            int(len(train_idx)), provenance)
+
+
+def _load_teacher(path: str | Path, class_names: Any) -> tuple[Any, dict[str, Any]]:
+    """The teacher checkpoint's model (eval mode) and what the student records of it."""
+    from cloud_train.checkpoint import load_checkpoint
+    from roadshield_base.fileio import file_sha256
+
+    model, meta = load_checkpoint(path)
+    if list(meta["class_names"]) != list(class_names):
+        raise ConfigError(f"teacher {path} knows {len(meta['class_names'])} classes, the data "
+                          f"{len(class_names)} (or in another order)",
+                          "distil on the dataset the teacher was trained on")
+    return model.eval(), {"teacher": {"path": str(path), "sha256": file_sha256(path),
+                                      "arch": meta.get("arch", "")}}
 
 
 def _load_init(model: Any, init: str | Path, sha256: str | None, arch: str,

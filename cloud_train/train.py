@@ -80,14 +80,19 @@ class Trainer:
     step: StepFn
     adversarial: bool
     guard_attack: GuardAttack | None = None  # None: L-inf PGD at cfg.eps
+    # a distillation step also takes ``teacher=`` (a frozen model in eval mode)
+    needs_teacher: bool = False
 
 
 _TRAINERS: dict[str, Trainer] = {}
 
 
-def register_trainer(name: str, adversarial: bool,
-                     guard_attack: GuardAttack | None = None) -> Callable[[StepFn], StepFn]:
+def register_trainer(name: str, adversarial: bool, guard_attack: GuardAttack | None = None,
+                     needs_teacher: bool = False) -> Callable[[StepFn], StepFn]:
     """Register a per-batch step ``step(model, x, y, cfg, eps) -> (loss, logits)``.
+
+    ``needs_teacher``: the step is ``step(model, x, y, cfg, eps, teacher=...)``, a
+    distillation step, and ``train`` must be given the teacher.
 
     ``guard_attack`` is the attack the catastrophic-overfitting guard measures an
     adversarial trainer against; None means L-inf PGD at ``cfg.eps``. A trainer with another
@@ -96,7 +101,7 @@ def register_trainer(name: str, adversarial: bool,
     def deco(fn: StepFn) -> StepFn:
         if name in _TRAINERS:
             raise ConfigError(f"trainer {name!r} is registered twice", "use a unique name")
-        _TRAINERS[name] = Trainer(name, fn, adversarial, guard_attack)
+        _TRAINERS[name] = Trainer(name, fn, adversarial, guard_attack, needs_teacher)
         return fn
     return deco
 
@@ -161,6 +166,8 @@ class TrainConfig:
     roa_candidates: int = 10
     mask_size: int | None = None
     mask_double_rate: float = 0.5
+    kd_temperature: float = 1.0
+    kd_alpha: float = 1.0
     amp: bool | None = None
     channels_last: bool | None = None
 
@@ -216,6 +223,12 @@ class TrainConfig:
              and 0.0 <= self.mask_double_rate <= 1.0,
              f"mask_double_rate={self.mask_double_rate!r}",
              "use a probability in [0, 1]; 0.5 mixes one and two masks evenly")
+        need(isinstance(self.kd_temperature, (int, float)) and 0 < self.kd_temperature <= 100,
+             f"kd_temperature={self.kd_temperature!r}",
+             "use a softmax temperature in (0, 100]; 1 is RSLAD's, 30 ARD's on CIFAR-10")
+        need(isinstance(self.kd_alpha, (int, float)) and 0.0 <= self.kd_alpha <= 1.0,
+             f"kd_alpha={self.kd_alpha!r}",
+             "use a weight in [0, 1] between the teacher's term and the labels' term")
         for flag in ("amp", "channels_last"):
             v = getattr(self, flag)
             need(v is None or isinstance(v, bool), f"{flag}={v!r}",
@@ -352,7 +365,8 @@ def train(model: nn.Module, train_loader: DataLoader, cfg: TrainConfig,
           val: tuple[Any, Any] | None = None, progress: bool = True, *,
           dist: DistContext | None = None, resume: TrainState | str | Path | None = None,
           state_path: str | Path | None = None,
-          stop_after_epoch: int | None = None) -> TrainHistory:
+          stop_after_epoch: int | None = None, teacher: nn.Module | None = None
+          ) -> TrainHistory:
     """Train ``model`` in place and return its per-epoch history.
 
     ``train_loader`` yields ``(x, y)``: x float32 [B, 3, H, W] RGB in [0, 1], y int64 [B]
@@ -367,9 +381,13 @@ def train(model: nn.Module, train_loader: DataLoader, cfg: TrainConfig,
     before any work. ``stop_after_epoch``: return after that epoch (the history then says
     ``completed=False`` and the model holds that epoch's weights).
 
+    ``teacher``: the model a distillation trainer (registered with ``needs_teacher``)
+    learns from; it is frozen, kept in eval mode and moved to the training device.
+
     The model ends in eval mode on the device, holding the kept epoch's weights.
     """
     from cloud_train.train_loop import run_training
 
     return run_training(model, train_loader, cfg, val, progress, dist=dist, resume=resume,
-                        state_path=state_path, stop_after_epoch=stop_after_epoch)
+                        state_path=state_path, stop_after_epoch=stop_after_epoch,
+                        teacher=teacher)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import time
 from pathlib import Path
@@ -166,7 +167,8 @@ def restore_streams(state: TrainState, ctx: DistContext, loader: DataLoader) -> 
 def run_training(model: nn.Module, train_loader: DataLoader, cfg: TrainConfig,
                  val: tuple[Any, Any] | None, progress: bool, *, dist: DistContext | None,
                  resume: TrainState | str | Path | None, state_path: str | Path | None,
-                 stop_after_epoch: int | None) -> TrainHistory:
+                 stop_after_epoch: int | None, teacher: nn.Module | None = None
+                 ) -> TrainHistory:
     """The body of ``cloud_train.train.train`` (see there)."""
     if dist is None and torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1:
@@ -175,6 +177,13 @@ def run_training(model: nn.Module, train_loader: DataLoader, cfg: TrainConfig,
                     torch.distributed.get_world_size())
     ctx = dist if dist is not None else DistContext(device=resolve_device(cfg.device))
     trainer = _TRAINERS[cfg.trainer]
+    step = trainer.step
+    if trainer.needs_teacher != (teacher is not None):
+        raise ConfigError(f"trainer {cfg.trainer!r} "
+                          + ("needs a teacher model" if trainer.needs_teacher
+                             else "takes no teacher model"),
+                          "distillation trainers run through `roadshield distill train "
+                          "--teacher ...`; the others through `roadshield train`")
     if len(train_loader) == 0:
         raise ConfigError("the training loader yields no batches",
                           "check the dataset size against batch_size and drop_last")
@@ -201,6 +210,9 @@ def run_training(model: nn.Module, train_loader: DataLoader, cfg: TrainConfig,
                  "on" if channels_last else "off")
     torch.manual_seed(rank_seed(cfg.seed, ctx.rank))
     model.to(device)
+    if teacher is not None:
+        teacher = teacher.to(device).eval().requires_grad_(False)
+        step = functools.partial(trainer.step, teacher=teacher)
     if channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     val_xy = train_checks.as_xy(val, device) if val is not None else None
@@ -227,7 +239,7 @@ def run_training(model: nn.Module, train_loader: DataLoader, cfg: TrainConfig,
     last = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
     try:
         for epoch in range(first, last + 1):
-            stats = run_epoch(net, loader, trainer.step, cfg, opt, sched, scaler, ctx, epoch,
+            stats = run_epoch(net, loader, step, cfg, opt, sched, scaler, ctx, epoch,
                               steps_per_epoch, amp, channels_last, progress)
             t1 = time.perf_counter()
             if val_xy is not None:

@@ -63,6 +63,29 @@ def add_parsers(sub: Any) -> None:
     ref.add_argument("--no-detectors", action="store_true",
                      help="leave the detectors' scores out of the reference")
     ref.set_defaults(func=distill_drift_reference)
+    from cloud_train.cli import add_training_options  # argparse only at this point
+
+    student = dsub.add_parser(
+        "train", help="distil a teacher checkpoint into a student (kd, ard or rslad)",
+        description="Train a student against a teacher: kd (Hinton et al.), ard (Goldblum et "
+                    "al. 2020) or rslad (Zi et al. 2021). Scales out with torchrun like "
+                    "`roadshield train`: torchrun --standalone --nproc_per_node N -m "
+                    "roadshield.cli distill train ...")
+    student.add_argument("--teacher", required=True, help="the teacher's .safetensors")
+    student.add_argument("--data", required=True, help="GTSRB-layout dataset root (the "
+                                                       "teacher's classes, in its order)")
+    student.add_argument("--out", required=True, help="the student's .safetensors")
+    student.add_argument("--student", default="signnet_mobile",
+                         help="registered architecture of the student (signnet_mobile, "
+                              "signnet_tiny, ...)")
+    student.add_argument("--method", default="rslad", choices=("kd", "ard", "rslad"))
+    student.add_argument("--temperature", type=float, default=None,
+                         help="softmax temperature (default: kd 4, ard 30, rslad 1)")
+    student.add_argument("--alpha", type=float, default=None,
+                         help="weight of the teacher's term against the labels' (default: kd "
+                              "0.9, ard 1.0; rslad has none)")
+    add_training_options(student, epochs=10)
+    student.set_defaults(func=distill_train)
     quant = dsub.add_parser("quantize", help="static INT8 quantization to a Q/DQ ONNX model "
                                              "(what TensorRT's INT8 engines are built from)")
     quant.add_argument("--model", required=True, help="the .onnx written by `distill export`")
@@ -187,3 +210,32 @@ def distill_quantize(args: argparse.Namespace) -> int:
           f"(float {100 * report.float_accuracy:.1f} %), largest logit difference "
           f"{report.max_abs_logit_diff:.3f}")
     return 0
+
+
+# per method: (temperature, alpha); ARD's are its paper's CIFAR-10 setting, RSLAD has none
+_DISTILL_DEFAULTS = {"kd": (4.0, 0.9), "ard": (30.0, 1.0), "rslad": (1.0, 1.0)}
+
+
+def distill_train(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    import distill.robust_distill  # noqa: F401  (registers kd, ard and rslad)
+    from cloud_train import pipeline
+    from cloud_train.cli import report_training, training_kwargs
+    from roadshield_base.errors import ConfigError
+
+    if args.method == "rslad" and (args.temperature not in (None, 1.0) or
+                                   args.alpha not in (None, 1.0)):
+        raise ConfigError("rslad takes no --temperature or --alpha",
+                          "its loss is 5/6 KL on attacked and 1/6 KL on clean images at T=1")
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        logging.getLogger().setLevel(logging.WARNING)
+    temperature, alpha = _DISTILL_DEFAULTS[args.method]
+    kwargs = training_kwargs(args)
+    kwargs["trainer_options"].update(
+        kd_temperature=temperature if args.temperature is None else args.temperature,
+        kd_alpha=alpha if args.alpha is None else args.alpha)
+    result = pipeline.train_checkpoint(args.data, args.out, arch=args.student,
+                                       trainer=args.method, teacher=args.teacher, **kwargs)
+    return report_training(result, args)
