@@ -25,8 +25,19 @@ def add_parsers(sub: Any) -> None:
                                          "device that will run it)")
     eng.add_argument("onnx", help="the .onnx written by `distill export`")
     eng.add_argument("--out", default=None, help="engine path (default: beside it, .engine)")
-    eng.add_argument("--precision", choices=("auto", "fp16", "fp32"), default="auto",
-                     help="auto: FP16 where the GPU has fast FP16 (Orin does)")
+    eng.add_argument("--precision", choices=("auto", "fp16", "fp32", "int8"), default="auto",
+                     help="auto: INT8 for a Q/DQ model (`distill quantize`), else FP16 where "
+                          "the GPU has fast FP16 (Orin does)")
+    eng.add_argument("--timing-cache", default=None, metavar="PATH",
+                     help="keep TensorRT's kernel timings here between builds (default: "
+                          "tensorrt.timing.cache beside the engine; 'none' for no cache)")
+    eng.add_argument("--parity", action="store_true",
+                     help="after the build, compare the engine with ONNX Runtime on the same "
+                          "inputs, output by output; exit 3 on a mismatch")
+    eng.add_argument("--rtol", type=float, default=None,
+                     help="parity tolerance (default per precision: fp32 1e-3, fp16 1e-2, "
+                          "int8 0.1)")
+    eng.add_argument("--atol", type=float, default=None, help="as --rtol, absolute")
     eng.add_argument("--workspace-mib", type=int, default=1024)
     eng.add_argument("--min-batch", type=int, default=1)
     eng.add_argument("--opt-batch", type=int, default=None)
@@ -134,13 +145,25 @@ def distill_engine(args: argparse.Namespace) -> int:
     from distill.engine import build_engine
     from edge_runtime.runners.engine_meta import sidecar_path
 
-    info = build_engine(args.onnx, args.out, precision=args.precision,
-                        workspace_mib=args.workspace_mib, min_batch=args.min_batch,
-                        opt_batch=args.opt_batch, max_batch=args.max_batch, verbose=args.verbose)
     out = Path(args.out) if args.out else Path(args.onnx).with_suffix(".engine")
+    cache = None if args.timing_cache == "none" else \
+        Path(args.timing_cache or out.parent / "tensorrt.timing.cache")
+    info = build_engine(args.onnx, out, precision=args.precision,
+                        workspace_mib=args.workspace_mib, min_batch=args.min_batch,
+                        opt_batch=args.opt_batch, max_batch=args.max_batch, verbose=args.verbose,
+                        timing_cache=cache)
     print(f"wrote {out} ({info.precision}, TensorRT {info.tensorrt_version}, {info.gpu_name}); "
-          f"sidecar {sidecar_path(out).name}")
-    return 0
+          f"sidecar {sidecar_path(out).name}" + (f"; timing cache {cache}" if cache else ""))
+    if not args.parity:
+        return 0
+    from distill.parity import DEFAULT_TOLERANCES, engine_parity
+
+    rtol, atol = DEFAULT_TOLERANCES[info.precision]
+    report = engine_parity(args.onnx, out, max_batch=args.max_batch,
+                           rtol=rtol if args.rtol is None else args.rtol,
+                           atol=atol if args.atol is None else args.atol)
+    print(report.format())
+    return 0 if report.passed else 3
 
 
 def distill_detectors(args: argparse.Namespace) -> int:

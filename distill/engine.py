@@ -17,12 +17,23 @@ The steps are those of NVIDIA's TensorRT 10 Python samples:
    engine, precision, workspace, profile and the ONNX metadata. The runner refuses an
    engine whose sidecar names another TensorRT version or GPU.
 
+INT8 comes only from an explicitly quantized ONNX (``roadshield distill quantize``
+writes one: QuantizeLinear / DequantizeLinear pairs with symmetric INT8 scales): TensorRT
+10 deprecates implicit INT8 calibration (10.1) and, for Q/DQ networks, asks for a strongly
+typed network without precision flags, so such a model is parsed into
+``create_network(1 << int(NetworkDefinitionCreationFlag.STRONGLY_TYPED))`` and built with
+no FP16/INT8 flag; the sidecar says "int8". ``precision="auto"`` picks this path when the
+ONNX holds Q/DQ nodes; "fp16"/"fp32" refuse a Q/DQ model and "int8" a float one.
+
+A timing cache (``timing_cache``: a file, created on the first build) keeps TensorRT's
+kernel timings between builds: ``config.create_timing_cache(bytes)`` /
+``set_timing_cache(cache, ignore_mismatch=False)`` before the build and
+``config.get_timing_cache().serialize()`` written back (atomically) after it; a cache from
+another TensorRT version or GPU is refused with a hint to delete it.
+
 TensorRT 11 drops the FP16/INT8 builder flags: there ``precision="fp16"`` is refused
 (export an FP16 or explicitly quantized ONNX instead) and ``"auto"`` builds what the
-ONNX types say. INT8 is not built here: explicit Q/DQ ONNX is the INT8 path.
-
-    python -m distill.engine model.onnx [--out model.engine] [--precision auto]
-        [--max-batch 8] [--opt-batch 4] [--workspace-mib 1024]
+ONNX types say.
 """
 
 from __future__ import annotations
@@ -45,7 +56,29 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp16", "fp32")
+PRECISIONS = ("auto", "fp16", "fp32", "int8")
+QDQ_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
+
+
+def has_qdq(onnx_bytes: bytes) -> bool:
+    """Whether the ONNX graph is explicitly quantized (holds Q/DQ nodes)."""
+    import onnx
+
+    graph = onnx.load_from_string(onnx_bytes).graph
+    return any(node.op_type in QDQ_OPS for node in graph.node)
+
+
+def _int8_path(precision: str, qdq: bool, source: Path) -> bool:
+    """Whether to build the strongly typed INT8 engine of a Q/DQ model."""
+    if precision == "int8" and not qdq:
+        raise ConfigError(f"{source} holds no Q/DQ nodes, so it has no INT8 scales",
+                          "quantize it first: roadshield distill quantize --model ... "
+                          "--out model.int8.onnx, then build that")
+    if qdq and precision in ("fp16", "fp32"):
+        raise ConfigError(f"{source} is explicitly quantized (Q/DQ): it builds as INT8 only",
+                          "use --precision int8 (or auto), or build the float model for "
+                          f"{precision}")
+    return qdq
 
 
 def _check_batches(min_batch: int, opt_batch: int | None, max_batch: int) -> tuple[int, int, int]:
@@ -106,16 +139,20 @@ def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLi
                  = None, *, precision: str = "auto", workspace_mib: int = 1024,
                  min_batch: int = 1, opt_batch: int | None = None, max_batch: int = 8,
                  gpu: tuple[str, tuple[int, int]] | None = None,
-                 verbose: bool = False) -> EngineInfo:
+                 verbose: bool = False,
+                 timing_cache: str | os.PathLike[str] | None = None) -> EngineInfo:
     """Build ``engine_path`` (default: the ONNX path with ``.engine``) and its sidecar.
 
     onnx_path: an ONNX classifier from ``roadshield distill export`` (float32 NCHW RGB
         input with a dynamic batch; its metadata is copied into the sidecar).
-    precision: "auto" (FP16 where the platform has fast FP16), "fp16" or "fp32".
+    precision: "auto" (INT8 for a Q/DQ model, else FP16 where the platform has fast
+        FP16), "fp16", "fp32" or "int8" (a Q/DQ model only).
     workspace_mib: TensorRT's workspace memory pool limit, MiB (the Orin Nano shares 8 GB).
     min_batch / opt_batch / max_batch: the optimization profile's batch sizes (opt
         defaults to max); the engine accepts any batch in [min, max].
     gpu: (name, (major, minor)) of the building GPU; None asks the CUDA driver.
+    timing_cache: a file that keeps kernel timings between builds (read if present,
+        written after the build); None builds without one.
     Returns the sidecar's ``EngineInfo``. Raises ``BackendUnavailableError`` without
     TensorRT or a GPU, ``ModelLoadError`` when parsing or building fails,
     ``ConfigError`` for bad settings.
@@ -130,13 +167,15 @@ def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLi
     target = Path(engine_path) if engine_path is not None else source.with_suffix(".engine")
     model = read_model_info(source)  # refuses an ONNX without the export metadata
     data = source.read_bytes()
+    int8 = _int8_path(precision, has_qdq(data), source)
     import_tensorrt()
     import tensorrt as trt
 
     gpu_name, capability = gpu if gpu is not None else detect_gpu()
     logger = trt.Logger(trt.Logger.VERBOSE if verbose else trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(
+        1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if int8 else 0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(data, str(source)):
         errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
@@ -145,9 +184,17 @@ def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLi
                              "writes opset 17 with standard ops)")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_mib << 20)
-    fp16 = _fp16(trt, builder, precision)
+    # a strongly typed network takes its precisions from the Q/DQ graph: no flags
+    fp16 = not int8 and _fp16(trt, builder, precision)
     if fp16:
         config.set_flag(trt.BuilderFlag.FP16)
+    cache_path = None if timing_cache is None else Path(timing_cache)
+    if cache_path is not None:
+        cached = cache_path.read_bytes() if cache_path.is_file() else b""
+        if not config.set_timing_cache(config.create_timing_cache(cached), False):
+            raise ConfigError(f"timing cache {cache_path} was made by another TensorRT "
+                              "version or GPU", f"delete {cache_path}; the next build "
+                              "writes a new one")
     shapes = _profile_shapes(network, batches, source)
     dynamic = {name: s for name, s in shapes.items() if s[0] != s[2]}
     if dynamic:
@@ -155,19 +202,22 @@ def build_engine(onnx_path: str | os.PathLike[str], engine_path: str | os.PathLi
         for name, (low, opt, high) in dynamic.items():
             profile.set_shape(name, trt.Dims(low), trt.Dims(opt), trt.Dims(high))
         config.add_optimization_profile(profile)
+    built = "int8" if int8 else "fp16" if fp16 else "fp32"
     log.info("building TensorRT %s engine from %s (%s, workspace %d MiB, profile %s)",
-             trt.__version__, source.name, "fp16" if fp16 else "fp32", workspace_mib, shapes)
+             trt.__version__, source.name, built, workspace_mib, shapes)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ModelLoadError(f"TensorRT failed to build an engine from {source} (see its log)",
                              "raise --workspace-mib, lower --max-batch, or run with verbose")
     engine_bytes = bytes(serialized)
     atomic_write_bytes(target, engine_bytes)
+    if cache_path is not None:
+        atomic_write_bytes(cache_path, bytes(config.get_timing_cache().serialize()))
     info = EngineInfo(
         tensorrt_version=trt.__version__, gpu_name=gpu_name,
         compute_capability=f"{capability[0]}.{capability[1]}",
         engine_sha256=hashlib.sha256(engine_bytes).hexdigest(),
-        onnx_sha256=hashlib.sha256(data).hexdigest(), precision="fp16" if fp16 else "fp32",
+        onnx_sha256=hashlib.sha256(data).hexdigest(), precision=built,
         workspace_bytes=workspace_mib << 20, input_name=model.input_name,
         output_name=model.output_name, profiles=shapes, model_metadata=dict(model.metadata),
         built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
