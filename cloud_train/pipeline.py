@@ -53,11 +53,11 @@ def _training_data(data: str | Path, size: int, attested_keys: str | Path | None
 
         ds = load_gtsrb(data, "train", size=size)
         return ds.images, ds.labels, tuple(ds.class_names), None
-    from cloud_train.attest.stages import load_training_data
-    from cloud_train.attest.verify import require_verified
+    from cloud_train.attest.verify import verified_training_data
 
-    report = require_verified(data, attested_keys)  # raises VerifyError naming the stage
-    shards = load_training_data(data)
+    # one read: the arrays are decoded from the bytes the verification hashed, so a file
+    # swapped after verification is never trained on; raises VerifyError naming the stage
+    shards, report = verified_training_data(data, attested_keys)
     if shards["images"].shape[1] != size:
         raise ConfigError(f"attested data in {data} is {shards['images'].shape[1]} px, "
                           f"training asked for {size}", f"train with --size "

@@ -18,8 +18,12 @@ def add_parsers(sub: Any) -> None:
     run = esub.add_parser("run", help="camera -> locate -> infer -> decide -> actuator")
     run.add_argument("--model", required=True,
                      help=".onnx, .pt2 (torch backend) or .engine (tensorrt backend)")
-    run.add_argument("--source", default="synthetic://?frames=120",
-                     help="csi://N, /dev/videoN, v4l2://N, a video file, a folder, synthetic://")
+    run.add_argument("--source", default=None,
+                     help="csi://N (Jetson CSI camera), /dev/videoN or v4l2://N (USB camera), "
+                          "a video file, a folder of images, or a scheme an installed tier "
+                          "adds (synthetic://?frames=120: the cloud tier's rendered drive). "
+                          "Default: this device's camera, csi://0 where GStreamer and "
+                          "nvargus are present, else /dev/video0")
     run.add_argument("--backend", default="auto", help="auto | onnxruntime | torch | tensorrt")
     run.add_argument("--max-frames", type=int, default=None)
     run.add_argument("--video", default=None, help="write an annotated video here (.mp4/.avi)")
@@ -59,20 +63,30 @@ def add_parsers(sub: Any) -> None:
 
 
 def edge_run(args: argparse.Namespace) -> int:
+    import logging
+
     from edge_runtime.loop import build_loop
+    from edge_runtime.sources import default_camera
     from roadshield_base.errors import ConfigError
 
+    if args.serial and not args.serial_key:
+        raise ConfigError("--serial needs --serial-key",
+                          "pass the key file written by `roadshield actuator provision`")
+    source = args.source
+    if source is None:
+        source = default_camera()
+        logging.getLogger(__name__).info("no --source given: using this device's camera %s",
+                                         source)
     actuator = None
     if args.serial:
-        if not args.serial_key:
-            raise ConfigError("--serial needs --serial-key",
-                              "pass the key file written by `roadshield actuator provision`")
         from actuator.serial_actuator import SerialActuator
 
-        actuator = SerialActuator(args.serial, args.serial_key, max_speed_kmh=args.max_speed)
+        # connected but not armed: the loop arms it once the model and the camera are open
+        actuator = SerialActuator(args.serial, args.serial_key, max_speed_kmh=args.max_speed,
+                                  arm=False)
     try:
         # commands on the serial link expire after their TTL (500 ms): refresh well before
-        loop = build_loop(args.source, args.model, backend=args.backend,
+        loop = build_loop(source, args.model, backend=args.backend,
                           policy_options={"max_speed_kmh": args.max_speed}, actuator=actuator,
                           annotate_video=args.video, decision_log=args.decision_log,
                           sanitize=args.sanitize, defence=args.defence,
@@ -80,7 +94,8 @@ def edge_run(args: argparse.Namespace) -> int:
                           detect=args.detect, drift=args.drift,
                           metrics_port=args.metrics_port,
                           caution={"window": args.caution_window,
-                                   "limit": args.caution_limit})
+                                   "limit": args.caution_limit},
+                          arm_actuator=actuator is not None)
         with loop:
             report = loop.run(max_frames=args.max_frames, progress=True)
     finally:

@@ -79,6 +79,8 @@ def register_source(scheme: str, factory: SourceFactory) -> None:
 
 SOURCE_PLUGIN_GROUP = "roadshield.sources"
 _plugins_loaded = False
+#: scheme -> why its plugin did not load ("module:function: error"), for the error message
+_plugin_errors: dict[str, str] = {}
 
 
 def load_source_plugins() -> None:
@@ -99,6 +101,21 @@ def load_source_plugins() -> None:
             entry.load()()
         except ImportError as err:  # e.g. the plugin's own dependencies are absent
             log.debug("source plugin %s unavailable: %s", entry.name, err)
+            _plugin_errors[entry.name] = f"{entry.value}: {err}"
+
+
+def missing_plugin_error(scheme: str) -> CameraError | None:
+    """The error for ``scheme://`` when an installed plugin offers it but could not be
+    imported here (a device install without the tier that ships it), else None."""
+    load_source_plugins()
+    why = _plugin_errors.get(scheme)
+    if why is None or scheme in _SOURCES:
+        return None
+    known = ", ".join(f"{s}://" for s in sorted(_SOURCES))
+    return CameraError(f"the '{scheme}://' camera source is not installed here (its plugin "
+                       f"{why})", "install the package that provides it, or pick a source "
+                       f"this install has: {known + ', ' if known else ''}csi://N, v4l2://N, "
+                       "/dev/videoN, a video file or a folder of images")
 
 
 def registered_schemes() -> list[str]:
@@ -112,6 +129,9 @@ def source_factory(scheme: str) -> SourceFactory:
     try:
         return _SOURCES[scheme]
     except KeyError:
+        missing = missing_plugin_error(scheme)
+        if missing is not None:
+            raise missing from None
         known = ", ".join(f"{s}://" for s in registered_schemes()) or "none"
         raise CameraError(f"no camera source handles '{scheme}://'",
                           f"use one of: {known}, /dev/videoN, a video file or a folder") from None

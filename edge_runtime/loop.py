@@ -12,6 +12,12 @@ with input detectors (a flagged crop does not vote), feeds a drift monitor, lets
 go cautious when the detectors flag too many crops of late, and exports Prometheus
 metrics; drift alarms and caution changes go into the decision log. Any error, and Ctrl-C,
 first puts the actuator into its safe state, then propagates.
+
+``build_loop`` owns what it opens (sanitizer chain, runner, metrics server, video writer,
+decision log, camera) on one ``contextlib.ExitStack``, which the returned loop closes: a
+part that fails to build, or an actuator that refuses to arm, closes everything opened
+before it, and a close that fails while an error propagates is logged (and noted on that
+error) instead of replacing it.
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import TracebackType
 from typing import IO, Any, Protocol
 
 import numpy as np
@@ -70,6 +78,31 @@ def _stats(samples: list[float]) -> dict[str, float]:
             "mean_ms": round(float(arr.mean()), 4)}
 
 
+def own(stack: ExitStack, what: str, close: Callable[[], object]) -> None:
+    """Register ``close`` on ``stack`` so that it never hides the error unwinding the stack.
+
+    With no error in flight a failing ``close`` raises as usual. While an error propagates
+    (a part failed to build, the run failed, or an earlier close failed) a failing close is
+    logged, noted on the propagating error (Python 3.11+), and the other closers still run.
+    what: the part, for the log ("the camera source").
+    """
+
+    def exit_(exc_type: type[BaseException] | None, exc: BaseException | None,
+              tb: TracebackType | None) -> bool:
+        try:
+            close()
+        except Exception as err:
+            if exc is None:
+                raise
+            log.error("closing %s failed while handling %s: %s", what, type(exc).__name__,
+                      err, exc_info=err)
+            if hasattr(exc, "add_note"):  # 3.11+: the traceback shows it under the original
+                exc.add_note(f"closing {what} also failed: {type(err).__name__}: {err}")
+        return False  # never swallow the error being handled
+
+    stack.push(exit_)
+
+
 @dataclass
 class LoopReport:
     """What one ``EdgeLoop.run`` did; ``to_dict()`` is the run's summary.json."""
@@ -110,7 +143,8 @@ class EdgeLoop:
         confidence the softmax maximum) and "certified" (N,) bool, kept on the predictions.
     input_size: S, the classifier's square input side in pixels.
     annotator: optional frame writer (e.g. ``VideoAnnotator``) for annotated frames.
-    decision_log: JSON-lines file, opened in append mode, one line per decision.
+    decision_log: JSON-lines file, opened in append mode for each run, one line per
+        decision; or an open text stream, written to and left open (its owner closes it).
     max_rois: how many of the best candidates are classified per frame (one batch).
     keepalive_s: when set, re-send the policy's standing command if nothing was sent for
         this many seconds of wall time, so a device with a command TTL stays in its state.
@@ -118,6 +152,9 @@ class EdgeLoop:
         the model: its crop steps on each clamped box (before ``preprocess``), its batch
         steps on the model input. The "preprocess" stage time includes it; the time spent
         in the sanitizers alone is also reported as the "sanitize" stage.
+    resources: the closers of every part, in the order the parts were opened (what
+        ``build_loop`` hands over); ``close()`` unwinds it. None: the loop closes the
+        source, the annotator and the metrics server itself.
     monitoring: optional detectors, drift monitor, caution gate and metrics. Without a
         defence the squeezed copies ride in the model's own call (its time counts as
         "infer"); behind a defence the detectors make one more call of the bare model on
@@ -127,10 +164,11 @@ class EdgeLoop:
     def __init__(self, source: FrameSource, locator: Locator, preprocess: Preprocess,
                  runner: BaseRunner, class_names: Sequence[str], input_size: int,
                  policy: Policy, actuator: Actuator, annotator: FrameWriter | None = None,
-                 decision_log: str | os.PathLike[str] | None = None, *,
+                 decision_log: str | os.PathLike[str] | IO[str] | None = None, *,
                  input_name: str = "input", output_name: str = "logits", max_rois: int = 3,
                  keepalive_s: float | None = None, sanitizers: SanitizeChain | None = None,
-                 monitoring: Monitoring | None = None) -> None:
+                 monitoring: Monitoring | None = None,
+                 resources: ExitStack | None = None) -> None:
         if not class_names:
             raise ConfigError("the edge loop got no class names",
                               "read them from the model's metadata (read_model_info)")
@@ -149,7 +187,13 @@ class EdgeLoop:
         self.policy = policy
         self.actuator = actuator
         self.annotator = annotator
-        self.decision_log = Path(decision_log) if decision_log is not None else None
+        self._log_stream: IO[str] | None = None
+        if decision_log is None or isinstance(decision_log, (str, os.PathLike)):
+            self.decision_log = Path(decision_log) if decision_log is not None else None
+        else:
+            self._log_stream = decision_log
+            name = getattr(decision_log, "name", None)
+            self.decision_log = Path(name) if isinstance(name, str) else None
         self.input_name = input_name
         self.output_name = output_name
         self.max_rois = max_rois
@@ -159,6 +203,14 @@ class EdgeLoop:
         if self.monitoring.caution is not None and not hasattr(policy, "set_caution"):
             raise ConfigError(f"policy {type(policy).__name__} cannot go cautious",
                               "use the sign_rules policy with a caution gate, or drop the gate")
+        if resources is None:  # pushed in reverse, so they close source first, metrics last
+            resources = ExitStack()
+            if self.monitoring.metrics is not None:
+                own(resources, "the metrics server", self.monitoring.metrics.close)
+            if annotator is not None:
+                own(resources, "the annotated video", annotator.close)
+            own(resources, "the camera source", source.close)
+        self._resources = resources
         self._crops: tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]] | None = None
         self.current_command: ActuatorCommand | None = None
         self.last_report: LoopReport | None = None
@@ -376,7 +428,9 @@ class EdgeLoop:
                 activated = True
             report.runner = self.runner.name  # backends name their provider once active
             scorer.abstains = "abstain" in self.runner.output_names
-            if self.decision_log is not None:
+            if self._log_stream is not None:
+                log_fh = self._log_stream
+            elif self.decision_log is not None:
                 self.decision_log.parent.mkdir(parents=True, exist_ok=True)
                 log_fh = open(self.decision_log, "a", encoding="utf-8")  # noqa: SIM115
             frames = iter(self.source)
@@ -402,7 +456,7 @@ class EdgeLoop:
             raise
         finally:
             bar.close()
-            if log_fh is not None:
+            if log_fh is not None and log_fh is not self._log_stream:
                 log_fh.close()
             if activated:
                 self.runner.deactivate()
@@ -423,23 +477,18 @@ class EdgeLoop:
         report.encounters = scorer.encounters()
 
     def close(self) -> None:
-        """Close the source, the annotator and the metrics server; the actuator stays open
-        for the caller."""
-        try:
-            self.source.close()
-        finally:
-            try:
-                if self.annotator is not None:
-                    self.annotator.close()
-            finally:
-                if self.monitoring.metrics is not None:
-                    self.monitoring.metrics.close()
+        """Close every part the loop owns (see ``resources``), last opened first; the
+        actuator stays open for the caller. Closing twice is harmless."""
+        self._resources.close()
 
     def __enter__(self) -> EdgeLoop:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        # the error of the run, if any, reaches the closers: a failing close is logged
+        # instead of replacing it
+        self._resources.__exit__(exc_type, exc, tb)
 
 
 def build_loop(source: str | FrameSource, model_path: str | os.PathLike[str], *,
@@ -452,7 +501,7 @@ def build_loop(source: str | FrameSource, model_path: str | os.PathLike[str], *,
                sanitize: str | Sequence[str] | None = None,
                defence: str | None = None, detect: str | Sequence[str] | None = None,
                drift: bool = False, metrics_port: int | None = None,
-               caution: dict[str, Any] | None = None) -> EdgeLoop:
+               caution: dict[str, Any] | None = None, arm_actuator: bool = False) -> EdgeLoop:
     """Wire the default parts by name: a camera URI, a model file and a backend name.
 
     sanitize: a sanitizer chain spec (``edge_runtime.sanitize``), e.g.
@@ -467,67 +516,93 @@ def build_loop(source: str | FrameSource, model_path: str | os.PathLike[str], *,
     many are flagged. drift: watch the stream against the model's ``drift_reference``.
     metrics_port: serve Prometheus metrics on 127.0.0.1:PORT (0: any free port). All of
     these are checked, and the metrics port bound, before the camera is opened.
+    arm_actuator: call the actuator's ``arm()`` once every other part is open, so a part
+    that fails leaves the board disarmed; when arming fails, everything built is closed.
 
-    The model's class names, input size and tensor names come from its metadata
-    (``read_model_info``); the actuator defaults to an in-process RecordingActuator.
+    The runner is activated here, and the model's class names, input size and tensor names
+    come from what it loaded (``BaseRunner.model_info``: ONNX metadata, the ``.pt2``
+    program's embedded metadata, or a TensorRT engine's sidecar). The actuator defaults to
+    an in-process RecordingActuator; a given one stays the caller's to close. The loop
+    owns every other part it opens and closes them with ``EdgeLoop.close`` (or its
+    ``with`` block).
     """
     from actuator.interface import RecordingActuator
 
     from .caution import CautionGate
     from .detectors import parse_detectors
     from .locate import create_locator
-    from .model_info import read_model_info
     from .patchcleanser import create_defence, parse_defence
     from .policy import create_policy
     from .preprocess import preprocess_batch
     from .runners.registry import create_runner
-    from .sanitize import build_chain
+    from .sanitize import build_chain, check_chain_spec
     from .sources import open_source
 
-    chain = build_chain(sanitize)
+    # specs first: a typo costs nothing to open and nothing to close
+    check_chain_spec(sanitize)
     if defence:
         parse_defence(defence)
     detector_names = parse_detectors(detect)
     gate = CautionGate(**(caution or {})) if detector_names else None
-    if str(model_path).endswith((".engine", ".plan")):
-        from .runners.engine_meta import engine_model_info
-
-        info = engine_model_info(model_path)  # a TensorRT engine carries it in its sidecar
-    else:
-        info = read_model_info(model_path)
-    monitoring = _monitoring(info, detector_names, drift, metrics_port, gate)
+    arm = getattr(actuator, "arm", None) if arm_actuator else None
+    if arm_actuator and not callable(arm):
+        raise ConfigError(f"arm_actuator=True but actuator {type(actuator).__name__} has no "
+                          "arm()", "pass an actuator that arms (SerialActuator) or leave "
+                          "arm_actuator off")
+    act = actuator if actuator is not None else RecordingActuator()
+    stack = ExitStack()
     try:
-        runner = create_runner(backend, model_path)
-    except BaseException:
+        chain = build_chain(sanitize)
+        if chain is not None:  # a CUDA chain holds a launcher and device buffers
+            own(stack, "the sanitizer chain", chain.close)
+        runner: BaseRunner = create_runner(backend, model_path)
+        if chain is not None and not defence:
+            # a CUDA chain writes its fused preprocess straight into a TensorRT input
+            # buffer (not through a defence, which masks the batch on the host first);
+            # the runner must allocate on the chain's launcher, so attach before activating
+            chain.attach_runner(runner)
+        runner.activate()
+        own(stack, f"the runner {runner.name}", runner.deactivate)
+        info = runner.model_info  # from what the backend loaded, whatever the file type
+        if defence:
+            runner = create_defence(defence, runner, info.input_size,
+                                    input_name=info.input_name, output_name=info.output_name)
+            runner.activate()  # the inner runner is already active and stays ours
+            own(stack, "the defence", runner.deactivate)
+        monitoring = _monitoring(info, detector_names, drift, metrics_port, gate)
         if monitoring.metrics is not None:
-            monitoring.metrics.close()
-        raise
-    if defence:
-        runner = create_defence(defence, runner, info.input_size, input_name=info.input_name,
-                                output_name=info.output_name)
-    if chain is not None:
-        # a CUDA chain writes its fused preprocess straight into a TensorRT input buffer
-        # (not through a defence, which masks the batch on the host first)
-        chain.attach_runner(runner)
-    pol = create_policy(policy, **(policy_options or {})) if isinstance(policy, str) else policy
-    loc = create_locator(locator, **(locator_options or {})) if isinstance(locator, str) \
-        else locator
-    annotator = None
-    if annotate_video is not None:
-        from .annotate import VideoAnnotator
+            own(stack, "the metrics server", monitoring.metrics.close)
+        pol = (create_policy(policy, **(policy_options or {})) if isinstance(policy, str)
+               else policy)
+        loc = (create_locator(locator, **(locator_options or {})) if isinstance(locator, str)
+               else locator)
+        annotator = None
+        if annotate_video is not None:
+            from .annotate import VideoAnnotator
 
-        annotator = VideoAnnotator(annotate_video, video_fps)
-    try:
+            annotator = VideoAnnotator(annotate_video, video_fps)
+            own(stack, "the annotated video", annotator.close)
+        log_stream: IO[str] | None = None
+        if decision_log is not None:
+            path = Path(decision_log)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            log_stream = open(path, "a", encoding="utf-8")  # noqa: SIM115 - the stack closes it
+            own(stack, "the decision log", log_stream.close)
         src = open_source(source) if isinstance(source, str) else source
-    except BaseException:
-        if monitoring.metrics is not None:
-            monitoring.metrics.close()
+        own(stack, "the camera source", src.close)
+        loop = EdgeLoop(src, loc, preprocess_batch, runner, info.class_names, info.input_size,
+                        pol, act, annotator, log_stream, input_name=info.input_name,
+                        output_name=info.output_name, max_rois=max_rois,
+                        keepalive_s=keepalive_s, sanitizers=chain, monitoring=monitoring,
+                        resources=stack)
+        if arm is not None:
+            arm()  # last: no part can fail to open once the board is armed
+    except BaseException as err:
+        # close what was opened, last first; the closers see ``err`` and log their own
+        # failures rather than raise over it
+        stack.__exit__(type(err), err, err.__traceback__)
         raise
-    return EdgeLoop(src, loc, preprocess_batch, runner, info.class_names, info.input_size, pol,
-                    actuator if actuator is not None else RecordingActuator(), annotator,
-                    decision_log, input_name=info.input_name, output_name=info.output_name,
-                    max_rois=max_rois, keepalive_s=keepalive_s, sanitizers=chain,
-                    monitoring=monitoring)
+    return loop
 
 
 def _monitoring(info: Any, detector_names: tuple[str, ...], drift: bool,

@@ -100,7 +100,9 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
     """Read class names, input size, tensor names, arch and sha256 of an ONNX model.
 
     Raises ``ModelLoadError`` when the file is missing, unreadable, or lacks the
-    metadata ``roadshield distill export`` writes.
+    metadata ``roadshield distill export`` writes. The edge loop takes the same
+    ``ModelInfo`` from its runner instead (``BaseRunner.model_info``), which covers
+    ``.pt2`` programs and TensorRT engines too.
     """
     model_path = Path(path)
     if not model_path.is_file():
@@ -115,38 +117,54 @@ def read_model_info(path: str | os.PathLike[str]) -> ModelInfo:
         meta, input_name, outputs, width = _read_with_onnxruntime(model_path)
     else:
         meta, input_name, outputs, width = _read_with_onnx(model_path)
-    output_name = outputs[0]
+    return model_info_from_metadata(meta, f"ONNX file {model_path}", input_name=input_name,
+                                    outputs=outputs, width=width,
+                                    sha256=file_sha256(model_path))
+
+
+def model_info_from_metadata(meta: Mapping[str, str], where: str, *, input_name: str,
+                             outputs: Sequence[str], width: int | None, sha256: str,
+                             hint: str = EXPORT_HINT) -> ModelInfo:
+    """Check the export metadata ``meta`` (string values, as ``metadata_props`` holds them)
+    and build the ``ModelInfo`` every backend reports.
+
+    where: what the metadata came from, for messages ("ONNX file m.onnx").
+    outputs: the model's output names, logits first; a later output named by
+        ``features_output`` (default "features") becomes ``features_name``.
+    width: C of the logits output when the model declares it, checked against the
+        class names; None when unknown.
+    Raises ``ModelLoadError`` naming the missing or malformed entry.
+    """
+    if not outputs:
+        raise ModelLoadError(f"{where} has no outputs", hint)
     # the features output is optional: older exports and other graphs have logits only
     features = meta.get("features_output") or FEATURES_NAME
     features_name = features if features in outputs[1:] else None
-
     missing = [key for key in REQUIRED_KEYS if not meta.get(key)]
     if missing:
-        raise ModelLoadError(f"ONNX file {model_path} lacks metadata {missing}",
+        raise ModelLoadError(f"{where} lacks metadata {missing}",
                              f"the model must be exported with `roadshield distill export`; "
-                             f"{EXPORT_HINT}")
+                             f"{hint}")
     try:
         names = json.loads(meta["class_names"])
     except json.JSONDecodeError as err:
-        raise ModelLoadError(f"class_names metadata of {model_path} is not JSON: {err}",
-                             EXPORT_HINT) from err
+        raise ModelLoadError(f"class_names metadata of {where} is not JSON: {err}",
+                             hint) from err
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise ModelLoadError(f"class_names metadata of {model_path} is not a list of strings",
-                             EXPORT_HINT)
+        raise ModelLoadError(f"class_names metadata of {where} is not a list of strings", hint)
     try:
         input_size = int(meta["input_size"])
     except ValueError as err:
-        raise ModelLoadError(f"input_size metadata of {model_path} is "
-                             f"{meta['input_size']!r}, not an integer", EXPORT_HINT) from err
+        raise ModelLoadError(f"input_size metadata of {where} is "
+                             f"{meta['input_size']!r}, not an integer", hint) from err
     if input_size < 1:
-        raise ModelLoadError(f"input_size metadata of {model_path} is {input_size}", EXPORT_HINT)
+        raise ModelLoadError(f"input_size metadata of {where} is {input_size}", hint)
     if width is not None and width != len(names):
-        raise ModelLoadError(f"{model_path} outputs {width} logits but names {len(names)} classes",
-                             EXPORT_HINT)
+        raise ModelLoadError(f"{where} outputs {width} logits but names {len(names)} classes",
+                             hint)
     return ModelInfo(class_names=tuple(names), input_size=input_size, input_name=input_name,
-                     output_name=output_name, arch=meta["arch"],
-                     sha256=file_sha256(model_path), metadata=meta,
-                     features_name=features_name)
+                     output_name=outputs[0], arch=meta["arch"], sha256=sha256,
+                     metadata=dict(meta), features_name=features_name)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ import numpy as np
 
 from roadshield_base.errors import ConfigError, RoadshieldError
 
+from .model_info import ModelInfo
 from .runners.base import BaseRunner, named_array
 
 #: Label of a crop that abstained.
@@ -361,6 +362,11 @@ class PatchCleanserRunner(BaseRunner):
     @property
     def input_names(self) -> list[str]:
         return [self.input_name]
+
+    @property
+    def model_info(self) -> ModelInfo:
+        """The wrapped model's export metadata (the defence adds outputs, not a model)."""
+        return self.inner.model_info
 
     @property
     def output_names(self) -> list[str]:

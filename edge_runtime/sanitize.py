@@ -210,6 +210,10 @@ class SanitizeChain:
     #: where the steps run ("cpu" here; "cuda" for ``CudaSanitizeChain``)
     device = "cpu"
 
+    def close(self) -> None:
+        """Release what the chain holds: nothing on the CPU (``CudaSanitizeChain`` frees
+        its device memory); every chain has it, so its owner closes any chain alike."""
+
     def attach_runner(self, runner: Any) -> bool:
         """Hand the batch to ``runner`` in device memory where the chain can (a CUDA chain
         and a TensorRT runner). A CPU chain returns host arrays: nothing to attach,
@@ -273,18 +277,9 @@ def split_device(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
-def build_chain(spec: str | Sequence[str] | SanitizeChain | None, device: str | None = None,
-                **cuda_options: Any) -> SanitizeChain | None:
-    """A chain from a spec string, a list of step specs, or a chain; None/"" gives None.
-
-    device: "cpu" (default) or "cuda"; a spec string may name it instead as a prefix,
-    ``"cuda:bitdepth:bits=5,median:k=3,preprocess"`` (both given must agree). "cuda"
-    returns an ``edge_runtime.sanitize_cuda.CudaSanitizeChain`` (``cuda_options`` go to
-    it: ``launcher``, ``kernels``, ``build_dir``); it raises ``BackendUnavailableError``
-    with a hint where no GPU or CUDA binding is present.
-    """
-    if spec is None or isinstance(spec, SanitizeChain):
-        return spec
+def _chain_steps(spec: str | Sequence[str], device: str | None
+                 ) -> tuple[str, list[Sanitizer]] | None:
+    """(device, steps) of a chain spec, or None for an empty one; opens nothing."""
     if isinstance(spec, str):
         named, spec = split_device(spec)
         if named is not None and device is not None and named != device.lower():
@@ -299,7 +294,42 @@ def build_chain(spec: str | Sequence[str] | SanitizeChain | None, device: str | 
     device = (device or "cpu").lower()
     if device not in DEVICES:
         raise ConfigError(f"sanitizer device {device!r} is unknown", f"use one of {DEVICES}")
-    steps = [create_sanitizer(name, **opts) for name, opts in parse_chain(spec)]
+    return device, [create_sanitizer(name, **opts) for name, opts in parse_chain(spec)]
+
+
+def check_chain_spec(spec: str | Sequence[str] | SanitizeChain | None,
+                     device: str | None = None) -> None:
+    """Raise the ``ConfigError`` ``build_chain`` would for a bad spec, without opening
+    anything (no CUDA launcher, no kernels): a caller checks every setting first."""
+    if spec is None or isinstance(spec, SanitizeChain):
+        return
+    parsed = _chain_steps(spec, device)
+    if parsed is None:
+        return
+    chain = SanitizeChain(parsed[1])  # preprocess named twice, crop / batch split
+    if parsed[0] == "cuda":
+        from .sanitize_cuda import check_gpu_steps
+
+        check_gpu_steps(chain.crop_steps, chain.batch_steps)
+
+
+def build_chain(spec: str | Sequence[str] | SanitizeChain | None, device: str | None = None,
+                **cuda_options: Any) -> SanitizeChain | None:
+    """A chain from a spec string, a list of step specs, or a chain; None/"" gives None.
+
+    device: "cpu" (default) or "cuda"; a spec string may name it instead as a prefix,
+    ``"cuda:bitdepth:bits=5,median:k=3,preprocess"`` (both given must agree). "cuda"
+    returns an ``edge_runtime.sanitize_cuda.CudaSanitizeChain`` (``cuda_options`` go to
+    it: ``launcher``, ``kernels``, ``build_dir``); it raises ``BackendUnavailableError``
+    with a hint where no GPU or CUDA binding is present. Close the chain (``close()``)
+    when done: a CUDA chain holds device memory.
+    """
+    if spec is None or isinstance(spec, SanitizeChain):
+        return spec
+    parsed = _chain_steps(spec, device)
+    if parsed is None:
+        return None
+    device, steps = parsed
     if device == "cuda":
         from .sanitize_cuda import CudaSanitizeChain
 

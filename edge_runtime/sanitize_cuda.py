@@ -239,18 +239,23 @@ class CudaSanitizeChain(SanitizeChain):
         return result
 
     def close(self) -> None:
-        """Free the chain's device buffers and stream (and its launcher, if it made it)."""
-        stream = self._stream
-        if self._buffers:
-            self.launcher.synchronize()  # queued work may still read or write them
-        for address, _ in self._buffers.values():
-            self.launcher.free(address)
-        self._buffers.clear()
-        if stream is not None:
-            self.launcher.destroy_stream(stream)
-            self._stream = None
-        if self._owns_launcher:
-            self.launcher.close()
+        """Free the chain's device buffers and stream (and its launcher, if it made it).
+
+        Idempotent; the launcher is closed even when freeing a buffer fails (its context
+        going away releases what is left)."""
+        stream, self._stream = self._stream, None
+        buffers, self._buffers = list(self._buffers.values()), {}
+        owns, self._owns_launcher = self._owns_launcher, False
+        try:
+            if buffers:
+                self.launcher.synchronize()  # queued work may still read or write them
+            for address, _ in buffers:
+                self.launcher.free(address)
+            if stream is not None:
+                self.launcher.destroy_stream(stream)
+        finally:
+            if owns:
+                self.launcher.close()
 
     def __enter__(self) -> CudaSanitizeChain:
         return self

@@ -23,6 +23,7 @@ import abc
 import logging
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,7 +34,13 @@ import numpy as np
 
 from roadshield_base.errors import CameraError
 
-from .frames import Frame, FrameSource, registered_schemes, source_factory
+from .frames import (
+    Frame,
+    FrameSource,
+    missing_plugin_error,
+    registered_schemes,
+    source_factory,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +61,36 @@ def _gstreamer_available() -> bool:
         if line.strip().startswith("GStreamer:"):
             return "YES" in line.split(":", 1)[1]
     return False
+
+
+#: the V4L2 device a device install falls back to when it has no CSI camera
+V4L2_DEFAULT = "/dev/video0"
+#: where JetPack installs the Argus camera daemon a CSI capture goes through
+NVARGUS_PATHS = ("/usr/sbin/nvargus-daemon", "/usr/bin/nvargus-daemon")
+
+
+def _nvargus_present() -> bool:
+    return shutil.which("nvargus-daemon") is not None or any(
+        os.path.exists(p) for p in NVARGUS_PATHS)
+
+
+def default_camera() -> str:
+    """The URI of this device's own camera, for ``edge run`` without ``--source``.
+
+    ``csi://0`` where a CSI camera can be captured (this cv2 has GStreamer and JetPack's
+    nvargus-daemon is installed), else ``/dev/video0`` when it exists. Raises
+    ``CameraError`` saying so, and listing the sources this install knows, when there is
+    neither: a test stream is never picked silently.
+    """
+    if _gstreamer_available() and _nvargus_present():
+        return "csi://0"
+    if os.path.exists(V4L2_DEFAULT):
+        return V4L2_DEFAULT
+    schemes = ", ".join(f"{s}://" for s in (*registered_schemes(), "csi", "v4l2", "file"))
+    raise CameraError("no camera found on this device: no CSI camera (needs cv2 with "
+                      f"GStreamer and nvargus-daemon) and no {V4L2_DEFAULT}",
+                      f"name one with --source: {schemes}, /dev/videoN, a video file or a "
+                      "folder of images (e.g. --source /path/to/frames)")
 
 
 def csi_pipeline(sensor_id: int = 0, width: int = 1280, height: int = 720, fps: int = 30,
@@ -350,6 +387,9 @@ def open_source(uri: str) -> FrameSource:
                 raise CameraError(f"V4L2 camera URI '{uri}' needs a device number",
                                   "write v4l2://0 for /dev/video0")
             return _open_v4l2(uri, int(body), query)
+        missing = missing_plugin_error(scheme)
+        if missing is not None:
+            raise missing
         known = ", ".join(f"{s}://" for s in (*registered_schemes(), "csi", "v4l2", "file"))
         raise CameraError(f"no camera source handles '{uri}' (scheme '{scheme}://')",
                           f"use one of: {known}, /dev/videoN, a video file or a folder")
@@ -371,6 +411,7 @@ def _open_existing(uri: str, text: str) -> FrameSource:
     if not path.exists():
         raise CameraError(f"camera source '{uri}' is not a known scheme and no such file or "
                           "folder exists",
-                          "give csi://N, /dev/videoN, v4l2://N, synthetic://..., a video file "
-                          "or a folder of images")
+                          "give csi://N, /dev/videoN, v4l2://N, a video file, a folder of "
+                          "images or an installed scheme: "
+                          + (", ".join(f"{s}://" for s in registered_schemes()) or "none"))
     return _open_path(uri, path, query)

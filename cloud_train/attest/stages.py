@@ -312,15 +312,38 @@ def shard_names(out_dir: str | os.PathLike[str]) -> list[str]:
     return sorted(p.name for p in (Path(out_dir) / "shard").glob("shard-*.npz"))
 
 
-def load_training_data(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The shard stage's data: images (N x S x S x 3 uint8 RGB), labels (int64), class_names,
-    mean/std (RGB, [0, 1] units). Call ``require_verified`` first; this only reads."""
-    folder = Path(out_dir) / "shard"
-    parts = [load_npz((folder / n).read_bytes(), f"shard/{n}") for n in shard_names(out_dir)]
-    if not parts:
-        raise DatasetError(f"no shards in {folder}", "run `roadshield data preprocess` first")
-    stats = json.loads((folder / "stats.json").read_text())
+def training_data_from_bytes(files: Mapping[str, bytes], where: str = "shard"
+                             ) -> dict[str, Any]:
+    """Decode the shard stage's data from its file bytes (names "shard/<file>", as
+    ``VerifyReport.files`` holds them): images (N x S x S x 3 uint8 RGB), labels (int64),
+    class_names, mean/std (RGB, [0, 1] units). Nothing is read from disk, so what is
+    decoded is exactly what was hashed."""
+    names = sorted(n for n in files if n.startswith("shard/shard-") and n.endswith(".npz"))
+    if not names:
+        raise DatasetError(f"no shards in {where}", "run `roadshield data preprocess` first")
+    missing = [n for n in ("shard/stats.json", "shard/classes.json") if n not in files]
+    if missing:
+        raise DatasetError(f"{where} lacks {missing}", "run `roadshield data preprocess` again")
+    parts = [load_npz(files[n], n) for n in names]
+    try:
+        stats = json.loads(files["shard/stats.json"])
+        classes = json.loads(files["shard/classes.json"])
+        mean, std = tuple(stats["mean"]), tuple(stats["std"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise DatasetError(f"{where}: stats.json / classes.json are malformed: {err}",
+                           "run `roadshield data preprocess` again") from err
     return {"images": np.concatenate([p["images"] for p in parts]),
             "labels": np.concatenate([p["labels"] for p in parts]),
-            "class_names": tuple(json.loads((folder / "classes.json").read_text())),
-            "mean": tuple(stats["mean"]), "std": tuple(stats["std"])}
+            "class_names": tuple(classes), "mean": mean, "std": std}
+
+
+def load_training_data(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """The shard stage's data read from ``out_dir`` WITHOUT verification, for inspecting a
+    folder (same fields as ``training_data_from_bytes``). Training never uses it: it takes
+    ``cloud_train.attest.verify.verified_training_data``, which decodes the very bytes the
+    verification hashed (a file swapped after verification is never read)."""
+    folder = Path(out_dir) / "shard"
+    files = {f"shard/{p.name}": p.read_bytes() for p in sorted(folder.glob("*"))
+             if p.is_file() and not p.name.endswith(ATTESTATION_SUFFIX)} \
+        if folder.is_dir() else {}
+    return training_data_from_bytes(files, str(folder))

@@ -10,6 +10,11 @@ Checks, in order, for each stage (decode, normalise, augment, shard):
 4. the chain: the stage's recorded inputs are exactly the previous stage's subjects (names
    and digests); with ``raw_dir`` the decode inputs are re-hashed too.
 
+Every file is read once: the bytes hashed are the bytes checked, and the shard stage's
+verified bytes stay in the report (``VerifyReport.files``), from which
+``verified_training_data`` decodes what training uses, so a file swapped on disk after
+verification is never read.
+
 Then, on the stages whose files verified, the data checks: class lists agree, the recorded
 normalisation constants match the pixels (1%), shard rows equal the augment rows they name,
 every class still has samples, and ``drift.compare`` between consecutive stages.
@@ -35,6 +40,7 @@ from cloud_train.attest.stages import (
     channel_stats,
     load_npz,
     read_arrays,
+    training_data_from_bytes,
 )
 from cloud_train.attest.statement import (
     PAYLOAD_TYPE,
@@ -77,6 +83,9 @@ class VerifyReport:
     outputs: dict[str, str] = field(default_factory=dict)  # the shard stage's subjects
     images: int = 0
     seconds: float = 0.0
+    #: the shard stage's file bytes, exactly as hashed ("shard/<file>" -> bytes); empty
+    #: unless every shard subject matched its attested digest
+    files: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -306,6 +315,7 @@ def verify_pipeline(out_dir: str | os.PathLike[str], policy: StagePolicy | str |
         prev = subjects if subjects is not None else {}
         if stage == STAGES[-1] and subjects:
             rep.outputs = subjects
+            rep.files = dict(files[stage] or {})
     _data_checks(files, rep, thresholds or drift.DriftThresholds())
     rep.seconds = time.perf_counter() - t0
     return rep
@@ -313,7 +323,24 @@ def verify_pipeline(out_dir: str | os.PathLike[str], policy: StagePolicy | str |
 
 def require_verified(out_dir: str | os.PathLike[str],
                      policy: StagePolicy | str | os.PathLike[str]) -> VerifyReport:
-    """The gate training calls: the report if every check passed, else VerifyError."""
+    """The report if every check passed, else VerifyError."""
     rep = verify_pipeline(out_dir, policy)
     rep.raise_if_failed()
     return rep
+
+
+def verified_training_data(out_dir: str | os.PathLike[str],
+                           policy: StagePolicy | str | os.PathLike[str]
+                           ) -> tuple[dict[str, Any], VerifyReport]:
+    """The gate training calls: verify ``out_dir``, then decode the training data from the
+    bytes the verification hashed (``VerifyReport.files``), never from a second read.
+
+    Returns (data, report); data as ``stages.training_data_from_bytes`` gives it (images
+    N x S x S x 3 uint8 RGB, labels int64, class_names, mean/std). Raises VerifyError
+    when any check fails.
+    """
+    rep = require_verified(out_dir, policy)
+    if not rep.files:  # a passed verification always holds them; refuse rather than re-read
+        raise VerifyError(f"pipeline {out_dir} verified without the shard stage's bytes",
+                          _HINT)
+    return training_data_from_bytes(rep.files, f"{out_dir}/shard"), rep

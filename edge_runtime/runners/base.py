@@ -4,6 +4,9 @@ Modelled on Polygraphy's ``BaseRunner``: ``activate`` loads the model and
 allocates what inference needs, ``infer`` maps input names to arrays and back,
 ``deactivate`` releases everything. A runner is a context manager and refuses
 to infer while inactive, so a test harness can drive every backend the same way.
+A runner loaded from an exported file also reports what the export recorded about the
+model (``model_info``: class names, input size, tensor names), so the run loop takes it
+from whichever backend loaded the file.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from types import TracebackType
 
 import numpy as np
 
-from roadshield_base.errors import RoadshieldError
+from roadshield_base.errors import ModelLoadError, RoadshieldError
+
+from ..model_info import EXPORT_HINT, ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,17 @@ class BaseRunner(abc.ABC):
     @abc.abstractmethod
     def output_names(self) -> list[str]:
         """Names of the model's outputs (valid once active)."""
+
+    @property
+    def model_info(self) -> ModelInfo:
+        """What the loaded model file says about itself (valid once active).
+
+        Raises ``ModelLoadError`` when the runner carries no export metadata (a bare
+        module, a file exported without it); backends that load exported files override
+        this."""
+        raise ModelLoadError(f"runner {self.name} carries no model metadata (class names, "
+                             "input size)", f"run a file written by `roadshield distill "
+                             f"export`; {EXPORT_HINT}")
 
     @abc.abstractmethod
     def activate_impl(self) -> None: ...

@@ -7,7 +7,8 @@ model it was built for, so ``distill.engine.build_engine`` writes
 - ``format``: ``"roadshield-tensorrt-engine/1"``;
 - ``tensorrt_version``, ``gpu_name``, ``compute_capability`` ("8.7"): where it was built;
 - ``engine_sha256`` (the engine file), ``onnx_sha256`` (the ONNX it came from);
-- ``precision`` ("fp16" or "fp32"), ``workspace_bytes``;
+- ``precision`` ("fp16", "fp32", or "int8" for an explicitly quantized ONNX),
+  ``workspace_bytes``;
 - ``profiles``: input name -> ``[min, opt, max]`` shapes of the optimization profile;
 - ``model_metadata``: the ONNX ``metadata_props`` (class names, input size, arch...),
   so the edge runtime knows the model without the ONNX file;
@@ -29,7 +30,7 @@ from typing import Any
 from roadshield_base.errors import ModelLoadError
 from roadshield_base.fileio import atomic_write_json, file_sha256
 
-from ..model_info import ModelInfo
+from ..model_info import ModelInfo, model_info_from_metadata
 
 SIDECAR_FORMAT = "roadshield-tensorrt-engine/1"
 ENGINE_SUFFIXES = (".engine", ".plan")
@@ -138,26 +139,22 @@ def check_engine(engine_path: str | os.PathLike[str], info: EngineInfo, *,
                              f"engines are tuned for one GPU model; {REBUILD_HINT}")
 
 
-def engine_model_info(engine_path: str | os.PathLike[str]) -> ModelInfo:
+def engine_model_info(engine_path: str | os.PathLike[str],
+                      sidecar: EngineInfo | None = None) -> ModelInfo:
     """The model's identity from an engine's sidecar (its ONNX metadata), for the loop.
 
     Same fields as ``edge_runtime.model_info.read_model_info`` gives for the ONNX file;
-    ``sha256`` is the engine's. Raises ``ModelLoadError`` when the metadata is missing.
+    ``sha256`` is the engine's. sidecar: the one already read (and checked) for this
+    engine; None reads it. Raises ``ModelLoadError`` when the metadata is missing.
     """
-    info = read_sidecar(engine_path)
+    info = sidecar if sidecar is not None else read_sidecar(engine_path)
     meta = info.model_metadata
-    try:
-        names = json.loads(meta["class_names"])
-        size = int(meta["input_size"])
-        arch = str(meta["arch"])
-    except (KeyError, ValueError, TypeError) as err:
-        raise ModelLoadError(f"sidecar of {engine_path} lacks the model metadata ({err})",
-                             "build the engine from an ONNX written by `roadshield distill "
-                             f"export`; {REBUILD_HINT}") from err
-    if not isinstance(names, list) or not names or size < 1:
-        raise ModelLoadError(f"sidecar of {engine_path} has class_names {names!r} and "
-                             f"input_size {size}", REBUILD_HINT)
-    return ModelInfo(class_names=tuple(str(n) for n in names), input_size=size,
-                     input_name=info.input_name, output_name=info.output_name, arch=arch,
-                     sha256=info.engine_sha256, metadata=dict(meta),
-                     features_name=meta.get("features_output") or None)
+    hint = ("build the engine from an ONNX written by `roadshield distill export`; "
+            f"{REBUILD_HINT}")
+    outputs = [info.output_name]
+    features = meta.get("features_output")
+    if features:  # the engine keeps every output of the ONNX it was built from
+        outputs.append(features)
+    return model_info_from_metadata(meta, f"sidecar of {engine_path}",
+                                    input_name=info.input_name, outputs=outputs, width=None,
+                                    sha256=info.engine_sha256, hint=hint)

@@ -16,9 +16,16 @@ from typing import Any
 
 import numpy as np
 
-from edge_runtime.model_info import EXPORT_HINT, TensorSpec, check_feed
+from edge_runtime.model_info import (
+    EXPORT_HINT,
+    ModelInfo,
+    TensorSpec,
+    check_feed,
+    model_info_from_metadata,
+)
 from edge_runtime.runners.base import BaseRunner, RunnerStateError
 from roadshield_base.errors import BackendUnavailableError, ConfigError, ModelLoadError
+from roadshield_base.fileio import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +162,9 @@ class OnnxRuntimeRunner(BaseRunner):
         self._session: Any = None
         self._specs: list[TensorSpec] = []
         self._outputs: list[str] = []
+        self._metadata: dict[str, str] = {}
+        self._logits_width: int | None = None
+        self._info: ModelInfo | None = None
 
     def provider_entries(self) -> list[ProviderEntry]:
         """``(provider, options)`` pairs handed to ``InferenceSession``."""
@@ -176,6 +186,18 @@ class OnnxRuntimeRunner(BaseRunner):
         """Shape (``None`` = dynamic) and dtype of every input (valid once active)."""
         self._require_loaded()
         return list(self._specs)
+
+    @property
+    def model_info(self) -> ModelInfo:
+        """The export metadata of the loaded session (``metadata_props``), checked as
+        ``edge_runtime.model_info.read_model_info`` checks it; valid once active."""
+        self._require_loaded()
+        if self._info is None:
+            self._info = model_info_from_metadata(
+                self._metadata, f"ONNX file {self.model_path}", input_name=self._specs[0].name,
+                outputs=self._outputs, width=self._logits_width,
+                sha256=file_sha256(self.model_path))
+        return self._info
 
     def _require_loaded(self) -> None:
         if not self._specs:
@@ -209,6 +231,11 @@ class OnnxRuntimeRunner(BaseRunner):
                                                 for d in i.shape), _ORT_DTYPES.get(i.type))
                        for i in session.get_inputs()]
         self._outputs = [o.name for o in session.get_outputs()]
+        self._metadata = dict(session.get_modelmeta().custom_metadata_map)
+        logits = session.get_outputs()[0].shape if self._outputs else []
+        self._logits_width = (logits[-1] if len(logits) == 2 and isinstance(logits[-1], int)
+                              else None)
+        self._info = None
         self._session = session
 
     def infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

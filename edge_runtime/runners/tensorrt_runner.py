@@ -43,9 +43,9 @@ from roadshield_base.errors import (
     RoadshieldError,
 )
 
-from ..model_info import TensorSpec, check_feed
+from ..model_info import ModelInfo, TensorSpec, check_feed
 from .base import BaseRunner, RunnerStateError
-from .engine_meta import REBUILD_HINT, check_engine, read_sidecar
+from .engine_meta import REBUILD_HINT, EngineInfo, check_engine, engine_model_info, read_sidecar
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -126,6 +126,7 @@ class TensorRTRunner(BaseRunner):
         self._engine: trt.ICudaEngine | None = None
         self._context: trt.IExecutionContext | None = None
         self._tensors: dict[str, TensorBinding] = {}
+        self._sidecar: EngineInfo | None = None  # the sidecar checked on activate
 
     # -- state shared with the sanitize kernels --------------------------------------
     def share_launcher(self, launcher: KernelLauncher) -> None:
@@ -166,6 +167,13 @@ class TensorRTRunner(BaseRunner):
     def output_names(self) -> list[str]:
         self._require_loaded()
         return [t.name for t in self._tensors.values() if not t.is_input]
+
+    @property
+    def model_info(self) -> ModelInfo:
+        """The model's identity from the engine's sidecar (the ONNX metadata it was built
+        from); valid once active."""
+        self._require_loaded()
+        return engine_model_info(self.engine_path, self._sidecar)
 
     @property
     def tensors(self) -> dict[str, TensorBinding]:
@@ -211,10 +219,12 @@ class TensorRTRunner(BaseRunner):
                                  "check the path and its permissions") from err
         try:
             if self.verify:
-                check_engine(self.engine_path, read_sidecar(self.engine_path),
+                sidecar = read_sidecar(self.engine_path)
+                check_engine(self.engine_path, sidecar,
                              tensorrt_version=trt.__version__, gpu_name=launcher.device_name(),
                              compute_capability=launcher.compute_capability(),
                              engine_sha256=hashlib.sha256(data).hexdigest())
+                self._sidecar = sidecar
             self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
             engine = self._runtime.deserialize_cuda_engine(data)
             if engine is None:

@@ -2,10 +2,20 @@
 
 torch is imported when a runner is built, never at module level, so the edge
 runtime loads on a device without torch.
+
+A program written by ``roadshield distill export --pt2`` (``distill.export.
+export_torch_program``) carries the export metadata as the extra file
+``roadshield_meta.json`` inside the archive: a JSON object with ``class_names`` (list),
+``input_size`` (int), ``num_classes``, ``input_format``, ``normalization`` (and the
+``normalization_mean`` / ``normalization_std`` lists), ``arch`` and ``source_sha256``.
+``TorchRunner.model_info`` reports it in the same form as the ONNX reader.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
 import os
 from pathlib import Path
@@ -13,8 +23,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edge_runtime.model_info import EXPORT_HINT, TensorSpec, check_feed
-from edge_runtime.runners.base import BaseRunner
+from edge_runtime.model_info import (
+    EXPORT_HINT,
+    ModelInfo,
+    TensorSpec,
+    check_feed,
+    model_info_from_metadata,
+)
+from edge_runtime.runners.base import BaseRunner, RunnerStateError
 from roadshield_base.errors import BackendUnavailableError, ConfigError, ModelLoadError
 
 if TYPE_CHECKING:
@@ -28,6 +44,9 @@ INSTALL_HINT = ("pip install torch (see pytorch.org for the CUDA build); on a Je
 LOGITS = "logits"
 #: model input layout when the model itself does not say (nn.Module): N x 3 x H x W
 _DEFAULT_INPUT = TensorSpec("input", (None, 3, None, None))
+#: the extra file of a .pt2 archive holding the export metadata (distill.export writes it)
+PT2_META_FILE = "roadshield_meta.json"
+PT2_HINT = f"{EXPORT_HINT} --pt2"
 
 
 def import_torch() -> Any:
@@ -99,6 +118,25 @@ class TorchRunner(BaseRunner):
         self._specs: list[TensorSpec] = [_DEFAULT_INPUT]
         self._outputs: list[str] = [LOGITS]
         self._static_batch: int | None = None
+        self._metadata: dict[str, str] | None = None  # from the archive; None: it has none
+        self._sha256 = ""
+
+    @property
+    def model_info(self) -> ModelInfo:
+        """The export metadata read from the loaded program's ``roadshield_meta.json``
+        (valid once active); ``ModelLoadError`` for a module or a program saved without it."""
+        if not self.is_active:
+            raise RunnerStateError(f"runner {self.name} has not loaded its model yet",
+                                   "activate it (or enter its context) first")
+        what = (f"torch program {self.model_path}" if self.model_path is not None
+                else f"torch module {type(self._given_module).__name__}")
+        if self._metadata is None:
+            raise ModelLoadError(f"{what} carries no {PT2_META_FILE} (class names, input size)",
+                                 f"export it with `roadshield distill export --pt2`, which "
+                                 f"embeds them; {PT2_HINT}")
+        return model_info_from_metadata(self._metadata, what, input_name=self._specs[0].name,
+                                        outputs=self._outputs, width=None, sha256=self._sha256,
+                                        hint=PT2_HINT)
 
     @property
     def input_names(self) -> list[str]:
@@ -110,12 +148,25 @@ class TorchRunner(BaseRunner):
 
     def _load_program(self) -> Any:
         torch = self._torch
+        path = self.model_path
+        if path is None:
+            raise RunnerStateError(f"runner {self.name} runs a module, not a program",
+                                   "pass a .pt2 path to load a program")
         try:
-            program = torch.export.load(str(self.model_path))
+            data = path.read_bytes()
+        except OSError as err:
+            raise ModelLoadError(f"cannot read torch program {path}: {err}",
+                                 "check the path and its permissions") from err
+        # one read: the digest and the metadata belong to the very bytes that run
+        self._sha256 = hashlib.sha256(data).hexdigest()
+        extra: dict[str, Any] = {PT2_META_FILE: ""}
+        try:
+            program = torch.export.load(io.BytesIO(data), extra_files=extra)
         except Exception as err:  # torch raises zipfile / pickle / runtime errors here
-            raise ModelLoadError(f"cannot load torch program {self.model_path}: {err}",
-                                 f"the file is corrupt or from another torch; {EXPORT_HINT} "
-                                 "--pt2") from err
+            raise ModelLoadError(f"cannot load torch program {path}: {err}",
+                                 f"the file is corrupt or from another torch; {PT2_HINT}"
+                                 ) from err
+        self._metadata = _program_metadata(extra[PT2_META_FILE], path)
         signature = program.graph_signature
         users = list(signature.user_inputs)
         specs = []
@@ -182,6 +233,22 @@ class TorchRunner(BaseRunner):
         self._module = None
         if self.device != "cpu" and self.model_path is not None:
             self._torch.cuda.empty_cache()
+
+
+def _program_metadata(text: str | bytes, path: Path) -> dict[str, str] | None:
+    """The archive's ``roadshield_meta.json`` in ``metadata_props`` form (every value a
+    string, lists as JSON), or None when the archive has none. Entries that are null
+    (a program exported without class names) are dropped, so the check names them."""
+    if not text:
+        return None
+    try:
+        meta = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"{PT2_META_FILE} in {path} is not JSON: {err}", PT2_HINT) from err
+    if not isinstance(meta, dict):
+        raise ModelLoadError(f"{PT2_META_FILE} in {path} is not a JSON object", PT2_HINT)
+    return {str(k): v if isinstance(v, str) else json.dumps(v)
+            for k, v in meta.items() if v is not None}
 
 
 def _to_numpy(value: Any) -> np.ndarray:
