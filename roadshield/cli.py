@@ -33,10 +33,20 @@ TIER_PARSERS = ("cloud_train.cli", "distill.cli", "edge_runtime.cli", "actuator.
 
 
 def _add_tiers(sub: argparse._SubParsersAction) -> None:
+    """Add every installed tier's verbs; a tier whose package is not installed (a device
+    install without the cloud tier) simply offers none."""
     import importlib
 
     for module in TIER_PARSERS:
-        importlib.import_module(module).add_parsers(sub)
+        package = module.split(".")[0]
+        try:
+            tier = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != package:  # a broken tier must not pass for an absent one
+                raise
+            logging.getLogger(__name__).debug("tier %s not installed", package)
+            continue
+        tier.add_parsers(sub)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:

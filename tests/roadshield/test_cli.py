@@ -122,3 +122,26 @@ def test_bad_trainer_option_fails_before_training(tmp_path):
     res = run_cli("train", "--data", str(tmp_path), "--out", str(tmp_path / "m.safetensors"),
                   "--trainer", "trades", "--trades-beta", "-1")
     assert res.returncode == 2 and "trades_beta" in res.stderr and "Traceback" not in res.stderr
+
+
+HIDE_CLOUD = (
+    "import importlib.abc, sys\n"
+    "class Hide(importlib.abc.MetaPathFinder):\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] in ('cloud_train', 'distill'):\n"
+    "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+    "sys.meta_path.insert(0, Hide())\n"
+    "from roadshield.cli import main\n")
+
+
+def test_a_device_install_without_the_cloud_tier_still_offers_its_own_verbs():
+    code = HIDE_CLOUD + "sys.exit(main(sys.argv[1:]))"
+    help_out = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True,
+                              text=True, timeout=120)
+    assert help_out.returncode == 0, help_out.stderr
+    assert "edge" in help_out.stdout and "actuator" in help_out.stdout
+    assert "distill" not in help_out.stdout and "redteam" not in help_out.stdout
+    train = subprocess.run([sys.executable, "-c", code, "train"], capture_output=True,
+                           text=True, timeout=120)
+    assert train.returncode == 2 and "invalid choice: 'train'" in train.stderr
+    assert "Traceback" not in train.stderr
