@@ -16,8 +16,20 @@ def add_parsers(sub: Any) -> None:
     edge = sub.add_parser("edge", help="the on-device runtime")
     esub = edge.add_subparsers(dest="edge_cmd", required=True)
     run = esub.add_parser("run", help="camera -> locate -> infer -> decide -> actuator")
-    run.add_argument("--model", required=True,
-                     help=".onnx, .pt2 (torch backend) or .engine (tensorrt backend)")
+    what = run.add_mutually_exclusive_group(required=True)
+    what.add_argument("--bundle", default=None, metavar="DIR",
+                      help="a signed bundle (`roadshield distill bundle`): its signature is "
+                           "checked with --trust-key and the bytes checked are the bytes run")
+    what.add_argument("--model", default=None,
+                      help="a bare model file: .onnx, .pt2 (torch backend) or .engine "
+                           "(tensorrt backend); unsigned, so it needs --allow-unsigned")
+    run.add_argument("--trust-key", default=None, metavar="PEM",
+                     help="the bundle publisher's public key (bundle.pub from `distill keygen`)")
+    run.add_argument("--bundle-model", default="model", choices=("model", "int8"),
+                     help="which of the bundle's models to run")
+    run.add_argument("--allow-unsigned", action="store_true",
+                     help="run a bare --model file with no signature check (the log and the "
+                          "report say so)")
     run.add_argument("--source", default=None,
                      help="csi://N (Jetson CSI camera), /dev/videoN or v4l2://N (USB camera), "
                           "a video file, a folder of images, or a scheme an installed tier "
@@ -72,6 +84,7 @@ def edge_run(args: argparse.Namespace) -> int:
     if args.serial and not args.serial_key:
         raise ConfigError("--serial needs --serial-key",
                           "pass the key file written by `roadshield actuator provision`")
+    model, trust = _model_to_run(args)
     source = args.source
     if source is None:
         source = default_camera()
@@ -86,7 +99,7 @@ def edge_run(args: argparse.Namespace) -> int:
                                   arm=False)
     try:
         # commands on the serial link expire after their TTL (500 ms): refresh well before
-        loop = build_loop(source, args.model, backend=args.backend,
+        loop = build_loop(source, model, backend=args.backend,
                           policy_options={"max_speed_kmh": args.max_speed}, actuator=actuator,
                           annotate_video=args.video, decision_log=args.decision_log,
                           sanitize=args.sanitize, defence=args.defence,
@@ -101,6 +114,14 @@ def edge_run(args: argparse.Namespace) -> int:
     finally:
         if actuator is not None:
             actuator.close()
+    if not trust["signed"]:
+        from roadshield_base.fileio import file_sha256
+
+        trust["sha256"] = file_sha256(args.model)  # for the record: nothing vouched for it
+        logging.getLogger(__name__).warning(
+            "UNSIGNED MODEL %s (sha256 %s) was run with --allow-unsigned", args.model,
+            trust["sha256"])
+    report.model_trust = trust
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -121,3 +142,48 @@ def edge_backends(args: argparse.Namespace) -> int:
     for name in list_runners():
         print(f"{name:12s} {'available' if name in usable else 'not installed'}")
     return 0
+
+
+def _model_to_run(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The model to hand to the loop, and what vouches for it (the report's model_trust).
+
+    A bundle is verified here and its model handed on as the verified bytes; a bare file
+    runs only with --allow-unsigned."""
+    import logging
+
+    from roadshield_base.errors import ConfigError
+
+    log = logging.getLogger(__name__)
+    if args.bundle is not None:
+        if args.allow_unsigned:
+            raise ConfigError("--allow-unsigned does not apply to a bundle",
+                              "a bundle is always verified; drop --allow-unsigned")
+        if not args.trust_key:
+            raise ConfigError(f"--bundle {args.bundle} needs --trust-key",
+                              "pass the publisher's bundle.pub: a bundle is run only once "
+                              "its signature checks out")
+        from edge_runtime.bundle import verify_bundle
+        from edge_runtime.runners.base import ModelBytes
+
+        bundle = verify_bundle(args.bundle, args.trust_key)
+        name = bundle.model_name(args.bundle_model)
+        model = ModelBytes(bundle.root / name, bundle.model_bytes(args.bundle_model),
+                           origin=f"bundle {bundle.root} (key {bundle.key_hint[:16]})")
+        log.info("bundle %s verified: signed by key %s, root digest %s; running %s",
+                 bundle.root, bundle.key_hint[:16], bundle.root_digest[:16], name)
+        return model, {"signed": True, "bundle": str(bundle.root), "model": name,
+                       "sha256": model.sha256, "root_digest": bundle.root_digest,
+                       "key_hint": bundle.key_hint}
+    if args.trust_key:
+        raise ConfigError("--trust-key checks a --bundle, not a bare --model file",
+                          "sign the model into a bundle with `roadshield distill bundle`")
+    if not args.allow_unsigned:
+        raise ConfigError(f"{args.model} is a bare, unsigned model file: refusing to run it",
+                          "run a signed bundle (--bundle DIR --trust-key bundle.pub), or "
+                          "pass --allow-unsigned to run it anyway (the log and the report "
+                          "say so)")
+    # the file is not read here: the loop checks every setting before it opens the model
+    log.warning("UNSIGNED MODEL: %s runs without a signature check (--allow-unsigned)",
+                args.model)
+    return args.model, {"signed": False, "model": str(args.model), "sha256": "",
+                        "allow_unsigned": True}

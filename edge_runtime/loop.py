@@ -124,6 +124,10 @@ class LoopReport:
     defence_stats: dict[str, int] | None = None  # the defence's cost counters for this run
     monitor: dict[str, Any] | None = None  # detectors, drift, caution (Monitoring.summary)
     interrupted: str | None = None
+    # who vouched for the model: {"signed": True, bundle, model, sha256, root_digest,
+    # key_hint} or {"signed": False, model, sha256, "allow_unsigned": True}; None when the
+    # caller built the loop itself
+    model_trust: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

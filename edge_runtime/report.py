@@ -116,9 +116,19 @@ def plot_monitor(rep: dict[str, Any], out: str | Path) -> Path:
     return out
 
 
+def _trust_row(trust: dict[str, Any] | None) -> str:
+    if not trust:
+        return "not recorded"
+    if trust.get("signed"):
+        return (f"signed bundle {trust['bundle']} ({trust['model']}, key "
+                f"{trust['key_hint'][:16]}, sha256 {trust['sha256'][:16]})")
+    return f"UNSIGNED {trust['model']} (sha256 {trust['sha256'][:16]}, --allow-unsigned)"
+
+
 def loop_rows(rep: dict[str, Any]) -> list[tuple[str, str]]:
     stages = rep.get("stages", {})
-    rows = [("backend", rep.get("runner", "")),
+    rows = [("model", _trust_row(rep.get("model_trust"))),
+            ("backend", rep.get("runner", "")),
             ("input sanitizers", rep.get("sanitize") or "none"),
             ("frames", str(rep["frames"])),
             ("frames per second", f"{rep['fps']:.1f}"),

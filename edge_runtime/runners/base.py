@@ -12,7 +12,10 @@ from whichever backend loaded the file.
 from __future__ import annotations
 
 import abc
+import hashlib
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 
 import numpy as np
@@ -39,6 +42,27 @@ def named_array(arrays: dict[str, np.ndarray], name: str, who: str, hint: str) -
 
 class RunnerStateError(RoadshieldError):
     """A runner was used while inactive, or activated twice."""
+
+
+@dataclass(frozen=True)
+class ModelBytes:
+    """A model already in memory: the bytes a signed bundle's check hashed, handed to the
+    runner as they are so nothing reopens the file between the check and the load.
+
+    path: where the bytes came from (its suffix picks the backend; caches and logs name it;
+    it is never read); data: the model file's bytes; origin: what vouched for them (e.g.
+    "bundle b/ signed by key 2c1455ac...")."""
+
+    path: Path
+    data: bytes
+    origin: str = ""
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+    def __str__(self) -> str:
+        return str(self.path)
 
 
 class BaseRunner(abc.ABC):

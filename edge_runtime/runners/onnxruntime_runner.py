@@ -23,7 +23,7 @@ from edge_runtime.model_info import (
     check_feed,
     model_info_from_metadata,
 )
-from edge_runtime.runners.base import BaseRunner, RunnerStateError
+from edge_runtime.runners.base import BaseRunner, ModelBytes, RunnerStateError
 from roadshield_base.errors import BackendUnavailableError, ConfigError, ModelLoadError
 from roadshield_base.fileio import file_sha256
 
@@ -143,13 +143,17 @@ class OnnxRuntimeRunner(BaseRunner):
 
     name = "onnxruntime"
 
-    def __init__(self, model_path: str | os.PathLike[str], providers: list[str] | None = None,
+    def __init__(self, model_path: str | os.PathLike[str] | ModelBytes,
+                 providers: list[str] | None = None,
                  intra_op_threads: int | None = None, *, device_id: int = 0,
                  fp16: bool = True) -> None:
         super().__init__()
-        self.model_path = Path(model_path)
+        # a ModelBytes is loaded from its bytes; its path only names it (and the TRT cache)
+        self._bytes = model_path if isinstance(model_path, ModelBytes) else None
+        self.model_path = self._bytes.path if self._bytes is not None \
+            else Path(model_path)  # type: ignore[arg-type]
         self._ort = import_onnxruntime()
-        if not self.model_path.is_file():
+        if self._bytes is None and not self.model_path.is_file():
             raise ModelLoadError(f"ONNX model {self.model_path} does not exist",
                                  f"check the path, or {EXPORT_HINT}")
         if intra_op_threads is not None and intra_op_threads < 1:
@@ -196,7 +200,7 @@ class OnnxRuntimeRunner(BaseRunner):
             self._info = model_info_from_metadata(
                 self._metadata, f"ONNX file {self.model_path}", input_name=self._specs[0].name,
                 outputs=self._outputs, width=self._logits_width,
-                sha256=file_sha256(self.model_path))
+                sha256=self._bytes.sha256 if self._bytes else file_sha256(self.model_path))
         return self._info
 
     def _require_loaded(self) -> None:
@@ -212,7 +216,8 @@ class OnnxRuntimeRunner(BaseRunner):
             options.intra_op_num_threads = self.intra_op_threads
         entries = _prepare_trt_cache(self.provider_entries(), self.model_path)
         try:
-            session = ort.InferenceSession(str(self.model_path), sess_options=options,
+            model = self._bytes.data if self._bytes else str(self.model_path)
+            session = ort.InferenceSession(model, sess_options=options,
                                            providers=[name for name, _ in entries],
                                            provider_options=[opts for _, opts in entries])
         except Exception as err:  # onnxruntime raises its own pybind types for bad files

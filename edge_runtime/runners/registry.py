@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.runners.base import BaseRunner
+from edge_runtime.runners.base import BaseRunner, ModelBytes
 from edge_runtime.runners.engine_meta import ENGINE_SUFFIXES
 from edge_runtime.runners.onnxruntime_runner import (
     CPU_EP,
@@ -126,11 +126,20 @@ def create_runner(name: str, model_path: Any, **kwargs: Any) -> BaseRunner:
     """Build (not activate) the backend ``name`` for ``model_path``.
 
     name: a registered backend or "auto" (best usable backend for the file's suffix).
-    model_path: the model file; the "torch" backend also takes an ``nn.Module``.
+    model_path: the model file; the "torch" backend also takes an ``nn.Module``, and
+        "onnxruntime" (or "auto") a ``ModelBytes`` (a verified bundle's model in memory).
     kwargs: passed to the backend's constructor.
     Raises ``ConfigError`` for an unknown name or a file the backend does not load,
     ``BackendUnavailableError`` when no backend can run here.
     """
+    in_memory = model_path if isinstance(model_path, ModelBytes) else None
+    if in_memory is not None:
+        if name not in ("auto", "onnxruntime"):
+            raise ConfigError(f"backend {name!r} cannot load a model from memory "
+                              f"({in_memory.path}, {in_memory.origin})",
+                              "a signed bundle carries ONNX models: run it with onnxruntime "
+                              "(or build a TensorRT engine on the device from its model)")
+        name = "onnxruntime"
     if name == "auto":
         if not isinstance(model_path, (str, os.PathLike)):
             raise ConfigError(f"backend 'auto' needs a model file, got "
@@ -141,8 +150,9 @@ def create_runner(name: str, model_path: Any, **kwargs: Any) -> BaseRunner:
         log.info("auto backend for %s: %s (%s; other backends: %s)",
                  Path(model_path).name, name, avail.detail, others)
     entry = _entry(name)
-    if isinstance(model_path, (str, os.PathLike)) and entry.suffixes:
-        suffix = Path(model_path).suffix.lower()
+    checked = in_memory.path if in_memory is not None else model_path
+    if isinstance(checked, (str, os.PathLike)) and entry.suffixes:
+        suffix = Path(checked).suffix.lower()
         if suffix not in entry.suffixes:
             loaders = [e.name for e in _RUNNERS.values() if suffix in e.suffixes]
             raise ConfigError(f"backend {name!r} loads {list(entry.suffixes)} files, not "

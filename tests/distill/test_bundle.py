@@ -5,6 +5,7 @@ it, refused when unsigned, altered, padded or signed by another key; the upstrea
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import shutil
 import subprocess
@@ -147,3 +148,82 @@ def test_the_provenance_goes_in_only_for_its_own_checkpoint(tiny_onnx, keys, tmp
     with pytest.raises(ConfigError, match="does not vouch for this model"):
         write_bundle(tmp_path / "b2", model, key=keys[0], provenance=other,
                      policy=tmp_path / "stage_keys" / "policy.json")
+
+
+# -- edge run: the device runs only what the signature covers ---------------------------------
+
+
+def _edge(*args: str) -> tuple[int, str, str]:
+    import contextlib
+    import io
+
+    from roadshield.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(["-q", "edge", "run", "--source", "synthetic://?frames=3&width=160&height=120",
+                   "--json", *args])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_edge_run_runs_a_verified_bundle_and_reports_who_signed_it(bundle, keys, tiny_onnx):
+    rc, out, _ = _edge("--bundle", str(bundle), "--trust-key", str(keys[1]))
+    assert rc == 0
+    report = json.loads(out)
+    trust = report["model_trust"]
+    assert trust["signed"] and trust["model"] == "model.onnx"
+    assert trust["sha256"] == hashlib.sha256(tiny_onnx.read_bytes()).hexdigest()
+    assert report["frames"] == 3 and report["runner"].startswith("onnxruntime")
+
+
+def test_edge_run_hands_the_runner_the_bytes_it_verified(bundle, keys, monkeypatch):
+    """A model swapped on disk after the check is never what runs: the runner gets the
+    checked bytes and never opens the file."""
+    import edge_runtime.bundle as bundle_mod
+    from edge_runtime.runners.onnxruntime_runner import OnnxRuntimeRunner
+
+    real_verify = bundle_mod.verify_bundle
+
+    def verify_then_swap(root, key):
+        verified = real_verify(root, key)
+        (Path(root) / "model.onnx").write_bytes(b"not a model any more")
+        return verified
+
+    monkeypatch.setattr(bundle_mod, "verify_bundle", verify_then_swap)
+    loaded: list[object] = []
+    real_init = OnnxRuntimeRunner.__init__
+
+    def spy(self, model_path, *a, **kw):  # type: ignore[no-untyped-def]
+        loaded.append(model_path)
+        real_init(self, model_path, *a, **kw)
+
+    monkeypatch.setattr(OnnxRuntimeRunner, "__init__", spy)
+    rc, out, _ = _edge("--bundle", str(bundle), "--trust-key", str(keys[1]))
+    assert rc == 0 and json.loads(out)["frames"] == 3
+    assert [type(m).__name__ for m in loaded] == ["ModelBytes"]
+
+
+def test_edge_run_refuses_what_is_not_signed_by_the_trusted_key(bundle, keys, tmp_path,
+                                                                tiny_onnx, capsys):
+    _, other_pub = generate_bundle_keys(tmp_path / "other")
+    rc, _, err = _edge("--bundle", str(bundle), "--trust-key", str(other_pub))
+    assert rc == 2 and "signed by another key" in err and "Traceback" not in err
+    rc, _, err = _edge("--bundle", str(bundle))
+    assert rc == 2 and "needs --trust-key" in err
+    data = bytearray((bundle / "model.onnx").read_bytes())
+    data[100] ^= 0xFF
+    (bundle / "model.onnx").write_bytes(bytes(data))
+    rc, _, err = _edge("--bundle", str(bundle), "--trust-key", str(keys[1]))
+    assert rc == 2 and "altered after signing: model.onnx" in err
+
+
+def test_a_bare_model_runs_only_with_allow_unsigned_and_says_so(tiny_onnx, caplog):
+    rc, _, err = _edge("--model", str(tiny_onnx))
+    assert rc == 2 and "bare, unsigned model file" in err and "--allow-unsigned" in err
+    with caplog.at_level("WARNING"):
+        rc, out, _ = _edge("--model", str(tiny_onnx), "--allow-unsigned")
+    assert rc == 0
+    assert json.loads(out)["model_trust"] == {
+        "signed": False, "model": str(tiny_onnx), "allow_unsigned": True,
+        "sha256": hashlib.sha256(tiny_onnx.read_bytes()).hexdigest()}
+    assert any("UNSIGNED MODEL" in r.getMessage() for r in caplog.records)

@@ -6,23 +6,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("onnxruntime")
-
-from cloud_train.models import create_model  # noqa: E402
-from cloud_train.pipeline import register_synthetic_camera  # noqa: E402
-from distill.drift_reference import (  # noqa: E402
+from cloud_train.models import create_model
+from cloud_train.pipeline import register_synthetic_camera
+from distill.drift_reference import (
     build_drift_reference,
     frames_needed,
     write_drift_reference,
 )
-from distill.export import export_onnx  # noqa: E402
-from edge_runtime.drift import REFERENCE_KEY, DriftConfig, DriftReference  # noqa: E402
-from edge_runtime.loop import build_loop  # noqa: E402
-from edge_runtime.model_info import read_model_info  # noqa: E402
-from roadshield.cli import main as cli_main  # noqa: E402
-from roadshield_base.errors import ConfigError  # noqa: E402
+from distill.export import export_onnx
+from edge_runtime.drift import REFERENCE_KEY, DriftConfig, DriftReference
+from edge_runtime.loop import build_loop
+from edge_runtime.model_info import read_model_info
+from roadshield.cli import main as cli_main
+from roadshield_base.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -75,7 +73,7 @@ def test_too_short_a_stream_is_refused(exported: Path) -> None:
 
 def test_edge_run_without_a_reference_says_how_to_make_one(
         exported: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli_main(["edge", "run", "--model", str(exported), "--source",
+    code = cli_main(["edge", "run", "--allow-unsigned", "--model", str(exported), "--source",
                      "synthetic://?frames=5", "--drift"])
     assert code == 2
     assert "distill drift-reference" in capsys.readouterr().err

@@ -85,7 +85,7 @@ def test_edge_run_runs_a_pt2_program_end_to_end(program: Path, frames: Path, tmp
                                                 tiny: Any,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     log = tmp_path / "decisions.jsonl"
-    rc = main(["-q", "edge", "run", "--model", str(program), "--source", str(frames),
+    rc = main(["-q", "edge", "run", "--allow-unsigned", "--model", str(program), "--source", str(frames),
                "--max-frames", "4", "--decision-log", str(log), "--json"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
@@ -99,7 +99,7 @@ def test_edge_run_runs_a_pt2_program_end_to_end(program: Path, frames: Path, tmp
 
 def test_edge_run_refuses_a_pt2_without_metadata_in_one_line(
         tiny_pt2: Path, frames: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["-q", "edge", "run", "--model", str(tiny_pt2), "--source", str(frames)])
+    rc = main(["-q", "edge", "run", "--allow-unsigned", "--model", str(tiny_pt2), "--source", str(frames)])
     err = capsys.readouterr().err
     assert rc == 2 and "roadshield_meta.json" in err and "Traceback" not in err
 
@@ -165,7 +165,7 @@ def _device_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_without_a_camera_or_source_a_device_install_says_so(tiny_onnx: Path,
                                                               tmp_path: Path) -> None:
-    res = _device_run(tmp_path, "--model", str(tiny_onnx))
+    res = _device_run(tmp_path, "--allow-unsigned", "--model", str(tiny_onnx))
     assert res.returncode == 2, res.stderr
     assert "Traceback" not in res.stderr
     assert "no camera found on this device" in res.stderr and "--source" in res.stderr
@@ -176,14 +176,14 @@ def test_without_a_source_a_device_install_opens_its_camera(tiny_onnx: Path,
                                                             tmp_path: Path) -> None:
     # a stand-in /dev/video0 that exists but is no camera: the error is the camera's own
     (tmp_path / "video0").touch()
-    res = _device_run(tmp_path, "--model", str(tiny_onnx))
+    res = _device_run(tmp_path, "--allow-unsigned", "--model", str(tiny_onnx))
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "video0" in res.stderr and "no camera found" not in res.stderr
 
 
 def test_synthetic_source_on_a_device_install_is_not_installed(tiny_onnx: Path,
                                                                tmp_path: Path) -> None:
-    res = _device_run(tmp_path, "--model", str(tiny_onnx), "--source",
+    res = _device_run(tmp_path, "--allow-unsigned", "--model", str(tiny_onnx), "--source",
                       "synthetic://?frames=3")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "'synthetic://' camera source is not installed here" in res.stderr
@@ -192,7 +192,7 @@ def test_synthetic_source_on_a_device_install_is_not_installed(tiny_onnx: Path,
 
 def test_synthetic_source_stays_reachable_where_the_cloud_tier_is(
         tiny_onnx: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["-q", "edge", "run", "--model", str(tiny_onnx), "--source",
+    rc = main(["-q", "edge", "run", "--allow-unsigned", "--model", str(tiny_onnx), "--source",
                "synthetic://?frames=3&width=160&height=120", "--json"])
     assert rc == 0 and json.loads(capsys.readouterr().out)["frames"] == 3
 
@@ -235,7 +235,7 @@ def test_edge_run_arms_the_board_last_and_releases_everything_when_it_refuses(
 
     monkeypatch.setattr(serial_actuator, "SerialActuator", Board)
     monkeypatch.setattr(loop_mod, "own", own)
-    rc = main(["-q", "edge", "run", "--model", str(tiny_onnx), "--source", str(frames),
+    rc = main(["-q", "edge", "run", "--allow-unsigned", "--model", str(tiny_onnx), "--source", str(frames),
                "--serial", "/dev/fake", "--serial-key", str(tmp_path / "board.key"),
                "--decision-log", str(tmp_path / "log.jsonl")])
     err = capsys.readouterr().err

@@ -316,7 +316,7 @@ def test_build_loop_runs_a_chain_on_synthetic_frames(tiny_onnx: Path, tmp_path: 
 def test_cli_edge_run_takes_a_sanitize_chain(tiny_onnx: Path, capsys) -> None:
     from roadshield.cli import main
 
-    rc = main(["-q", "edge", "run", "--model", str(tiny_onnx), "--source",
+    rc = main(["-q", "edge", "run", "--allow-unsigned", "--model", str(tiny_onnx), "--source",
                "synthetic://?frames=3&width=160&height=120", "--backend", "onnxruntime",
                "--sanitize", "median:k=3,jpeg:quality=80", "--json"])
     assert rc == 0

@@ -94,13 +94,13 @@ def test_unreadable_image_names_the_file(tmp_path):
 def test_corrupt_onnx_is_one_clear_error(tmp_path):
     bad = tmp_path / "model.onnx"
     bad.write_bytes(np.random.default_rng(0).bytes(256))
-    res = run_cli("edge", "run", "--model", str(bad), "--source", "synthetic://?frames=2")
+    res = run_cli("edge", "run", "--allow-unsigned", "--model", str(bad), "--source", "synthetic://?frames=2")
     assert res.returncode == 2
     assert str(bad) in res.stderr and "Traceback" not in res.stderr
 
 
 def test_camera_that_cannot_open_is_one_clear_error(tiny_onnx):
-    res = run_cli("edge", "run", "--model", str(tiny_onnx), "--source", "/dev/video99")
+    res = run_cli("edge", "run", "--allow-unsigned", "--model", str(tiny_onnx), "--source", "/dev/video99")
     assert res.returncode == 2
     assert "/dev/video99" in res.stderr and "Traceback" not in res.stderr
 
