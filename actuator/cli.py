@@ -1,4 +1,4 @@
-"""``roadshield actuator simulate|provision|status|fuzz``.
+"""``roadshield actuator simulate|provision|rotate|status|fuzz``.
 
 ``add_parsers(subparsers)`` adds the subcommand to the main parser; handlers
 import their modules only when they run, so ``roadshield --help`` stays fast and a
@@ -13,9 +13,9 @@ from typing import Any
 
 
 def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``actuator`` with its four subcommands to ``subparsers`` (from add_subparsers)."""
+    """Add ``actuator`` with its five subcommands to ``subparsers`` (from add_subparsers)."""
     act = subparsers.add_parser("actuator", help="the serial actuator link: simulate, provision,"
-                                                 " status, fuzz")
+                                                 " rotate, status, fuzz")
     asub = act.add_subparsers(dest="actuator_cmd", required=True)
 
     sim = asub.add_parser("simulate", help="run the device simulator on a pseudo-terminal")
@@ -24,15 +24,28 @@ def add_parsers(subparsers: Any) -> argparse.ArgumentParser:
     sim.add_argument("--key-file", default=None,
                      help="device key (hex); a missing file = an unprovisioned board")
     sim.add_argument("--duration", type=float, default=None, help="stop after N seconds")
+    sim.add_argument("--provision-button", action="store_true",
+                     help="boot with the provisioning button held: accept one PROVISION")
     sim.set_defaults(func=simulate)
 
-    prov = asub.add_parser("provision", help="write the per-device key into a new board, once")
+    prov = asub.add_parser("provision", help="agree a key with a board booted with its "
+                                             "provisioning button held (X25519)")
     prov.add_argument("--port", required=True, help="/dev/ttyACM0, /dev/ttyUSB0, a pty")
-    prov.add_argument("--key-file", required=True, help="key file to write into the board")
-    prov.add_argument("--generate", action="store_true",
-                      help="create the key file first (refuses to overwrite one)")
+    prov.add_argument("--key-file", required=True,
+                      help="new file the agreed key is written to (never overwritten)")
     prov.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for HELLO")
+    prov.add_argument("--agree-timeout", type=float, default=30.0,
+                      help="seconds the board may take for X25519 (several on an AVR)")
     prov.set_defaults(func=provision)
+
+    rot = asub.add_parser("rotate", help="replace the board's key under the current one "
+                                         "(board must be safe)")
+    rot.add_argument("--port", required=True)
+    rot.add_argument("--key-file", required=True, help="current key; replaced by the new one")
+    rot.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for HELLO")
+    rot.add_argument("--agree-timeout", type=float, default=30.0,
+                     help="seconds the board may take for X25519 (several on an AVR)")
+    rot.set_defaults(func=rotate)
 
     st = asub.add_parser("status", help="connect, and print the board's state")
     st.add_argument("--port", required=True)
@@ -58,11 +71,20 @@ def simulate(args: argparse.Namespace) -> int:
 def provision(args: argparse.Namespace) -> int:
     from actuator.provision import provision_device
 
-    res = provision_device(args.port, args.key_file, generate=args.generate,
-                           hello_timeout_s=args.timeout)
-    made = " (generated)" if res.generated else ""
-    print(f"provisioned the board on {res.port} (firmware {res.firmware}) with key "
-          f"{res.key_file}{made}; keep that file: the board accepts no other")
+    res = provision_device(args.port, args.key_file, hello_timeout_s=args.timeout,
+                           agree_timeout_s=args.agree_timeout)
+    print(f"provisioned the board on {res.port} (firmware {res.firmware}); its key is in "
+          f"{res.key_file}: keep that file, the board accepts no other")
+    return 0
+
+
+def rotate(args: argparse.Namespace) -> int:
+    from actuator.provision import rotate_key
+
+    res = rotate_key(args.port, args.key_file, hello_timeout_s=args.timeout,
+                     agree_timeout_s=args.agree_timeout)
+    print(f"rotated the key of the board on {res.port} (firmware {res.firmware}); the new "
+          f"key replaced {res.key_file}")
     return 0
 
 

@@ -8,8 +8,14 @@ vectors check that both produce the same frames and the same state.
 
 Safety rules:
 * boots in SAFE (brake 1000, steering target 0, throttle 0), latched until ARM;
-* ARM needs a provisioned key and a HEARTBEAT received since the last fault, no older
-  than the link timeout;
+* ARM needs a provisioned key (and no provisioning mode) and a HEARTBEAT received since
+  the last fault, no older than the link timeout;
+* a session starts with HELLO (device nonce) and is keyed only once the host's JOIN
+  (host nonce) arrives; before that only JOIN is accepted;
+* PROVISION is accepted only after a boot with the provisioning button held, REKEY only
+  under the current key while SAFE; both agree the new key by X25519 (``keyx``);
+* a COMMAND that reuses the previous seq is a retry only with the retry flag and the
+  same op and arguments; any other reuse is refused (RESULT_SEQ_REUSED);
 * no valid HEARTBEAT for ``link_timeout_ms`` (default 250) -> SAFE with fault
   LINK_TIMEOUT, and a new session (fresh nonce, HELLO) so a restarted host can join;
 * a SETPOINT drives the outputs only while ARMED and within its TTL; steering is
@@ -22,10 +28,11 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from . import keyx
 from . import messages as m
 from . import protocol as p
 
-FW_VERSION = (1, 0, 0)
+FW_VERSION = (2, 0, 0)
 HELLO_INTERVAL_MS = 200
 HEARTBEAT_INTERVAL_MS = 100
 DEFAULT_CONFIG = {"steer_limit": 300, "slew": 500, "max_throttle": 1000, "link_timeout": 250}
@@ -46,19 +53,22 @@ def _newer(a: int, b: int) -> bool:
 class Device:
     """One actuator board. ``key``: 32-byte device key, or None when unprovisioned.
 
-    ``nonce_source()`` returns 8 fresh bytes per session (``os.urandom`` by default;
-    tests pass a fixed sequence).
+    ``random(n)`` returns n fresh bytes: 8 per session nonce, 32 per key agreement
+    (``os.urandom`` by default; tests pass a fixed sequence). ``provision_button``: the
+    board booted with its provisioning button held (physical presence), so its sessions
+    use the factory key, it cannot arm, and it accepts one PROVISION.
     """
 
     def __init__(self, key: bytes | None = None,
-                 nonce_source: Callable[[], bytes] | None = None,
-                 boot_fault: int = m.FAULT_BOOT) -> None:
+                 random: Callable[[int], bytes] | None = None,
+                 boot_fault: int = m.FAULT_BOOT, provision_button: bool = False) -> None:
         if key is not None and (len(key) != p.KEY_LEN or key == p.FACTORY_KEY):
             raise ValueError("a device key is 32 bytes and not all zero")
         self.key = key if key is not None else p.FACTORY_KEY
         self.provisioned = key is not None
-        self.key_changed = False  # set when PROVISION stored a new key (persist it)
-        self.nonce_source = nonce_source or (lambda: os.urandom(p.NONCE_LEN))
+        self.provision_mode = provision_button
+        self.key_changed = False  # set when PROVISION / REKEY stored a new key (persist it)
+        self.random = random or os.urandom
         self.config = dict(DEFAULT_CONFIG)
         self.counters = dict.fromkeys(COUNTER_NAMES, 0)
         self.state = m.STATE_SAFE
@@ -68,7 +78,7 @@ class Device:
         self._splitter = p.FrameSplitter()
         self._out: list[bytes] = []
         self.nonce = b""
-        self.session_key = b""
+        self.session_key = b""  # the hello key until JOIN, then the session key
         self.tx_counter = self.rx_counter = 0
         self.host_seen = False
         self.hello_t = self.hb_t = self.last_hb = self.steer_t = 0
@@ -80,7 +90,7 @@ class Device:
         self.sp_t = 0
         self.cmd_seen = False
         self.cmd_seq = 0
-        self.cmd_op = 0
+        self.cmd_payload = b""
         self.cmd_result = 0
 
     # -- public entry points -------------------------------------------------------
@@ -109,7 +119,8 @@ class Device:
     def snapshot(self) -> dict[str, int]:
         """State, outputs and counters, the fields the shared vectors compare."""
         return {"state": self.state, "fault": self.fault, "prov": int(self.provisioned),
-                "host": int(self.host_seen), "sp": int(self.sp_active), "brake": self.brake,
+                "pmode": int(self.provision_mode), "host": int(self.host_seen),
+                "sp": int(self.sp_active), "brake": self.brake,
                 "steer": self.steering, "thr": self.throttle, "target": self.target,
                 "spseq": self.sp_seq, **self.counters}
 
@@ -127,7 +138,7 @@ class Device:
         return out
 
     def _count(self, name: str) -> None:
-        self.counters[name] = min(self.counters[name] + 1, U16)
+        self.counters[name] = (self.counters[name] + 1) & U16  # wraps, as documented
 
     def _emit(self, msg_type: int, payload: bytes) -> None:
         self.tx_counter = (self.tx_counter + 1) & U32
@@ -136,15 +147,24 @@ class Device:
                                        self.session_key, p.FLAG_FROM_DEVICE))
 
     def _emit_hello(self) -> None:
-        flags = m.HELLO_PROVISIONED if self.provisioned else 0
+        flags = (m.HELLO_PROVISIONED if self.provisioned else 0) | \
+            (m.HELLO_PROVISION_MODE if self.provision_mode else 0)
         self._emit(p.HELLO, m.pack_hello(m.Hello(*FW_VERSION, flags, self.nonce)))
 
+    @property
+    def link_key(self) -> bytes:
+        """The key sessions derive from: the factory key in provisioning mode."""
+        return p.FACTORY_KEY if self.provision_mode else self.key
+
+    def _draw(self, n: int) -> bytes:
+        data = bytes(self.random(n))
+        if len(data) != n:
+            raise ValueError(f"the random source must return {n} bytes")
+        return data
+
     def _start_session(self, now: int) -> None:
-        nonce = bytes(self.nonce_source())
-        if len(nonce) != p.NONCE_LEN:
-            raise ValueError("nonce_source must return 8 bytes")
-        self.nonce = nonce
-        self.session_key = p.derive_session_key(self.key, nonce)
+        self.nonce = self._draw(p.NONCE_LEN)
+        self.session_key = p.derive_hello_key(self.link_key, self.nonce)
         self.tx_counter = self.rx_counter = 0
         self.host_seen = False
         self.sp_seen = self.sp_active = False
@@ -205,16 +225,17 @@ class Device:
         if frame.counter <= self.rx_counter:
             self._count("replay")
             return
-        if not m.payload_fits(frame.msg_type, frame.payload) or frame.msg_type not in (
-                p.HEARTBEAT, p.SETPOINT, p.COMMAND, p.PROVISION):
+        # before JOIN only JOIN; after it every host type but JOIN (device-only types never)
+        allowed = frame.msg_type == p.JOIN if not self.host_seen else \
+            frame.msg_type in p.HOST_TYPES and frame.msg_type != p.JOIN
+        if not allowed or not m.payload_fits(frame.msg_type, frame.payload):
             self._count("bad_frame")
             return
         self.rx_counter = frame.counter
         self._count("accepted")
-        if not self.host_seen:
-            self.host_seen = True
-            self.last_hb = self.hb_t = now
-        if frame.msg_type == p.HEARTBEAT:
+        if frame.msg_type == p.JOIN:
+            self._on_join(frame, now)
+        elif frame.msg_type == p.HEARTBEAT:
             self.last_hb = now
             self.hb_since_safe = True
         elif frame.msg_type == p.SETPOINT:
@@ -222,8 +243,14 @@ class Device:
         elif frame.msg_type == p.COMMAND:
             self._on_command(frame, now)
         else:
-            self._on_provision(frame, now)
+            self._on_key_agreement(frame, now)
 
+    def _on_join(self, frame: p.Frame, now: int) -> None:
+        # the host's nonce enters the key: a replayed HELLO gets no session this side
+        self.session_key = p.derive_session_key(self.link_key, self.nonce, frame.payload)
+        self.host_seen = True
+        self.last_hb = self.hb_t = now
+        self._emit(p.HEARTBEAT, m.pack_heartbeat(self.state, self.fault))  # confirms
     def _on_setpoint(self, frame: p.Frame, now: int) -> None:
         sp = m.Setpoint(*m.LAYOUTS[p.SETPOINT].unpack(frame.payload))
         if self.state != m.STATE_ARMED or sp.brake > m.FULL or sp.throttle > m.FULL \
@@ -241,12 +268,17 @@ class Device:
 
     def _on_command(self, frame: p.Frame, now: int) -> None:
         cmd = m.Command(*m.LAYOUTS[p.COMMAND].unpack(frame.payload))
-        if self.cmd_seen and frame.seq == self.cmd_seq:  # a retry: answer, do not redo
-            self._count("dup")
-            self._emit(p.ACK, m.pack_ack(m.Ack(frame.seq, self.cmd_op, self.cmd_result)))
+        if self.cmd_seen and frame.seq == self.cmd_seq:
+            if frame.flags & p.FLAG_RETRY and frame.payload == self.cmd_payload:
+                self._count("dup")  # a true retry: answer again, do not redo
+                self._emit(p.ACK, m.pack_ack(m.Ack(frame.seq, cmd.op, self.cmd_result)))
+            else:  # same seq, other command (or no retry flag): never silently dropped
+                self._count("refused")
+                self._emit(p.ACK, m.pack_ack(m.Ack(frame.seq, cmd.op, m.RESULT_SEQ_REUSED)))
             return
         result = self._execute(cmd, now)
-        self.cmd_seen, self.cmd_seq, self.cmd_op, self.cmd_result = True, frame.seq, cmd.op, result
+        self.cmd_seen, self.cmd_seq, self.cmd_payload, self.cmd_result = \
+            True, frame.seq, frame.payload, result
         if result != m.RESULT_OK:
             self._count("refused")
         self._emit(p.ACK, m.pack_ack(m.Ack(frame.seq, cmd.op, result)))
@@ -256,7 +288,7 @@ class Device:
         if cmd.op == m.OP_ARM:
             fresh = self.hb_since_safe and \
                 _elapsed(now, self.last_hb) <= self.config["link_timeout"]
-            if not (self.provisioned and fresh):
+            if not (self.provisioned and not self.provision_mode and fresh):
                 return m.RESULT_REFUSED
             self.state, self.fault = m.STATE_ARMED, m.FAULT_NONE
             self.sp_active = False
@@ -277,13 +309,24 @@ class Device:
             return m.RESULT_OK
         return m.RESULT_BAD_ARGS
 
-    def _on_provision(self, frame: p.Frame, now: int) -> None:
-        key = frame.payload
-        ok = not self.provisioned and key != p.FACTORY_KEY
-        self._emit(p.ACK, m.pack_ack(m.Ack(frame.seq, 0, m.RESULT_OK if ok else
-                                           m.RESULT_REFUSED)))
-        if not ok:
+    def _on_key_agreement(self, frame: p.Frame, now: int) -> None:
+        """PROVISION (button boot only) or REKEY (current key, SAFE): X25519, then re-key."""
+        if frame.msg_type == p.PROVISION:
+            op, ok = m.OP_PROVISION, self.provision_mode
+        else:
+            op = m.OP_REKEY
+            ok = self.provisioned and not self.provision_mode and self.state == m.STATE_SAFE
+        secret = self._draw(keyx.PUBLIC_LEN) if ok else b""
+        new_key = None
+        if ok:
+            dev_pub = keyx.public_key(secret)
+            new_key = keyx.agree(secret, dev_pub, frame.payload, host=False)
+        if new_key is None:
             self._count("refused")
+            result = m.RESULT_REFUSED if not ok else m.RESULT_BAD_ARGS
+            self._emit(p.ACK, m.pack_ack(m.Ack(frame.seq, op, result)))
             return
-        self.key, self.provisioned, self.key_changed = bytes(key), True, True
-        self._start_session(now)  # re-key at once: the factory session ends here
+        self._emit(p.KEY, m.pack_key(m.KeyReply(frame.seq, op, dev_pub)))
+        self.key, self.provisioned, self.key_changed = new_key, True, True
+        self.provision_mode = False  # one key per button boot
+        self._start_session(now)  # re-key at once: the old session ends here

@@ -15,6 +15,10 @@ keeps moving) with fuzzed frames of these kinds:
 
 A fuzzed frame counts as *acted on* if the device accepted it, wrote any frame in
 reply, or changed its state, outputs or setpoint. The target is zero.
+
+Every kind is produced from the first frame on (the run starts with one reboot, so an
+earlier session's key exists); a kind that cannot be built raises instead of quietly
+becoming another kind. ``rejected_by_kind`` shows which check refused each kind.
 """
 
 from __future__ import annotations
@@ -41,12 +45,14 @@ class FuzzReport:
     valid_accepted: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
     rejected_as: dict[str, int] = field(default_factory=dict)
+    rejected_by_kind: dict[str, dict[str, int]] = field(default_factory=dict)
     examples: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"frames": self.frames, "acted_on": self.acted_on,
                 "valid_sent": self.valid_sent, "valid_accepted": self.valid_accepted,
                 "by_kind": dict(self.by_kind), "rejected_as": dict(self.rejected_as),
+                "rejected_by_kind": {k: dict(v) for k, v in self.rejected_by_kind.items()},
                 "examples": self.examples}
 
 
@@ -58,10 +64,15 @@ class _Host:
         self.counter = 0
         self.seq = 0
 
-    def rekey(self, nonce: bytes) -> None:
+    def join(self, nonce: bytes) -> bytes:
+        """Follow the device's HELLO: the JOIN frame, and the new session key from here."""
+        host_nonce = self.rng.randbytes(p.NONCE_LEN)
+        self.counter = 1
+        self.seq += 1
+        raw = p.build_raw(p.JOIN, host_nonce, self.seq, 1, p.derive_hello_key(self.key, nonce))
         self.old_session_key = self.session_key
-        self.session_key = p.derive_session_key(self.key, nonce)
-        self.counter = 0
+        self.session_key = p.derive_session_key(self.key, nonce, host_nonce)
+        return raw
 
     def raw(self, msg_type: int, payload: bytes, key: bytes | None = None, flags: int = 0,
             consume: bool = True) -> bytes:
@@ -83,13 +94,15 @@ class _Host:
 
 def fuzz(frames: int = 100_000, seed: int = 0, key: bytes | None = None) -> FuzzReport:
     """Send ``frames`` fuzzed frames to an armed simulated device; see the module doc."""
+    if frames < 0:
+        raise ValueError(f"frames={frames}: pass a count >= 0")
     rng = random.Random(seed)
     key = key or bytes(rng.randrange(1, 256) for _ in range(p.KEY_LEN))
-    nonces = iter(lambda: rng.randbytes(p.NONCE_LEN), None)
-    dev = Device(key, lambda: next(nonces))
+    dev = Device(key, rng.randbytes)
     host = _Host(key, rng)
     report = FuzzReport(by_kind=dict.fromkeys(KINDS, 0))
     rejected: Counter[str] = Counter()
+    by_kind: dict[str, Counter[str]] = {k: Counter() for k in KINDS}
     accepted_raw: list[bytes] = []
     now = 0
     dev.boot(now)
@@ -104,18 +117,24 @@ def fuzz(frames: int = 100_000, seed: int = 0, key: bytes | None = None) -> Fuzz
             del accepted_raw[:-64]
 
     def new_session() -> None:
-        host.rekey(dev.nonce)
+        send_valid(host.join(dev.nonce))
         send_valid(host.raw(p.HEARTBEAT, m.pack_heartbeat()))
         send_valid(host.raw(p.COMMAND, m.pack_command(m.Command(m.OP_ARM))))
 
+    def reboot() -> None:  # old frames must stay dead
+        nonlocal dev
+        dev = Device(key, rng.randbytes)
+        dev.boot(now)
+        accepted_raw.clear()  # "replay" stays within the session; "old_session" covers reboots
+        new_session()
+
     new_session()
+    reboot()  # so an earlier session's key exists from the first frame on
     new_session_every = 20_000
     for i in range(frames):
         now += 1
-        if i and i % new_session_every == 0:  # a reboot: old frames must stay dead
-            dev = Device(key, lambda: next(nonces))
-            dev.boot(now)
-            new_session()
+        if i and i % new_session_every == 0:
+            reboot()
         if i % 50 == 0:
             send_valid(host.raw(p.HEARTBEAT, m.pack_heartbeat()))
             if dev.state != m.STATE_ARMED:
@@ -137,16 +156,22 @@ def fuzz(frames: int = 100_000, seed: int = 0, key: bytes | None = None) -> Fuzz
                 report.examples.append({"kind": kind, "data": data.hex(), "changed": changed})
         for name in ("bad_frame", "bad_crc", "bad_tag", "replay"):
             rejected[name] += after[name] - before[name]
+            by_kind[kind][name] += after[name] - before[name]
     report.rejected_as = dict(rejected)
+    report.rejected_by_kind = {k: {n: c for n, c in v.items() if c} for k, v in by_kind.items()}
     return report
 
 
 def _make(kind: str, host: _Host, accepted: list[bytes], rng: random.Random) -> bytes:
     if kind == "random":
         return rng.randbytes(rng.randrange(1, 80)) + b"\0"
-    if kind == "replay" and accepted:
+    if kind == "replay":
+        if not accepted:
+            raise RuntimeError("fuzz: no accepted frame to replay yet")
         return p.cobs_encode(rng.choice(accepted)) + b"\0"
-    if kind == "old_session" and host.old_session_key:
+    if kind == "old_session":
+        if not host.old_session_key:
+            raise RuntimeError("fuzz: no earlier session to take a key from yet")
         return p.cobs_encode(host.random_valid(key=host.old_session_key)) + b"\0"
     if kind == "forged":
         return p.cobs_encode(host.random_valid(key=rng.randbytes(p.KEY_LEN))) + b"\0"
@@ -156,11 +181,13 @@ def _make(kind: str, host: _Host, accepted: list[bytes], rng: random.Random) -> 
     if kind == "truncated":
         return p.cobs_encode(bytes(raw[:rng.randrange(0, len(raw))])) + b"\0"
     if kind == "byteflip":
-        for _ in range(rng.randrange(1, 5)):
-            pos = rng.randrange(len(raw))
+        # distinct positions: two changes at one position could restore the valid byte
+        for pos in rng.sample(range(len(raw)), rng.randrange(1, 5)):
             raw[pos] = (raw[pos] + rng.randrange(1, 256)) & 0xFF
         return p.cobs_encode(bytes(raw)) + b"\0"
-    encoded = bytearray(p.cobs_encode(bytes(raw)))  # bitflip (and the fall-backs above)
+    if kind != "bitflip":
+        raise ValueError(f"unknown fuzz kind {kind!r}; known: {', '.join(KINDS)}")
+    encoded = bytearray(p.cobs_encode(bytes(raw)))
     bit = rng.randrange(len(encoded) * 8)
     encoded[bit // 8] ^= 1 << (bit % 8)
     return bytes(encoded) + b"\0"

@@ -1,4 +1,8 @@
-"""Per-device link keys: 32 random bytes, stored as one line of hex, readable by owner only."""
+"""Per-device link keys: 32 bytes, stored as one line of hex, readable by owner only.
+
+A board's key comes from an X25519 agreement (``actuator.provision``); ``generate_key``
+makes random keys for tests and simulators.
+"""
 
 from __future__ import annotations
 
@@ -27,8 +31,9 @@ def load_key(path: str | os.PathLike[str]) -> bytes:
         text = path.read_text().strip()
     except FileNotFoundError as err:
         raise ActuatorError(f"key file {path} does not exist",
-                            "create one with `roadshield actuator provision --generate "
-                            f"--key-file {path} --port <port>`") from err
+                            "provision a board into it with `roadshield actuator provision "
+                            f"--key-file {path} --port <port>` (boot the board with its "
+                            "provisioning button held first)") from err
     except OSError as err:
         raise ActuatorError(f"cannot read key file {path}: {err}",
                             "check the file's permissions (it should be mode 600)") from err
@@ -45,5 +50,6 @@ def load_key(path: str | os.PathLike[str]) -> bytes:
 def save_key(path: str | os.PathLike[str], key: bytes) -> None:
     """Write ``key`` as hex atomically (temp file, fsync, rename), mode 600."""
     if len(key) != KEY_LEN:
-        raise ActuatorError(f"a key is {KEY_LEN} bytes, got {len(key)}", "use generate_key()")
+        raise ActuatorError(f"a key is {KEY_LEN} bytes, got {len(key)}",
+                            "pass the 32-byte key an agreement produced")
     atomic_write_bytes(path, (key.hex() + "\n").encode(), mode=0o600)

@@ -1,17 +1,22 @@
 """Host side of the actuator link, on pyserial.
 
 ``SerialLink(port, key).open()`` opens ``/dev/ttyACM0`` (or a pty), waits for the
-board's HELLO instead of sleeping through its reset, derives the session key from the
-HELLO's nonce, then a background thread reads frames, sends a HEARTBEAT every
-``heartbeat_s`` seconds, notices a silent device (``lost_after_s``), and reopens the
-port after it vanished (USB unplugged, simulator restarted), following the device into
-each new session. ``state`` is the latest picture of the device.
+board's HELLO instead of sleeping through its reset, answers it with JOIN carrying a
+fresh host nonce, and counts the session as up only once the device's first frame under
+the key derived from both nonces arrives. A replayed HELLO therefore never replaces a
+live session: its JOIN goes unanswered and it is dropped (``unconfirmed_hellos``).
+A background thread reads frames, sends a HEARTBEAT every ``heartbeat_s`` seconds,
+notices a silent device (``lost_after_s``), and reopens the port after it vanished (USB
+unplugged, simulator restarted), following the device into each new session. ``state``
+is the latest picture of the device. Replies are matched by seq and op: an ACK that
+answers another op than the one sent raises ActuatorError.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -19,6 +24,7 @@ from typing import Any
 
 from roadshield_base.errors import ActuatorError
 
+from . import keyx
 from . import messages as m
 from . import protocol as p
 
@@ -38,6 +44,7 @@ class DeviceState:
     device_fault: int = m.FAULT_NONE
     firmware: str = ""
     provisioned: bool = False
+    provision_mode: bool = False
     nonce: str = ""
     sessions: int = 0
     status: m.Status | None = None
@@ -46,6 +53,7 @@ class DeviceState:
     faults: tuple[int, ...] = ()
     rx_rejected: dict[str, int] = field(default_factory=dict)
     hello_bad_tag: int = 0
+    unconfirmed_hellos: int = 0  # HELLOs whose session the device never confirmed
     reconnects: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -53,7 +61,8 @@ class DeviceState:
                 "state": m.STATE_NAMES.get(self.device_state, str(self.device_state)),
                 "fault": m.FAULT_NAMES.get(self.device_fault, str(self.device_fault)),
                 "firmware": self.firmware,
-                "provisioned": self.provisioned, "sessions": self.sessions,
+                "provisioned": self.provisioned, "provision_mode": self.provision_mode,
+                "sessions": self.sessions, "unconfirmed_hellos": self.unconfirmed_hellos,
                 "status": self.status.to_dict() if self.status else None,
                 "faults": [m.FAULT_NAMES.get(f, str(f)) for f in self.faults],
                 "rx_rejected": dict(self.rx_rejected), "reconnects": self.reconnects}
@@ -87,6 +96,30 @@ def open_serial(port: str, baudrate: int = 115200) -> Any:
                             "check the cable and the port path") from err
 
 
+@dataclass
+class _Pending:
+    """A session the device announced (HELLO) and the host joined, not yet confirmed."""
+
+    nonce: bytes
+    host_nonce: bytes
+    hello_key: bytes
+    session_key: bytes
+    rx_counter: int
+    since: float
+    hello: m.Hello
+    tx_counter: int = 0
+
+
+@dataclass
+class _Agreement:
+    """An X25519 key agreement in flight (PROVISION / REKEY ``seq``)."""
+
+    seq: int
+    secret: bytes
+    public: bytes
+    key: bytes | None = None
+
+
 class SerialLink:
     """Authenticated link to one actuator board (see the module docstring).
 
@@ -112,7 +145,9 @@ class SerialLink:
         self._nonce = b""
         self._rx_counter = self._tx_counter = 0
         self._tx_seq = 0
-        self._acks: dict[int, m.Ack] = {}
+        self._acks: dict[int, m.Ack | m.KeyReply] = {}
+        self._pending: _Pending | None = None
+        self._agreement: _Agreement | None = None
         self._splitter = p.FrameSplitter()
         self._last_hb = 0.0
         self._stop = threading.Event()
@@ -120,7 +155,8 @@ class SerialLink:
 
     # -- lifecycle -------------------------------------------------------------------
     def open(self) -> SerialLink:
-        """Open the port and wait for a verified HELLO; raises ActuatorError with a fix."""
+        """Open the port and wait until the board confirms a session (HELLO, JOIN, its
+        first frame under the session key); raises ActuatorError with a fix."""
         self._ser = open_serial(self.port, self.baudrate)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="actuator-link", daemon=True)
@@ -133,10 +169,12 @@ class SerialLink:
                     f"the board on {self.port} says HELLO but its tag does not verify with "
                     "this key: key mismatch (or the board is unprovisioned)",
                     "use the key file this board was provisioned with; a new board needs "
-                    "`roadshield actuator provision --port ... --key-file ... --generate`")
+                    "`roadshield actuator provision --port ... --key-file ...` after a boot "
+                    "with its provisioning button held (D2 to GND)")
             raise ActuatorError(f"no HELLO from {self.port} within {self.hello_timeout_s} s",
                                 "check that this is the actuator's port, that the roadshield "
-                                "firmware is flashed, and the baud rate (115200)")
+                                f"firmware speaking protocol version {p.VERSION} (firmware "
+                                f"{p.VERSION}.x) is flashed, and the baud rate (115200)")
         return self
 
     def close(self) -> None:
@@ -187,9 +225,13 @@ class SerialLink:
 
     def command(self, op: int, a0: int = 0, a1: int = 0, a2: int = 0, a3: int = 0, *,
                 timeout_s: float = 0.25, retries: int = 3) -> m.Ack:
-        """Send a COMMAND and wait for its ACK, resending (same seq) up to ``retries``."""
+        """Send a COMMAND and wait for its ACK, resending (same seq, retry flag)."""
         payload = m.pack_command(m.Command(op, a0, a1, a2, a3))
-        return self._request(p.COMMAND, payload, timeout_s, retries)
+        reply = self._request(p.COMMAND, payload, op, timeout_s, retries)
+        if not isinstance(reply, m.Ack):
+            raise ActuatorError(f"the board on {self.port} answered COMMAND {op} with a KEY",
+                                "update the firmware and the host to the same protocol")
+        return reply
 
     def arm(self) -> m.Ack:
         return self.command(m.OP_ARM)
@@ -204,21 +246,68 @@ class SerialLink:
                   link_timeout_ms: int) -> m.Ack:
         return self.command(m.OP_CONFIG, steer_limit, slew, max_throttle, link_timeout_ms)
 
-    def provision(self, new_key: bytes, timeout_s: float = 0.5) -> m.Ack:
-        """Send PROVISION (only an unprovisioned board accepts it)."""
-        return self._request(p.PROVISION, bytes(new_key), timeout_s, 3)
+    def provision(self, timeout_s: float = 30.0) -> bytes:
+        """Agree a device key with a board in provisioning mode; returns the new key.
 
-    def _request(self, msg_type: int, payload: bytes, timeout_s: float, retries: int) -> m.Ack:
-        seq = self._next_seq()
+        The board must have booted with its provisioning button held. Only public keys
+        cross the wire. ``timeout_s`` covers the board's X25519 (seconds on an AVR).
+        """
+        return self._agree(p.PROVISION, m.OP_PROVISION, timeout_s)
+
+    def rotate_key(self, timeout_s: float = 30.0) -> bytes:
+        """Replace the device key by a new X25519 agreement under the current key.
+
+        The board must be SAFE (disarmed or braked). Returns the new key; the link
+        follows the board into its new session at once.
+        """
+        return self._agree(p.REKEY, m.OP_REKEY, timeout_s)
+
+    def _agree(self, msg_type: int, op: int, timeout_s: float) -> bytes:
+        secret = os.urandom(keyx.PUBLIC_LEN)
+        agreement = _Agreement(self._next_seq(), secret, keyx.public_key(secret))
+        with self._cond:
+            self._agreement = agreement
+        try:
+            reply = self._request(msg_type, agreement.public, op, timeout_s, 1,
+                                  seq=agreement.seq)
+        finally:
+            with self._cond:
+                self._agreement = None
+        name = p.TYPE_NAMES[msg_type]
+        if isinstance(reply, m.Ack):
+            why = m.RESULT_NAMES.get(reply.result, str(reply.result))
+            hint = ("boot the board with its provisioning button held (D2 to GND), then "
+                    "provision within that boot" if msg_type == p.PROVISION else
+                    "brake or disarm the board first: keys rotate only in its safe state")
+            raise ActuatorError(f"the board on {self.port} refused {name} ({why})", hint)
+        if agreement.key is None:
+            raise ActuatorError(f"the board on {self.port} answered {name} with a public key "
+                                "that gives no shared secret",
+                                "check that this is a roadshield board; try again")
+        return agreement.key
+
+    def _request(self, msg_type: int, payload: bytes, op: int, timeout_s: float,
+                 retries: int, seq: int | None = None) -> m.Ack | m.KeyReply:
+        seq = self._next_seq() if seq is None else seq
         for attempt in range(retries + 1):
             self._send(msg_type, payload, seq=seq, flags=p.FLAG_RETRY if attempt else 0)
             with self._cond:
                 if self._cond.wait_for(lambda: seq in self._acks, timeout_s):
-                    return self._acks.pop(seq)
-        raise ActuatorError(f"{p.TYPE_NAMES[msg_type]} to {self.port} was not acknowledged "
-                            f"after {retries + 1} tries",
-                            "the device is lost or not keyed to this session; it brakes on "
-                            "its own link watchdog; check `roadshield actuator status`")
+                    reply = self._acks.pop(seq)
+                    break
+        else:
+            raise ActuatorError(f"{p.TYPE_NAMES[msg_type]} to {self.port} was not "
+                                f"acknowledged after {retries + 1} tries",
+                                "the device is lost or not keyed to this session; it brakes "
+                                "on its own link watchdog; check `roadshield actuator status`")
+        if reply.op != op:  # seq matched but it answers something else: never trust it
+            raise ActuatorError(
+                f"the board on {self.port} answered seq {seq} with op "
+                f"{m.OP_NAMES.get(reply.op, reply.op)}, not the "
+                f"{m.OP_NAMES.get(op, op)} sent",
+                "the board and the host disagree on what was asked: check "
+                "`roadshield actuator status` and re-send the command")
+        return reply
 
     def _next_seq(self) -> int:
         with self._wlock:
@@ -291,6 +380,14 @@ class SerialLink:
     def _housekeeping(self, now: float) -> None:
         with self._cond:
             connected, last_rx = self._state.connected, self._state.last_rx
+            pending = self._pending
+            if pending is not None and now - pending.since > self.lost_after_s:
+                # nobody answered our JOIN under that nonce: a replayed (or stale) HELLO
+                log.warning("actuator on %s: HELLO with nonce %s never confirmed; ignored",
+                            self.port, pending.nonce.hex())
+                self._pending = None
+                self._state = replace(self._state,
+                                      unconfirmed_hellos=self._state.unconfirmed_hellos + 1)
         if connected and now - last_rx > self.lost_after_s:
             self._lost(f"no valid frame for {self.lost_after_s} s")
         elif connected and self.heartbeat_enabled and now - self._last_hb >= self.heartbeat_s:
@@ -307,6 +404,43 @@ class SerialLink:
         with self._cond:
             self._state.rx_rejected[kind] = self._state.rx_rejected.get(kind, 0) + 1
 
+    def _verify(self, raw: bytes) -> p.Frame:
+        """Verify under the current session, else confirm the pending one with it."""
+        with self._cond:
+            current, pending = self._session_key, self._pending
+        if current:
+            try:
+                return p.parse_raw(raw, current, from_device=True)
+            except p.FrameError as err:
+                if err.kind != "tag" or pending is None:
+                    raise
+        if pending is None:
+            raise p.FrameError("tag", "no session yet: waiting for a HELLO")
+        frame = p.parse_raw(raw, pending.session_key, from_device=True)
+        if frame.counter <= pending.rx_counter:
+            raise p.FrameError("replay", "counter did not increase")
+        self._adopt(pending)  # the device proved it took our JOIN: the session is live
+        return frame
+
+    def _adopt(self, pending: _Pending) -> None:
+        with self._wlock:
+            self._tx_counter = pending.tx_counter
+        self._last_hb = 0.0  # heartbeat at once: the board needs one before it arms
+        with self._cond:
+            self._session_key, self._nonce = pending.session_key, pending.nonce
+            self._rx_counter = pending.rx_counter
+            self._pending = None
+            self._acks.clear()
+            hello = pending.hello
+            self._state = replace(self._state, connected=True, firmware=hello.firmware,
+                                  provisioned=hello.provisioned,
+                                  provision_mode=hello.provision_mode,
+                                  nonce=pending.nonce.hex(), sessions=self._state.sessions + 1,
+                                  status=None, device_state=m.STATE_SAFE)  # starts safe
+            self._cond.notify_all()
+        log.info("actuator on %s: firmware %s, new session confirmed", self.port,
+                 pending.hello.firmware)
+
     def _on_frame(self, encoded: bytes | None, now: float) -> None:
         try:
             if encoded is None:
@@ -316,7 +450,7 @@ class SerialLink:
             if msg_type == p.HELLO:
                 self._on_hello(raw, length, now)
                 return
-            frame = p.parse_raw(raw, self._session_key, from_device=True)
+            frame = self._verify(raw)
             if frame.counter <= self._rx_counter:
                 raise p.FrameError("replay", "counter did not increase")
             msg = m.unpack(frame.msg_type, frame.payload)
@@ -329,6 +463,15 @@ class SerialLink:
             if isinstance(msg, m.Status):
                 st = replace(st, status=msg, status_t=now, device_state=msg.state,
                              device_fault=msg.fault)
+            elif isinstance(msg, m.KeyReply):
+                agreement = self._agreement
+                if agreement is not None and agreement.seq == msg.seq:
+                    # derive at once: the board's next HELLO is already under the new key
+                    agreement.key = keyx.agree(agreement.secret, agreement.public,
+                                               msg.device_public, host=True)
+                    if agreement.key is not None:
+                        self.key = agreement.key
+                self._acks[msg.seq] = msg
             elif isinstance(msg, m.Ack):
                 self._acks[msg.seq] = msg
                 if msg.result == m.RESULT_OK and msg.op == m.OP_ARM:
@@ -344,20 +487,24 @@ class SerialLink:
             self._cond.notify_all()
 
     def _on_hello(self, raw: bytes, length: int, now: float) -> None:
-        nonce = raw[p.HEADER_LEN + 4:p.HEADER_LEN + 4 + p.NONCE_LEN]
         if length != m.LAYOUTS[p.HELLO].size:
             raise p.FrameError("frame", "HELLO of the wrong size")
-        if nonce == self._nonce:  # a repeat in the current session: liveness only
-            frame = p.parse_raw(raw, self._session_key, from_device=True)
-            if frame.counter <= self._rx_counter:
+        nonce = raw[p.HEADER_LEN + 4:p.HEADER_LEN + 4 + p.NONCE_LEN]
+        with self._cond:
+            pending, current = self._pending, self._nonce
+        if pending is not None and nonce == pending.nonce:
+            # the device repeats its HELLO: our JOIN was lost; send it again
+            frame = p.parse_raw(raw, pending.hello_key, from_device=True)
+            if frame.counter <= pending.rx_counter:
                 raise p.FrameError("replay", "counter did not increase")
-            with self._cond:
-                self._rx_counter = frame.counter
-                self._state = replace(self._state, last_rx=now)
+            pending.rx_counter = frame.counter
+            self._send_join(pending)
             return
-        session_key = p.derive_session_key(self.key, nonce)
+        if nonce == current:  # the device stops HELLO once joined: a replay
+            raise p.FrameError("replay", "HELLO of the current session")
+        hello_key = p.derive_hello_key(self.key, nonce)
         try:
-            frame = p.parse_raw(raw, session_key, from_device=True)
+            frame = p.parse_raw(raw, hello_key, from_device=True)
         except p.FrameError as err:
             if err.kind == "tag":
                 with self._cond:
@@ -367,16 +514,26 @@ class SerialLink:
         hello = m.unpack(p.HELLO, frame.payload)
         if not isinstance(hello, m.Hello):
             raise p.FrameError("frame", "HELLO payload")
-        with self._wlock:
-            self._tx_counter = 0
+        host_nonce = os.urandom(p.NONCE_LEN)  # our share of the session's freshness
+        pending = _Pending(nonce, host_nonce, hello_key,
+                           p.derive_session_key(self.key, nonce, host_nonce), frame.counter,
+                           now, hello)
         with self._cond:
-            self._session_key, self._nonce, self._rx_counter = session_key, nonce, frame.counter
-            self._acks.clear()
-            self._state = replace(self._state, connected=True, firmware=hello.firmware,
-                                  provisioned=hello.provisioned, nonce=nonce.hex(),
-                                  sessions=self._state.sessions + 1, last_rx=now, status=None,
-                                  device_state=m.STATE_SAFE)  # every session starts safe
-            self._cond.notify_all()
-        log.info("actuator on %s: HELLO firmware %s, new session", self.port, hello.firmware)
-        if self.heartbeat_enabled:
-            self._heartbeat(now)  # answer at once so the device stops announcing
+            if self._pending is not None:
+                self._state = replace(self._state,
+                                      unconfirmed_hellos=self._state.unconfirmed_hellos + 1)
+            self._pending = pending
+        log.info("actuator on %s: HELLO firmware %s, joining", self.port, hello.firmware)
+        self._send_join(pending)
+
+    def _send_join(self, pending: _Pending) -> None:
+        seq = self._next_seq()
+        with self._wlock:
+            pending.tx_counter += 1
+            frame = p.build_frame(p.JOIN, pending.host_nonce, seq, pending.tx_counter,
+                                  pending.hello_key)
+            try:
+                if self._ser is not None:
+                    self._ser.write(frame)
+            except Exception as err:  # the port went away; the reader reopens it
+                log.debug("JOIN not sent: %s", err)

@@ -24,11 +24,24 @@ FAULT_NAMES = {FAULT_NONE: "none", FAULT_BOOT: "boot", FAULT_LINK_TIMEOUT: "link
 # COMMAND operations and ACK results
 OP_ARM, OP_DISARM, OP_BRAKE, OP_CONFIG = 1, 2, 3, 4
 OP_NAMES = {OP_ARM: "arm", OP_DISARM: "disarm", OP_BRAKE: "brake", OP_CONFIG: "config"}
-RESULT_OK, RESULT_REFUSED, RESULT_BAD_ARGS = 0, 1, 2
-RESULT_NAMES = {RESULT_OK: "ok", RESULT_REFUSED: "refused", RESULT_BAD_ARGS: "bad arguments"}
+#: ACK / KEY op of a PROVISION or REKEY: its message type with bit 7 set (no COMMAND op)
+OP_PROVISION, OP_REKEY = 0x80 | p.PROVISION, 0x80 | p.REKEY
+OP_NAMES.update({OP_PROVISION: "provision", OP_REKEY: "rekey"})
+RESULT_OK, RESULT_REFUSED, RESULT_BAD_ARGS, RESULT_SEQ_REUSED = 0, 1, 2, 3
+RESULT_NAMES = {RESULT_OK: "ok", RESULT_REFUSED: "refused", RESULT_BAD_ARGS: "bad arguments",
+                RESULT_SEQ_REUSED: "seq reused by a different command"}
 # HELLO flags / STATUS flags
-HELLO_PROVISIONED = 0x01
+HELLO_PROVISIONED, HELLO_PROVISION_MODE = 0x01, 0x02
 STATUS_SETPOINT_ACTIVE, STATUS_PROVISIONED = 0x01, 0x02
+COUNTER_MOD = 0x10000  # STATUS counters are u16 and wrap
+
+
+def counter_delta(new: int, old: int) -> int:
+    """Events between two readings of a STATUS counter (they wrap at 65536).
+
+    Exact as long as fewer than 65536 events happen between the two readings.
+    """
+    return (new - old) % COUNTER_MOD
 
 FULL = 1000  # per mille
 
@@ -39,9 +52,11 @@ _COMMAND = struct.Struct("<BHHHH")
 _ACK = struct.Struct("<HBB")
 _STATUS = struct.Struct("<BBBHhHHHHHHH")
 _FAULT = struct.Struct("<BB")
+_KEY = struct.Struct("<HB32s")
 LAYOUTS = {p.HELLO: _HELLO, p.HEARTBEAT: _HEARTBEAT, p.SETPOINT: _SETPOINT,
            p.COMMAND: _COMMAND, p.ACK: _ACK, p.STATUS: _STATUS, p.FAULT: _FAULT,
-           p.PROVISION: struct.Struct("<32s")}
+           p.PROVISION: struct.Struct("<32s"), p.KEY: _KEY, p.REKEY: struct.Struct("<32s"),
+           p.JOIN: struct.Struct("<8s")}
 
 
 @dataclass(frozen=True)
@@ -55,6 +70,11 @@ class Hello:
     @property
     def provisioned(self) -> bool:
         return bool(self.flags & HELLO_PROVISIONED)
+
+    @property
+    def provision_mode(self) -> bool:
+        """Booted with the provisioning button held: factory key, accepts PROVISION."""
+        return bool(self.flags & HELLO_PROVISION_MODE)
 
     @property
     def firmware(self) -> str:
@@ -88,8 +108,21 @@ class Ack:
 
 
 @dataclass(frozen=True)
+class KeyReply:
+    """The device's half of a key agreement, answering PROVISION / REKEY ``seq``."""
+
+    seq: int
+    op: int
+    device_public: bytes
+
+
+@dataclass(frozen=True)
 class Status:
-    """The device's report: state, outputs and refused-frame counters."""
+    """The device's report: state, outputs and refused-frame counters.
+
+    The counters are u16 that wrap at 65536 and restart at 0 only at boot; read a
+    change with ``counter_delta``.
+    """
 
     state: int
     fault: int
@@ -151,6 +184,10 @@ def pack_fault(f: Fault) -> bytes:
     return _FAULT.pack(f.code, f.state)
 
 
+def pack_key(k: KeyReply) -> bytes:
+    return _KEY.pack(k.seq, k.op, k.device_public)
+
+
 def payload_fits(msg_type: int, payload: bytes) -> bool:
     """True when ``payload`` has exactly the size of ``msg_type``'s layout."""
     layout = LAYOUTS.get(msg_type)
@@ -158,13 +195,13 @@ def payload_fits(msg_type: int, payload: bytes) -> bool:
 
 
 def unpack(msg_type: int, payload: bytes) -> object:
-    """Payload -> its dataclass (PROVISION -> the raw 32-byte key)."""
+    """Payload -> its dataclass (PROVISION / REKEY / JOIN -> their raw bytes)."""
     if not payload_fits(msg_type, payload):
         raise p.FrameError("frame", f"{p.TYPE_NAMES.get(msg_type, msg_type)} payload of "
                                     f"{len(payload)} bytes has the wrong size")
     fields = LAYOUTS[msg_type].unpack(payload)
     kinds: dict[int, type] = {p.HELLO: Hello, p.SETPOINT: Setpoint, p.COMMAND: Command,
-                              p.ACK: Ack, p.STATUS: Status, p.FAULT: Fault}
+                              p.ACK: Ack, p.STATUS: Status, p.FAULT: Fault, p.KEY: KeyReply}
     if msg_type in kinds:
         return kinds[msg_type](*fields)
     if msg_type == p.HEARTBEAT:

@@ -5,12 +5,18 @@ One frame on the wire is ``COBS(raw) + b"\\x00"`` where ``raw`` is (little-endia
     version u8 | type u8 | flags u8 | seq u16 | len u8 | payload[len]
     | counter u32 | tag[8] | crc u16
 
-* ``tag`` = HMAC-SHA256(session_key, header + payload + counter)[:8].
+* ``tag`` = HMAC-SHA256(key, header + payload + counter)[:8], where the key is the
+  session's hello key for HELLO and JOIN and its session key for every other type.
 * ``crc`` = CRC-16/MCRF4XX over header .. tag, then over one per-message-type
   "extra" byte (as MAVLink 2 does), so a frame built for another layout fails.
-* ``session_key`` = HMAC-SHA256(device_key, b"RSLINK1" + boot_nonce): the device draws a
-  fresh 8-byte nonce per session and announces it in HELLO, so traffic recorded in an
-  earlier session (or before a reboot) never verifies again.
+* session keys come from both ends: the device draws an 8-byte nonce per session and
+  announces it in HELLO (tagged with ``hello_key`` = HMAC-SHA256(device_key, b"RSHELLO2" +
+  device_nonce)); the host answers with JOIN carrying its own 8-byte nonce, and every
+  later frame uses ``session_key`` = HMAC-SHA256(device_key, b"RSLINK2" + device_nonce +
+  host_nonce). Traffic recorded in an earlier session never verifies again, and a
+  replayed HELLO yields a session the real device never confirms.
+* device keys are agreed with X25519 (PROVISION, REKEY), never sent:
+  ``device_key`` = HMAC-SHA256(shared_secret, b"RSKEY2" + host_public + device_public).
 * ``counter`` strictly increases per direction within a session (replay defence);
   ``seq`` names a message (ACK matching, COMMAND de-duplication, SETPOINT ordering).
 * flags bit 7 marks device -> host frames, so a reflected frame is refused.
@@ -26,32 +32,39 @@ import hmac
 import struct
 from dataclasses import dataclass
 
-VERSION = 1
+#: wire format version; 2 added JOIN (host nonce), X25519 PROVISION / REKEY / KEY
+VERSION = 2
 HEADER = struct.Struct("<BBBHB")  # version, type, flags, seq, len
 HEADER_LEN = HEADER.size  # 6
 COUNTER_LEN = 4
 TAG_LEN = 8
 CRC_LEN = 2
-MAX_PAYLOAD = 32
+MAX_PAYLOAD = 35  # KEY: u16 seq, u8 op, 32-byte public key
 OVERHEAD = HEADER_LEN + COUNTER_LEN + TAG_LEN + CRC_LEN  # 20
-MAX_RAW = OVERHEAD + MAX_PAYLOAD  # 52
+MAX_RAW = OVERHEAD + MAX_PAYLOAD  # 55
 #: longest COBS-encoded frame, delimiter excluded (one code byte per 254 data bytes)
 MAX_ENCODED = MAX_RAW + 1 + MAX_RAW // 254
 #: receive buffer of both ends (C: RS_RX_MAX); longer runs are discarded up to the next 0x00
 RX_MAX = 64
-SESSION_LABEL = b"RSLINK1"
+HELLO_LABEL = b"RSHELLO2"
+SESSION_LABEL = b"RSLINK2"
+KEY_LABEL = b"RSKEY2"
 NONCE_LEN = 8
 KEY_LEN = 32
 FACTORY_KEY = bytes(KEY_LEN)  # an unprovisioned device keys its sessions with zeros
 
-FLAG_RETRY = 0x01
+FLAG_RETRY = 0x01  # a resend of a COMMAND / PROVISION / REKEY with the same seq
 FLAG_FROM_DEVICE = 0x80
+FLAG_RESERVED = 0x7E  # sent as 0, ignored on receipt
 
 # message types
-HELLO, HEARTBEAT, SETPOINT, COMMAND, ACK, STATUS, FAULT, PROVISION = range(1, 9)
+HELLO, HEARTBEAT, SETPOINT, COMMAND, ACK, STATUS, FAULT, PROVISION, KEY, REKEY, JOIN = \
+    range(1, 12)
 TYPE_NAMES = {HELLO: "HELLO", HEARTBEAT: "HEARTBEAT", SETPOINT: "SETPOINT",
               COMMAND: "COMMAND", ACK: "ACK", STATUS: "STATUS", FAULT: "FAULT",
-              PROVISION: "PROVISION"}
+              PROVISION: "PROVISION", KEY: "KEY", REKEY: "REKEY", JOIN: "JOIN"}
+#: types a host may send; the device refuses any other (device-only) type
+HOST_TYPES = (HEARTBEAT, SETPOINT, COMMAND, PROVISION, REKEY, JOIN)
 
 #: field layout of each message; the CRC extra byte is derived from it, so changing a
 #: layout without changing its signature (and the C constants) breaks every vector.
@@ -64,7 +77,10 @@ SIGNATURES = {
     STATUS: ("STATUS u8 state u8 fault u8 flags u16 brake i16 steering u16 throttle "
              "u16 sp_seq u16 bad_frame u16 bad_crc u16 bad_tag u16 replay u16 refused"),
     FAULT: "FAULT u8 code u8 state",
-    PROVISION: "PROVISION u8[32] key",
+    PROVISION: "PROVISION u8[32] host_public",
+    KEY: "KEY u16 seq u8 op u8[32] device_public",
+    REKEY: "REKEY u8[32] host_public",
+    JOIN: "JOIN u8[8] host_nonce",
 }
 
 
@@ -140,9 +156,23 @@ def cobs_decode(data: bytes) -> bytes:
     return bytes(out)
 
 
-def derive_session_key(device_key: bytes, nonce: bytes) -> bytes:
-    """32-byte session key from the 32-byte device key and the 8-byte boot nonce."""
-    return hmac.new(device_key, SESSION_LABEL + nonce, hashlib.sha256).digest()
+def derive_hello_key(device_key: bytes, device_nonce: bytes) -> bytes:
+    """Key of a session's HELLO and JOIN frames: HMAC-SHA256(key, "RSHELLO2" + nonce)."""
+    return hmac.new(device_key, HELLO_LABEL + device_nonce, hashlib.sha256).digest()
+
+
+def derive_session_key(device_key: bytes, device_nonce: bytes, host_nonce: bytes) -> bytes:
+    """Key of every frame after JOIN: HMAC-SHA256(key, "RSLINK2" + device + host nonce)."""
+    if len(device_nonce) != NONCE_LEN or len(host_nonce) != NONCE_LEN:
+        raise ValueError("both session nonces are 8 bytes")
+    return hmac.new(device_key, SESSION_LABEL + device_nonce + host_nonce,
+                    hashlib.sha256).digest()
+
+
+def derive_device_key(shared_secret: bytes, host_public: bytes, device_public: bytes) -> bytes:
+    """Device key from an X25519 agreement (PROVISION / REKEY); see PROTOCOL.md."""
+    return hmac.new(shared_secret, KEY_LABEL + host_public + device_public,
+                    hashlib.sha256).digest()
 
 
 def compute_tag(session_key: bytes, body: bytes) -> bytes:

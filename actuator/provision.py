@@ -1,11 +1,18 @@
-"""Writing the per-device key into a new board, once, over USB.
+"""Keying a board over USB: first provisioning (physical presence) and key rotation.
 
-A board leaves the flasher unprovisioned: it keys its sessions with the all-zero
-factory key and refuses to arm. ``provision_device`` opens the port with the factory
-key, sends PROVISION with a fresh 32-byte key, waits for the ACK, then checks that the
-board comes back with a HELLO that verifies under the new key. A provisioned board
-refuses PROVISION; re-flashing the firmware (which erases its EEPROM) is the only way
-to provision it again.
+Neither sends the key: the host and the board run an X25519 key agreement and both
+derive the device key from it (``actuator.keyx``, PROTOCOL.md "Keys").
+
+* ``provision_device``: the board must have booted with its provisioning button held
+  (reference board: D2 to GND; simulator: ``--provision-button``). In that mode it keys
+  its session with the all-zero factory key, cannot arm, and accepts one PROVISION; the
+  agreed key replaces any key it held. Without the button it refuses PROVISION.
+* ``rotate_key``: under the current key, while the board is SAFE, a REKEY agrees a new
+  key; the key file is replaced atomically once the board has answered.
+
+Only public keys cross the wire, so a passive listener learns nothing; an active
+attacker on the cable during provisioning could still sit in the middle, which is why
+provisioning needs the button (someone at the board) and happens once.
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ from pathlib import Path
 
 from roadshield_base.errors import ActuatorError
 
-from . import messages as m
-from .keys import generate_key, load_key, save_key
+from .keys import load_key, save_key
 from .link import SerialLink
+
+BUTTON_HINT = ("hold the provisioning button (reference board: D2 to GND) while you reset "
+               "or power the board, then run provision again; see actuator/README.md")
 
 
 @dataclass(frozen=True)
@@ -27,61 +36,61 @@ class ProvisionResult:
     port: str
     key_file: Path
     firmware: str
-    generated: bool
 
 
-def provision_device(port: str, key_file: str | os.PathLike[str], *, generate: bool = False,
-                     hello_timeout_s: float = 5.0) -> ProvisionResult:
-    """Write the key in ``key_file`` (created first when ``generate``) into the board."""
+def provision_device(port: str, key_file: str | os.PathLike[str], *,
+                     hello_timeout_s: float = 5.0,
+                     agree_timeout_s: float = 30.0) -> ProvisionResult:
+    """Agree a key with a board in provisioning mode and save it to ``key_file``."""
     path = Path(key_file)
-    created = taken = False
-    if generate:
-        if path.exists():
-            raise ActuatorError(f"key file {path} already exists; refusing to overwrite it",
-                                "drop --generate to write that key, or pick a new file name")
-        key = generate_key()
-        save_key(path, key)  # saved before the board has it: a key is never lost
-        created = True
-    else:
-        key = load_key(path)
+    if path.exists():
+        raise ActuatorError(f"key file {path} already exists; refusing to overwrite it",
+                            "pick a new file name (the agreed key is written there)")
+    link = SerialLink(port, None, hello_timeout_s=hello_timeout_s)
     try:
-        link = SerialLink(port, None, hello_timeout_s=hello_timeout_s)
-        try:
-            link.open()
-        except ActuatorError as err:
-            if "key mismatch" in str(err):
-                raise ActuatorError(f"the board on {port} is already provisioned",
-                                    "keys are written once: use its existing key file, or "
-                                    "re-flash the firmware to erase it and provision again"
-                                    ) from err
-            raise
-        try:
-            ack = link.provision(key)
-            if ack.result != m.RESULT_OK:
-                raise ActuatorError(f"the board on {port} refused the key",
-                                    "it is already provisioned; re-flash to erase it")
-            taken = True
-            link.key = key  # the board re-keys at once and announces a new HELLO
-            if not link.wait_connected(hello_timeout_s) or not _wait_new_session(link,
-                                                                              hello_timeout_s):
-                raise ActuatorError(f"the board on {port} took the key but did not come back "
-                                    "with a HELLO under it",
-                                    "power-cycle it and run `roadshield actuator status`")
-            firmware = link.state.firmware
-        finally:
-            link.close()
-    except BaseException:
-        if created and not taken:
-            path.unlink(missing_ok=True)  # the board never took it
+        link.open()
+    except ActuatorError as err:
+        if "key mismatch" in str(err):
+            raise ActuatorError(f"the board on {port} is provisioned and was not booted "
+                                "with its provisioning button held", BUTTON_HINT) from err
         raise
-    return ProvisionResult(port, path, firmware, created)
+    try:
+        if not link.state.provision_mode:
+            raise ActuatorError(f"the board on {port} is not in provisioning mode",
+                                BUTTON_HINT)
+        sessions = link.state.sessions
+        key = link.provision(agree_timeout_s)
+        save_key(path, key)  # at once: the board already holds it
+        if not _wait_new_session(link, sessions, hello_timeout_s):
+            raise ActuatorError(f"the board on {port} agreed a key (saved to {path}) but did "
+                                "not come back with a session under it",
+                                "power-cycle it and run `roadshield actuator status`")
+        return ProvisionResult(port, path, link.state.firmware)
+    finally:
+        link.close()
 
 
-def _wait_new_session(link: SerialLink, timeout_s: float) -> bool:
+def rotate_key(port: str, key_file: str | os.PathLike[str], *, hello_timeout_s: float = 5.0,
+               agree_timeout_s: float = 30.0) -> ProvisionResult:
+    """Replace the board's key (and ``key_file``) by a new agreement under the current key."""
+    path = Path(key_file)
+    with SerialLink(port, load_key(path), hello_timeout_s=hello_timeout_s) as link:
+        sessions = link.state.sessions
+        key = link.rotate_key(agree_timeout_s)
+        save_key(path, key)  # the old key is dead on the board from here on
+        if not _wait_new_session(link, sessions, hello_timeout_s):
+            raise ActuatorError(f"the board on {port} rotated its key (saved to {path}) but "
+                                "did not come back with a session under it",
+                                "power-cycle it and run `roadshield actuator status`")
+        return ProvisionResult(port, path, link.state.firmware)
+
+
+def _wait_new_session(link: SerialLink, sessions: int, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         st = link.state
-        if st.connected and st.provisioned:
+        if st.connected and st.sessions > sessions and st.provisioned \
+                and not st.provision_mode:
             return True
         time.sleep(0.01)
     return False

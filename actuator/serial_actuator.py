@@ -73,8 +73,10 @@ class SerialActuator(Actuator):
         if ack.result != m.RESULT_OK:
             raise ActuatorError(f"the board on {self.link.port} refused to arm "
                                 f"({m.RESULT_NAMES.get(ack.result, ack.result)})",
-                                "an unprovisioned board cannot arm: run `roadshield actuator "
-                                "provision`; otherwise check `roadshield actuator status`")
+                                "an unprovisioned board (or one booted with its provisioning "
+                                "button held) cannot arm: run `roadshield actuator provision`, "
+                                "then reset it without the button; otherwise check "
+                                "`roadshield actuator status`")
 
     def send(self, command: ActuatorCommand) -> None:
         state = self.link.state

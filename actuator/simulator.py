@@ -7,7 +7,8 @@ milliseconds; every state change is recorded with its time, so tests and the ben
 can measure how long the device took to reach its safe state.
 
 Run it alone: ``roadshield actuator simulate --link /tmp/rs-tty --key-file dev.key``
-(or ``python -m actuator.simulator ...``).
+(or ``python -m actuator.simulator ...``). ``--provision-button`` boots it as a board
+whose provisioning button is held: it then accepts one PROVISION (key agreement).
 """
 
 from __future__ import annotations
@@ -44,14 +45,17 @@ class PtySimulator:
 
     key: the device key (None: an unprovisioned board). link_path: optional symlink
     made to point at the slave, replaced atomically, so a restarted simulator keeps the
-    path the host opened. key_file: where a PROVISION-ed key is saved (hex).
+    path the host opened. key_file: where a key agreed by PROVISION / REKEY is saved
+    (hex), as the board keeps it in EEPROM. provision_button: boot as if the board's
+    provisioning button were held (physical presence).
     """
 
     def __init__(self, key: bytes | None, *, link_path: str | os.PathLike[str] | None = None,
                  key_file: str | os.PathLike[str] | None = None, tick_s: float = 0.002,
                  clock: Callable[[], float] = time.monotonic,
-                 nonce_source: Callable[[], bytes] | None = None) -> None:
-        self.device = Device(key, nonce_source)
+                 random: Callable[[int], bytes] | None = None,
+                 provision_button: bool = False) -> None:
+        self.device = Device(key, random, provision_button=provision_button)
         self.link_path = Path(link_path) if link_path is not None else None
         self.key_file = Path(key_file) if key_file is not None else None
         self.tick_s = tick_s
@@ -160,6 +164,8 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key-file", default=None,
                         help="device key (hex); missing file = unprovisioned board")
     parser.add_argument("--duration", type=float, default=None, help="stop after N seconds")
+    parser.add_argument("--provision-button", action="store_true",
+                        help="boot with the provisioning button held: accept one PROVISION")
 
 
 def simulate(args: argparse.Namespace) -> int:
@@ -169,11 +175,16 @@ def simulate(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        sim = PtySimulator(key, link_path=args.link, key_file=key_file).start()
+        sim = PtySimulator(key, link_path=args.link, key_file=key_file,
+                           provision_button=args.provision_button).start()
     except OSError as err:
         raise ActuatorError(f"cannot create the simulator's pty or link {args.link}: {err}",
                             "pick a --link path in a writable folder") from err
-    state = "provisioned" if key is not None else "unprovisioned (provision it first)"
+    state = "provisioned" if key is not None else "unprovisioned"
+    if args.provision_button:
+        state += ", provisioning button held (accepts one PROVISION)"
+    elif key is None:
+        state += " (restart with --provision-button to provision it)"
     print(f"roadshield actuator simulator on {sim.slave_path}"
           + (f" (link {sim.link_path})" if sim.link_path else "") + f", {state}", flush=True)
     try:

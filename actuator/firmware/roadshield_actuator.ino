@@ -1,13 +1,19 @@
 // roadshield actuator firmware: thin Arduino glue around the portable C core (rs_link.c).
 //
-// Boards: AVR (Uno, Nano; avr/wdt.h) or RP2040 (arduino-pico core; hardware watchdog).
+// Boards: AVR with at least 64 KB flash (Arduino Mega 2560; avr/wdt.h) or RP2040
+// (arduino-pico core; hardware watchdog). The X25519 key agreement (Monocypher) alone
+// is about 36 KB of AVR code, so a 32 KB Uno / Nano (ATmega328P) cannot hold it.
 // The core does the protocol and the safety rules (link watchdog: no valid heartbeat for
 // 250 ms -> brake on, steering neutral, latched until re-armed). This file adds what only
-// the board can do: the serial port, the servos, the key in EEPROM, a nonce from
-// hardware noise, and the hardware watchdog, which resets the MCU if loop() ever stalls
-// for 250 ms (the core then boots SAFE with fault "watchdog reset").
+// the board can do: the serial port, the servos, the key in EEPROM, random bytes from
+// hardware noise, the provisioning button, and the hardware watchdog, which resets the
+// MCU if loop() ever stalls for 250 ms (the core then boots SAFE with fault "watchdog
+// reset"). During an X25519 step (about 4.8 s each on a 16 MHz AVR, two per key
+// agreement; the board is SAFE then) the watchdog is stretched to 8 s, not turned off.
 //
-// Pins: brake servo D9, steering servo D10 (1000..2000 us), throttle-limit PWM D5.
+// Pins: brake servo D9, steering servo D10 (1000..2000 us), throttle-limit PWM D5,
+// provisioning button D2 to GND (internal pull-up): held at power-up or reset, the
+// board keys its session with the factory key and accepts one PROVISION.
 // Build: see actuator/README.md (arduino-cli needs the sketch in a folder of its name).
 
 #include <EEPROM.h>
@@ -18,6 +24,9 @@
 
 #if defined(ARDUINO_ARCH_AVR)
 #include <avr/wdt.h>
+#if defined(FLASHEND) && FLASHEND < 0xFFFF
+#error "roadshield_actuator needs >= 64 KB flash (X25519): use an Arduino Mega 2560 or RP2040"
+#endif
 #elif defined(ARDUINO_ARCH_RP2040)
 #include <hardware/watchdog.h>
 #else
@@ -27,6 +36,7 @@
 static const uint8_t PIN_BRAKE = 9;
 static const uint8_t PIN_STEER = 10;
 static const uint8_t PIN_THROTTLE = 5;
+static const uint8_t PIN_PROVISION = 2;  // button / jumper to GND; read only at boot
 static const uint16_t BRAKE_RELEASED_DEG = 20;  // servo angle with brake 0
 static const uint16_t BRAKE_FULL_DEG = 160;     // servo angle with brake 1000
 
@@ -40,7 +50,7 @@ static rs_link_t link;
 static Servo brake_servo;
 static Servo steer_servo;
 static uint32_t boot_count = 0;
-static uint8_t sessions = 0;
+static uint32_t draws = 0;
 
 static void ee_commit() {
 #if defined(ARDUINO_ARCH_RP2040)
@@ -71,27 +81,35 @@ static void serial_write(void *ctx, const uint8_t *data, uint16_t len) {
   Serial.write(data, len);
 }
 
-// A fresh nonce per session: SHA-256 over the boot counter (never repeats across
-// reboots), the session number, timer jitter and ADC noise from a floating pin.
-static void make_nonce(void *ctx, uint8_t out[RS_NONCE_LEN]) {
+// Fresh bytes for nonces and X25519 secrets: SHA-256 blocks over the boot counter (never
+// repeats across reboots), a draw counter, timer jitter and ADC noise from floating pins.
+// The ADC noise is the only physical entropy on an AVR: see actuator/README.md.
+static void make_random(void *ctx, uint8_t *out, uint8_t len) {
   (void)ctx;
-  rs_sha256_t s;
-  uint8_t digest[RS_SHA256_LEN];
-  uint32_t mix[6];
-  mix[0] = boot_count;
-  mix[1] = ++sessions;
-  mix[2] = micros();
-  mix[3] = (uint32_t)analogRead(A0) << 16 | (uint32_t)analogRead(A1);
+  while (len > 0) {
+    rs_sha256_t s;
+    uint8_t digest[RS_SHA256_LEN];
+    uint32_t mix[7];
+    uint8_t n = len < RS_SHA256_LEN ? len : RS_SHA256_LEN;
+    mix[0] = boot_count;
+    mix[1] = ++draws;
+    mix[2] = micros();
+    mix[3] = (uint32_t)analogRead(A0) << 16 | (uint32_t)analogRead(A1);
 #if defined(ARDUINO_ARCH_RP2040)
-  mix[4] = rp2040.hwrand32();
+    mix[4] = rp2040.hwrand32();
+    mix[5] = rp2040.hwrand32();
 #else
-  mix[4] = (uint32_t)analogRead(A2) << 16 | (uint32_t)analogRead(A3);
+    mix[4] = (uint32_t)analogRead(A2) << 16 | (uint32_t)analogRead(A3);
+    mix[5] = (uint32_t)analogRead(A0) << 16 | (uint32_t)analogRead(A2);
 #endif
-  mix[5] = micros();
-  rs_sha256_init(&s);
-  rs_sha256_update(&s, (const uint8_t *)mix, sizeof mix);
-  rs_sha256_final(&s, digest);
-  memcpy(out, digest, RS_NONCE_LEN);
+    mix[6] = micros();
+    rs_sha256_init(&s);
+    rs_sha256_update(&s, (const uint8_t *)mix, sizeof mix);
+    rs_sha256_final(&s, digest);
+    memcpy(out, digest, n);
+    out += n;
+    len = (uint8_t)(len - n);
+  }
 }
 
 static uint8_t watchdog_was_reset() {
@@ -121,6 +139,28 @@ static void watchdog_kick() {
 #endif
 }
 
+// The core calls this before each X25519 step (1) and after the agreement (0): the
+// watchdog is stretched to its 8 s maximum, never disabled, so a hang still resets.
+static void keyx_busy(void *ctx, uint8_t busy) {
+  (void)ctx;
+#if defined(ARDUINO_ARCH_AVR)
+  wdt_enable(busy ? WDTO_8S : WDTO_250MS);
+#else
+  watchdog_enable(busy ? 8000 : 250, true);
+#endif
+}
+
+// Provisioning needs someone at the board: D2 held low through 20 ms at boot.
+static uint8_t provision_button_held() {
+  pinMode(PIN_PROVISION, INPUT_PULLUP);
+  delay(5);  // let the pull-up charge the line
+  for (uint8_t i = 0; i < 20; i++) {
+    if (digitalRead(PIN_PROVISION) != LOW) return 0;
+    delay(1);
+  }
+  return 1;
+}
+
 static void drive_outputs() {
   // integer maps only: no floating point on the AVR
   uint32_t deg = BRAKE_RELEASED_DEG +
@@ -133,6 +173,7 @@ static void drive_outputs() {
 void setup() {
   uint8_t wd = watchdog_was_reset();
   uint8_t key[RS_KEY_LEN];
+  uint8_t button;
   bool have_key;
 #if defined(ARDUINO_ARCH_RP2040)
   EEPROM.begin(EE_SIZE);
@@ -150,10 +191,13 @@ void setup() {
   for (int i = 0; i < 4; i++) EEPROM.write(EE_BOOTS + i, (uint8_t)(boot_count >> (8 * i)));
   ee_commit();
 
+  button = provision_button_held();
   Serial.begin(115200);
   have_key = load_key(key);
   rs_link_init(&link, have_key ? key : 0, wd ? RS_FAULT_WATCHDOG_RESET : RS_FAULT_BOOT,
-               serial_write, make_nonce, 0);
+               button, serial_write, make_random, 0);
+  link.busy = keyx_busy;
+  memset(key, 0, sizeof key);  // the core holds its own copy
   watchdog_start();
   rs_link_boot(&link, millis());
 }

@@ -3,6 +3,7 @@
 
 #include <string.h>
 
+#include "monocypher.h"
 #include "rs_sha256.h"
 
 /* per-message CRC extra bytes: actuator.protocol.CRC_EXTRA */
@@ -15,7 +16,10 @@ static uint8_t crc_extra(uint8_t type) {
     case RS_ACK: return 0x94;
     case RS_STATUS: return 0x37;
     case RS_FAULT: return 0x8e;
-    case RS_PROVISION: return 0x66;
+    case RS_PROVISION: return 0xbf;
+    case RS_KEY: return 0x6b;
+    case RS_REKEY: return 0xea;
+    case RS_JOIN: return 0x5c;
     default: return 0;
     }
 }
@@ -26,7 +30,9 @@ static uint8_t host_payload_len(uint8_t type) {
     case RS_HEARTBEAT: return 2;
     case RS_SETPOINT: return 8;
     case RS_COMMAND: return 9;
-    case RS_PROVISION: return 32;
+    case RS_PROVISION: return RS_PUB_LEN;
+    case RS_REKEY: return RS_PUB_LEN;
+    case RS_JOIN: return RS_NONCE_LEN;
     default: return 0;
     }
 }
@@ -85,9 +91,8 @@ static uint8_t newer(uint16_t a, uint16_t b) {
     return d > 0 && d < 0x8000;
 }
 
-static void count(rs_link_t *l, uint8_t which) {
-    if (l->counters[which] != 0xFFFF) l->counters[which]++;
-}
+/* counters wrap at 65536 (a client reads differences mod 2^16, see PROTOCOL.md) */
+static void count(rs_link_t *l, uint8_t which) { l->counters[which]++; }
 
 static void put16(uint8_t *p, uint16_t v) { p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); }
 static uint16_t get16(const uint8_t *p) { return (uint16_t)(p[0] | ((uint16_t)p[1] << 8)); }
@@ -98,7 +103,7 @@ static uint32_t get32(const uint8_t *p) {
 
 static void emit(rs_link_t *l, uint8_t type, const uint8_t *payload, uint8_t len) {
     uint8_t raw[RS_MAX_RAW];
-    uint8_t enc[RS_MAX_RAW + 3];
+    uint8_t enc[RS_MAX_RAW + 2]; /* one COBS code byte and the delimiter */
     uint8_t mac[RS_SHA256_LEN];
     uint8_t n = 0, body;
     uint16_t crc;
@@ -129,7 +134,8 @@ static void emit(rs_link_t *l, uint8_t type, const uint8_t *payload, uint8_t len
 static void emit_hello(rs_link_t *l) {
     uint8_t p[12];
     p[0] = RS_FW_MAJOR; p[1] = RS_FW_MINOR; p[2] = RS_FW_PATCH;
-    p[3] = l->provisioned ? 1 : 0;
+    p[3] = (uint8_t)((l->provisioned ? RS_HELLO_PROVISIONED : 0) |
+                     (l->provision_mode ? RS_HELLO_PROVISION_MODE : 0));
     memcpy(p + 4, l->nonce, RS_NONCE_LEN);
     emit(l, RS_HELLO, p, sizeof p);
 }
@@ -159,11 +165,19 @@ static void emit_ack(rs_link_t *l, uint16_t seq, uint8_t op, uint8_t result) {
     emit(l, RS_ACK, p, sizeof p);
 }
 
+static const uint8_t factory_key[RS_KEY_LEN] = {0};
+
+/* the key sessions derive from: the factory key in provisioning mode */
+static const uint8_t *link_key(const rs_link_t *l) {
+    return l->provision_mode ? factory_key : l->key;
+}
+
 static void start_session(rs_link_t *l, uint32_t now) {
-    uint8_t msg[7 + RS_NONCE_LEN] = {'R', 'S', 'L', 'I', 'N', 'K', '1'};
-    l->make_nonce(l->ctx, l->nonce);
-    memcpy(msg + 7, l->nonce, RS_NONCE_LEN);
-    rs_hmac_sha256(l->key, RS_KEY_LEN, msg, sizeof msg, l->session_key);
+    uint8_t msg[8 + RS_NONCE_LEN] = {'R', 'S', 'H', 'E', 'L', 'L', 'O', '2'};
+    l->random(l->ctx, l->nonce, RS_NONCE_LEN);
+    memcpy(msg + 8, l->nonce, RS_NONCE_LEN);
+    /* the hello key: HELLO and JOIN only; JOIN's host nonce makes the session key */
+    rs_hmac_sha256(link_key(l), RS_KEY_LEN, msg, sizeof msg, l->session_key);
     l->tx_counter = l->rx_counter = 0;
     l->host_seen = 0;
     l->sp_seen = l->sp_active = 0;
@@ -217,13 +231,14 @@ static void enter_safe(rs_link_t *l, uint8_t fault, uint32_t now) {
     }
 }
 
-void rs_link_init(rs_link_t *l, const uint8_t *key, uint8_t boot_fault, rs_write_fn write,
-                  rs_nonce_fn make_nonce, void *ctx) {
+void rs_link_init(rs_link_t *l, const uint8_t *key, uint8_t boot_fault,
+                  uint8_t provision_button, rs_write_fn write, rs_random_fn random, void *ctx) {
     memset(l, 0, sizeof *l);
     if (key) memcpy(l->key, key, RS_KEY_LEN);
     l->provisioned = key != 0;
+    l->provision_mode = provision_button ? 1 : 0;
     l->write = write;
-    l->make_nonce = make_nonce;
+    l->random = random;
     l->ctx = ctx;
     l->steer_limit = 300;
     l->slew = 500;
@@ -283,7 +298,7 @@ static uint8_t execute(rs_link_t *l, const uint8_t *p, uint32_t now) {
     uint16_t a0 = get16(p + 1), a1 = get16(p + 3), a2 = get16(p + 5), a3 = get16(p + 7);
     if (op == RS_OP_ARM) {
         uint8_t fresh = l->hb_since_safe && elapsed(now, l->last_hb) <= l->link_timeout;
-        if (!(l->provisioned && fresh)) return RS_RESULT_REFUSED;
+        if (!(l->provisioned && !l->provision_mode && fresh)) return RS_RESULT_REFUSED;
         l->state = RS_STATE_ARMED;
         l->fault = RS_FAULT_NONE;
         l->sp_active = 0;
@@ -307,36 +322,85 @@ static uint8_t execute(rs_link_t *l, const uint8_t *p, uint32_t now) {
     return RS_RESULT_BAD_ARGS;
 }
 
-static void on_command(rs_link_t *l, uint16_t seq, const uint8_t *p, uint32_t now) {
+static void on_command(rs_link_t *l, uint16_t seq, uint8_t flags, const uint8_t *p,
+                       uint32_t now) {
     uint8_t result;
-    if (l->cmd_seen && seq == l->cmd_seq) { /* a retry: answer again, do not redo */
-        count(l, RS_C_DUP);
-        emit_ack(l, seq, l->cmd_op, l->cmd_result);
+    if (l->cmd_seen && seq == l->cmd_seq) {
+        if ((flags & RS_FLAG_RETRY) && memcmp(p, l->cmd_payload, sizeof l->cmd_payload) == 0) {
+            count(l, RS_C_DUP); /* a true retry: answer again, do not redo */
+            emit_ack(l, seq, p[0], l->cmd_result);
+        } else { /* same seq, other command (or no retry flag): never silently dropped */
+            count(l, RS_C_REFUSED);
+            emit_ack(l, seq, p[0], RS_RESULT_SEQ_REUSED);
+        }
         return;
     }
     result = execute(l, p, now);
     l->cmd_seen = 1;
     l->cmd_seq = seq;
-    l->cmd_op = p[0];
+    memcpy(l->cmd_payload, p, sizeof l->cmd_payload);
     l->cmd_result = result;
     if (result != RS_RESULT_OK) count(l, RS_C_REFUSED);
     emit_ack(l, seq, p[0], result);
     emit_status(l);
 }
 
-static void on_provision(rs_link_t *l, uint16_t seq, const uint8_t *key, uint32_t now) {
-    uint8_t i, nonzero = 0, ok;
-    for (i = 0; i < RS_KEY_LEN; i++) nonzero |= key[i];
-    ok = !l->provisioned && nonzero;
-    emit_ack(l, seq, 0, ok ? RS_RESULT_OK : RS_RESULT_REFUSED);
+static void on_join(rs_link_t *l, const uint8_t *host_nonce, uint32_t now) {
+    uint8_t msg[7 + 2 * RS_NONCE_LEN] = {'R', 'S', 'L', 'I', 'N', 'K', '2'};
+    uint8_t p[2];
+    memcpy(msg + 7, l->nonce, RS_NONCE_LEN);
+    memcpy(msg + 7 + RS_NONCE_LEN, host_nonce, RS_NONCE_LEN);
+    rs_hmac_sha256(link_key(l), RS_KEY_LEN, msg, sizeof msg, l->session_key);
+    l->host_seen = 1;
+    l->last_hb = l->hb_t = now;
+    p[0] = l->state;
+    p[1] = l->fault;
+    emit(l, RS_HEARTBEAT, p, 2); /* the first frame under the new key confirms it */
+}
+
+/* PROVISION (button boot only) or REKEY (current key, SAFE): X25519, then re-key.
+ * device_key = HMAC-SHA256(shared, "RSKEY2" || host_public || device_public) */
+static void on_key_agreement(rs_link_t *l, uint8_t type, uint16_t seq, const uint8_t *host_pub,
+                             uint32_t now) {
+    uint8_t secret[RS_PUB_LEN], shared[RS_PUB_LEN];
+    uint8_t msg[6 + 2 * RS_PUB_LEN] = {'R', 'S', 'K', 'E', 'Y', '2'};
+    uint8_t reply[3 + RS_PUB_LEN];
+    uint8_t op = type == RS_PROVISION ? RS_OP_PROVISION : RS_OP_REKEY;
+    uint8_t ok, i, nonzero = 0;
+    if (type == RS_PROVISION) {
+        ok = l->provision_mode;
+    } else {
+        ok = l->provisioned && !l->provision_mode && l->state == RS_STATE_SAFE;
+    }
     if (!ok) {
         count(l, RS_C_REFUSED);
+        emit_ack(l, seq, op, RS_RESULT_REFUSED);
         return;
     }
-    memcpy(l->key, key, RS_KEY_LEN);
+    l->random(l->ctx, secret, RS_PUB_LEN);
+    if (l->busy) l->busy(l->ctx, 1);
+    crypto_x25519_public_key(msg + 6 + RS_PUB_LEN, secret);
+    if (l->busy) l->busy(l->ctx, 1); /* each step takes seconds on an AVR */
+    crypto_x25519(shared, secret, host_pub);
+    crypto_wipe(secret, sizeof secret);
+    if (l->busy) l->busy(l->ctx, 0);
+    for (i = 0; i < RS_PUB_LEN; i++) nonzero |= shared[i];
+    if (!nonzero) { /* a low-order point from the host: no key from it */
+        count(l, RS_C_REFUSED);
+        emit_ack(l, seq, op, RS_RESULT_BAD_ARGS);
+        return;
+    }
+    memcpy(msg + 6, host_pub, RS_PUB_LEN);
+    put16(reply, seq);
+    reply[2] = op;
+    memcpy(reply + 3, msg + 6 + RS_PUB_LEN, RS_PUB_LEN);
+    emit(l, RS_KEY, reply, sizeof reply); /* under the old key, which the host has */
+    rs_hmac_sha256(shared, RS_PUB_LEN, msg, sizeof msg, l->key);
+    crypto_wipe(shared, sizeof shared);
     l->provisioned = 1;
+    l->provision_mode = 0; /* one key per button boot */
     l->key_changed = 1;
-    start_session(l, now); /* re-key at once: the factory session ends here */
+    start_session(l, now); /* re-key at once: the old session ends here */
 }
 
 static void handle(rs_link_t *l, uint32_t now) {
@@ -364,25 +428,25 @@ static void handle(rs_link_t *l, uint32_t now) {
     if (diff) { count(l, RS_C_BAD_TAG); return; }
     counter = get32(raw + RS_HEADER_LEN + len);
     if (counter <= l->rx_counter) { count(l, RS_C_REPLAY); return; }
-    if (host_payload_len(type) == 0 || host_payload_len(type) != len) {
+    /* before JOIN only JOIN; after it every host type but JOIN (device-only types never) */
+    if ((l->host_seen ? type == RS_JOIN : type != RS_JOIN) || host_payload_len(type) == 0 ||
+        host_payload_len(type) != len) {
         count(l, RS_C_BAD_FRAME);
         return;
     }
     l->rx_counter = counter;
     count(l, RS_C_ACCEPTED);
-    if (!l->host_seen) {
-        l->host_seen = 1;
-        l->last_hb = l->hb_t = now;
-    }
-    if (type == RS_HEARTBEAT) {
+    if (type == RS_JOIN) {
+        on_join(l, raw + RS_HEADER_LEN, now);
+    } else if (type == RS_HEARTBEAT) {
         l->last_hb = now;
         l->hb_since_safe = 1;
     } else if (type == RS_SETPOINT) {
         on_setpoint(l, seq, raw + RS_HEADER_LEN, now);
     } else if (type == RS_COMMAND) {
-        on_command(l, seq, raw + RS_HEADER_LEN, now);
+        on_command(l, seq, flags, raw + RS_HEADER_LEN, now);
     } else {
-        on_provision(l, seq, raw + RS_HEADER_LEN, now);
+        on_key_agreement(l, type, seq, raw + RS_HEADER_LEN, now);
     }
 }
 

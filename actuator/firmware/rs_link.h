@@ -16,15 +16,16 @@
 extern "C" {
 #endif
 
-#define RS_VERSION 1
-#define RS_FW_MAJOR 1
+#define RS_VERSION 2
+#define RS_FW_MAJOR 2
 #define RS_FW_MINOR 0
 #define RS_FW_PATCH 0
 #define RS_KEY_LEN 32
 #define RS_NONCE_LEN 8
 #define RS_TAG_LEN 8
 #define RS_HEADER_LEN 6
-#define RS_MAX_PAYLOAD 32
+#define RS_PUB_LEN 32
+#define RS_MAX_PAYLOAD 35 /* KEY: u16 seq, u8 op, 32-byte public key */
 #define RS_OVERHEAD 20
 #define RS_MAX_RAW (RS_OVERHEAD + RS_MAX_PAYLOAD)
 #define RS_RX_MAX 64
@@ -32,12 +33,17 @@ extern "C" {
 #define RS_FLAG_FROM_DEVICE 0x80
 
 enum { RS_HELLO = 1, RS_HEARTBEAT, RS_SETPOINT, RS_COMMAND, RS_ACK, RS_STATUS, RS_FAULT,
-       RS_PROVISION };
+       RS_PROVISION, RS_KEY, RS_REKEY, RS_JOIN };
 enum { RS_STATE_SAFE = 0, RS_STATE_ARMED = 1 };
 enum { RS_FAULT_NONE = 0, RS_FAULT_BOOT, RS_FAULT_LINK_TIMEOUT, RS_FAULT_HOST_BRAKE,
        RS_FAULT_DISARMED, RS_FAULT_WATCHDOG_RESET };
 enum { RS_OP_ARM = 1, RS_OP_DISARM, RS_OP_BRAKE, RS_OP_CONFIG };
-enum { RS_RESULT_OK = 0, RS_RESULT_REFUSED, RS_RESULT_BAD_ARGS };
+/* ACK / KEY op of PROVISION and REKEY: the message type with bit 7 set */
+#define RS_OP_PROVISION (0x80 | RS_PROVISION)
+#define RS_OP_REKEY (0x80 | RS_REKEY)
+enum { RS_RESULT_OK = 0, RS_RESULT_REFUSED, RS_RESULT_BAD_ARGS, RS_RESULT_SEQ_REUSED };
+#define RS_HELLO_PROVISIONED 0x01
+#define RS_HELLO_PROVISION_MODE 0x02
 /* counters, in the order of device.COUNTER_NAMES */
 enum { RS_C_BAD_FRAME = 0, RS_C_BAD_CRC, RS_C_BAD_TAG, RS_C_REPLAY, RS_C_REFUSED, RS_C_STALE,
        RS_C_EXPIRED, RS_C_DUP, RS_C_ACCEPTED, RS_NUM_COUNTERS };
@@ -48,17 +54,21 @@ enum { RS_C_BAD_FRAME = 0, RS_C_BAD_CRC, RS_C_BAD_TAG, RS_C_REPLAY, RS_C_REFUSED
 
 /* write one encoded frame (delimiter included) to the serial port */
 typedef void (*rs_write_fn)(void *ctx, const uint8_t *data, uint16_t len);
-/* fill 8 fresh, unpredictable bytes: one per session */
-typedef void (*rs_nonce_fn)(void *ctx, uint8_t out[RS_NONCE_LEN]);
+/* fill len fresh, unpredictable bytes: 8 per session nonce, 32 per key agreement */
+typedef void (*rs_random_fn)(void *ctx, uint8_t *out, uint8_t len);
+/* called with 1 before each X25519 step and 0 after the agreement (seconds on an AVR) */
+typedef void (*rs_busy_fn)(void *ctx, uint8_t busy);
 
 typedef struct {
     uint8_t key[RS_KEY_LEN];
-    uint8_t session_key[RS_KEY_LEN];
+    uint8_t session_key[RS_KEY_LEN]; /* the hello key until JOIN, then the session key */
     uint8_t nonce[RS_NONCE_LEN];
     uint8_t provisioned;
-    uint8_t key_changed; /* PROVISION stored a new key: the glue persists it */
+    uint8_t provision_mode; /* booted with the provisioning button held */
+    uint8_t key_changed; /* PROVISION / REKEY stored a new key: the glue persists it */
     rs_write_fn write;
-    rs_nonce_fn make_nonce;
+    rs_random_fn random;
+    rs_busy_fn busy; /* optional; set after rs_link_init */
     void *ctx;
     /* configuration (COMMAND config, only while safe) */
     uint16_t steer_limit, slew, max_throttle, link_timeout;
@@ -77,8 +87,9 @@ typedef struct {
     int16_t sp_steering;
     uint8_t sp_active, sp_seen;
     uint32_t sp_t;
-    /* last command, for de-duplication of retries */
-    uint8_t cmd_seen, cmd_op, cmd_result;
+    /* last command, for de-duplication of retries (op and arguments byte for byte) */
+    uint8_t cmd_seen, cmd_result;
+    uint8_t cmd_payload[9];
     uint16_t cmd_seq;
     /* receive framing */
     uint8_t rx_buf[RS_RX_MAX];
@@ -86,9 +97,10 @@ typedef struct {
 } rs_link_t;
 
 /* key: the 32-byte device key, or NULL when unprovisioned (factory key of zeros).
- * boot_fault: RS_FAULT_BOOT, or RS_FAULT_WATCHDOG_RESET after a watchdog reset. */
-void rs_link_init(rs_link_t *l, const uint8_t *key, uint8_t boot_fault, rs_write_fn write,
-                  rs_nonce_fn make_nonce, void *ctx);
+ * boot_fault: RS_FAULT_BOOT, or RS_FAULT_WATCHDOG_RESET after a watchdog reset.
+ * provision_button: nonzero when the provisioning button was held at boot. */
+void rs_link_init(rs_link_t *l, const uint8_t *key, uint8_t boot_fault,
+                  uint8_t provision_button, rs_write_fn write, rs_random_fn random, void *ctx);
 void rs_link_boot(rs_link_t *l, uint32_t now_ms);
 void rs_link_rx_byte(rs_link_t *l, uint8_t byte, uint32_t now_ms);
 void rs_link_tick(rs_link_t *l, uint32_t now_ms);

@@ -8,8 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from actuator.cli import add_parsers
 from actuator.keys import save_key
 from actuator.scenarios import TEST_KEY
@@ -21,11 +19,14 @@ def parse(argv):
     return parser.parse_args(argv)
 
 
-def test_parser_has_the_four_subcommands():
+def test_parser_has_the_five_subcommands():
     assert parse(["actuator", "simulate", "--link", "/tmp/x"]).link == "/tmp/x"
-    args = parse(["actuator", "provision", "--port", "/dev/ttyACM0", "--key-file", "k",
-                  "--generate"])
-    assert args.generate and args.port == "/dev/ttyACM0"
+    assert parse(["actuator", "simulate", "--provision-button"]).provision_button
+    assert not parse(["actuator", "simulate"]).provision_button
+    args = parse(["actuator", "provision", "--port", "/dev/ttyACM0", "--key-file", "k"])
+    assert args.port == "/dev/ttyACM0" and args.agree_timeout == 30.0
+    args = parse(["actuator", "rotate", "--port", "p", "--key-file", "k"])
+    assert args.func.__name__ == "rotate"
     assert parse(["actuator", "status", "--port", "p", "--key-file", "k"]).json is False
     assert parse(["actuator", "fuzz", "--frames", "10"]).frames == 10
 
@@ -38,7 +39,6 @@ def test_fuzz_command_prints_json(capsys):
 
 
 def test_simulate_and_status_end_to_end(tmp_path, capsys):
-    pytest.importorskip("serial")
     key_file, link = tmp_path / "dev.key", tmp_path / "tty"
     save_key(key_file, TEST_KEY)
     proc = subprocess.Popen([sys.executable, "-c",
@@ -59,7 +59,7 @@ def test_simulate_and_status_end_to_end(tmp_path, capsys):
         assert args.func(args) == 0
         info = json.loads(capsys.readouterr().out)
         assert info["connected"] and info["provisioned"] and info["state"] == "safe"
-        assert info["firmware"] == "1.0.0"
+        assert info["firmware"] == "2.0.0" and not info["provision_mode"]
     finally:
         proc.terminate()
         proc.wait(timeout=5)

@@ -7,19 +7,16 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from toy_data import fake_runner_base
 
-pytest.importorskip("serial", reason="pyserial is needed for the host link")
-
-from toy_data import fake_runner_base  # noqa: E402
-
-from actuator import messages as m  # noqa: E402
-from actuator.scenarios import TEST_KEY  # noqa: E402
-from actuator.serial_actuator import SerialActuator  # noqa: E402
-from actuator.simulator import PtySimulator  # noqa: E402
-from edge_runtime.frames import Frame, FrameSource  # noqa: E402
-from edge_runtime.locate import Candidate  # noqa: E402
-from edge_runtime.loop import EdgeLoop  # noqa: E402
-from edge_runtime.policy import SignRulesPolicy  # noqa: E402
+from actuator import messages as m
+from actuator.scenarios import TEST_KEY
+from actuator.serial_actuator import SerialActuator
+from actuator.simulator import PtySimulator
+from edge_runtime.frames import Frame, FrameSource
+from edge_runtime.locate import Candidate
+from edge_runtime.loop import EdgeLoop
+from edge_runtime.policy import SignRulesPolicy
 
 CLASSES = ("stop", "priority_road")
 SIZE = 8

@@ -1,4 +1,8 @@
-"""The host link against the simulator through real pseudo-terminals (bounded timeouts)."""
+"""The host link against the simulator through real pseudo-terminals (bounded timeouts).
+
+Behaviour only: how fast the board reaches its safe state is measured by
+``scripts/bench_actuator.py``, not asserted here.
+"""
 
 from __future__ import annotations
 
@@ -11,20 +15,18 @@ import time
 from pathlib import Path
 
 import pytest
+import serial
 
-pytest.importorskip("serial", reason="pyserial is needed for the host link")
-
-import serial  # noqa: E402
-
-from actuator import messages as m  # noqa: E402
-from actuator.interface import ActuatorCommand  # noqa: E402
-from actuator.keys import load_key, save_key  # noqa: E402
-from actuator.link import SerialLink, open_serial  # noqa: E402
-from actuator.provision import provision_device  # noqa: E402
-from actuator.scenarios import TEST_KEY  # noqa: E402
-from actuator.serial_actuator import SerialActuator, command_to_setpoint  # noqa: E402
-from actuator.simulator import PtySimulator  # noqa: E402
-from roadshield_base.errors import ActuatorError  # noqa: E402
+from actuator import messages as m
+from actuator import protocol as p
+from actuator.interface import ActuatorCommand
+from actuator.keys import load_key, save_key
+from actuator.link import SerialLink, open_serial
+from actuator.provision import provision_device, rotate_key
+from actuator.scenarios import TEST_KEY
+from actuator.serial_actuator import SerialActuator, command_to_setpoint
+from actuator.simulator import PtySimulator
+from roadshield_base.errors import ActuatorError
 
 
 @pytest.fixture
@@ -35,7 +37,7 @@ def sim():
 
 def test_connects_on_hello_and_round_trips_a_setpoint(sim):
     with SerialLink(sim.port, TEST_KEY, hello_timeout_s=3.0) as link:
-        assert link.state.connected and link.state.firmware == "1.0.0"
+        assert link.state.connected and link.state.firmware == "2.0.0"
         assert link.arm().result == m.RESULT_OK
         t0 = time.monotonic()
         seq = link.send_setpoint(100, 0, 600, 1000)
@@ -53,7 +55,7 @@ def wait_for(cond, timeout_s: float) -> bool:
     return True
 
 
-def test_device_reaches_safe_state_within_300_ms_of_host_silence(sim):
+def test_device_brakes_after_host_silence_and_the_link_follows(sim):
     with SerialLink(sim.port, TEST_KEY) as link:
         for trial in range(3):
             assert wait_for(lambda n=trial + 1: link.state.sessions == n, 2.0)
@@ -64,9 +66,9 @@ def test_device_reaches_safe_state_within_300_ms_of_host_silence(sim):
             link.heartbeat_enabled = False
             silent_from = link.last_heartbeat_t
             assert wait_for(lambda t=silent_from: sim.safe_since(t) is not None, 2.0)
-            latency = sim.safe_since(silent_from) - silent_from
-            assert 0.25 <= latency < 0.3
-            assert sim.snapshot()["brake"] == 1000
+            snap = sim.snapshot()
+            assert (snap["state"], snap["fault"], snap["brake"], snap["thr"]) == \
+                (m.STATE_SAFE, m.FAULT_LINK_TIMEOUT, 1000, 0)
             link.heartbeat_enabled = True
 
 
@@ -153,17 +155,74 @@ def test_permission_denied_names_udev_rule_and_dialout(monkeypatch):
     assert "dialout" in err.value.hint and "99-roadshield-actuator.rules" in err.value.hint
 
 
-def test_provision_once_over_the_pty(tmp_path):
+def test_replayed_hello_does_not_replace_the_live_session(sim):
+    # a genuine HELLO recorded from an earlier session, nonce and tag valid: the host
+    # joins it but the board never confirms, so the live session stays
+    old_nonce = b"\x42" * 8
+    hello = p.build_frame(p.HELLO, m.pack_hello(m.Hello(2, 0, 0, 1, old_nonce)), 1, 1,
+                          p.derive_hello_key(TEST_KEY, old_nonce), p.FLAG_FROM_DEVICE)
+    with SerialLink(sim.port, TEST_KEY) as link:
+        sessions, nonce = link.state.sessions, link.state.nonce
+        with sim.lock:
+            sim._write([hello])  # as if a man in the middle injected it
+        assert wait_for(lambda: link.state.unconfirmed_hellos == 1, 3.0)
+        st = link.state
+        assert st.connected and st.sessions == sessions and st.nonce == nonce
+        assert link.arm().result == m.RESULT_OK  # the live session still works
+        assert sim.snapshot()["bad_tag"] >= 1  # the JOIN for the replay did not verify
+
+
+def test_an_ack_for_another_op_is_not_taken_as_the_answer(sim, monkeypatch):
+    with SerialLink(sim.port, TEST_KEY) as link:
+        time.sleep(0.06)
+        original = link._on_frame
+
+        def swap_op(encoded, now):  # the board "answers" BRAKE with an ACK of op ARM
+            original(encoded, now)
+            with link._cond:
+                for seq, ack in list(link._acks.items()):
+                    if isinstance(ack, m.Ack) and ack.op == m.OP_BRAKE:
+                        link._acks[seq] = m.Ack(seq, m.OP_ARM, m.RESULT_OK)
+
+        monkeypatch.setattr(link, "_on_frame", swap_op)
+        with pytest.raises(ActuatorError, match="not the brake sent"):
+            link.brake()
+
+
+def test_provision_needs_the_button_and_agrees_the_key(tmp_path):
     key_file = tmp_path / "board.key"
     sim_key_file = tmp_path / "sim-eeprom.key"
     with PtySimulator(None, key_file=sim_key_file) as s:
-        res = provision_device(s.port, key_file, generate=True, hello_timeout_s=3.0)
-        assert res.generated and load_key(key_file) == load_key(sim_key_file)
+        with pytest.raises(ActuatorError, match="not in provisioning mode") as err:
+            provision_device(s.port, key_file, hello_timeout_s=3.0)
+        assert "D2" in err.value.hint and not key_file.exists()
+    with PtySimulator(None, key_file=sim_key_file, provision_button=True) as s:
+        res = provision_device(s.port, key_file, hello_timeout_s=3.0)
+        assert res.key_file == key_file and load_key(key_file) == load_key(sim_key_file)
         assert oct(key_file.stat().st_mode & 0o777) == "0o600"
-        with pytest.raises(ActuatorError, match="already provisioned"):
+        with pytest.raises(ActuatorError, match="already exists"):
             provision_device(s.port, key_file, hello_timeout_s=1.0)
+        with pytest.raises(ActuatorError, match="provisioning button"):
+            provision_device(s.port, tmp_path / "second.key", hello_timeout_s=1.0)
         with SerialLink(s.port, load_key(key_file)) as link:
+            time.sleep(0.06)
             assert link.arm().result == m.RESULT_OK
+
+
+def test_rotate_key_over_the_pty(tmp_path):
+    key_file, sim_key_file = tmp_path / "board.key", tmp_path / "sim-eeprom.key"
+    save_key(key_file, TEST_KEY)
+    with PtySimulator(TEST_KEY, key_file=sim_key_file) as s:
+        rotate_key(s.port, key_file, hello_timeout_s=3.0)
+        new_key = load_key(key_file)
+        assert new_key != TEST_KEY and new_key == load_key(sim_key_file)
+        with pytest.raises(ActuatorError, match="key mismatch"):
+            SerialLink(s.port, TEST_KEY, hello_timeout_s=0.5).open()
+        with SerialLink(s.port, new_key) as link:
+            time.sleep(0.06)
+            assert link.arm().result == m.RESULT_OK
+            with pytest.raises(ActuatorError, match="refused REKEY"):
+                link.rotate_key()  # armed: keys rotate only in the safe state
 
 
 def _start_sim(link: Path, key_file: Path) -> subprocess.Popen[str]:

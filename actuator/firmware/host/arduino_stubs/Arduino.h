@@ -6,6 +6,9 @@
 #include <string.h>
 
 #define OUTPUT 1
+#define INPUT_PULLUP 2
+#define LOW 0
+#define HIGH 1
 #define A0 14
 #define A1 15
 #define A2 16
@@ -18,6 +21,8 @@ uint32_t micros();
 int analogRead(uint8_t pin);
 void analogWrite(uint8_t pin, int value);
 void pinMode(uint8_t pin, uint8_t mode);
+int digitalRead(uint8_t pin);
+void delay(uint32_t ms);
 
 struct StubSerial {
   void begin(unsigned long baud);
