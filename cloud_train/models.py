@@ -109,7 +109,31 @@ def conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
                          nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
-class SignNet(nn.Module):
+class PooledClassifier(nn.Module):
+    """Normalize -> ``features`` (conv stages) -> ``pool`` (global average) -> ``head``
+    (a Flatten first, then the classifier layers); subclasses build the four parts."""
+
+    normalize: Normalize
+    features: nn.Sequential
+    pool: nn.AdaptiveAvgPool2d
+    head: nn.Sequential
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(self.normalize(x))))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Features ``[N, D]`` for the Mahalanobis detector: the globally average-pooled
+        output of the last conv stage, the input of the head (D = the last stage's width;
+        where a ResNet's penultimate layer sits). On the red team's PGD 8/255 examples
+        these separated from clean images better than the hidden layer's output."""
+        return self.head[0](self.pool(self.features(self.normalize(x))))
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits ``[N, C]`` from ``embed``'s features (the rest of the head)."""
+        return self.head[1:](features)
+
+
+class SignNet(PooledClassifier):
     """Plain CNN: Normalize, conv stages separated by 2x2 max-pooling, global average
     pooling (so 32x32 and 48x48 inputs both work), dropout and a linear head.
 
@@ -142,19 +166,6 @@ class SignNet(nn.Module):
         head += [nn.Dropout(dropout), nn.Linear(c_in, num_classes)]
         self.head = nn.Sequential(*head)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.features(self.normalize(x))))
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Features ``[N, D]`` for the Mahalanobis detector: the globally average-pooled
-        output of the last conv stage, the input of the head (D = the last stage's width;
-        where a ResNet's penultimate layer sits). On the red team's PGD 8/255 examples
-        these separated from clean images better than the hidden layer's output."""
-        return self.head[0](self.pool(self.features(self.normalize(x))))
-
-    def classify(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits ``[N, C]`` from ``embed``'s features (the rest of the head)."""
-        return self.head[1:](features)
 
 
 @register_model
@@ -179,7 +190,7 @@ def depthwise_separable(c_in: int, c_out: int, stride: int) -> nn.Sequential:
         nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU6(inplace=True))
 
 
-class MobileSignNet(nn.Module):
+class MobileSignNet(PooledClassifier):
     """A MobileNet-style (Howard et al. 2017) student shaped for the Jetson: a 3x3 stem,
     depthwise-separable blocks that halve H and W where ``stride`` is 2, global average
     pooling and a linear head. Input float32 ``[N, 3, H, W]`` RGB in [0, 1]; output logits
@@ -204,15 +215,6 @@ class MobileSignNet(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c_in, num_classes))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.features(self.normalize(x))))
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Features ``[N, D]``: the pooled last block, the head's input."""
-        return self.head[0](self.pool(self.features(self.normalize(x))))
-
-    def classify(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head[1:](features)
 
 
 @register_model
