@@ -435,27 +435,24 @@ def _drive_crops(onnx: Path, source: str) -> list[dict[str, Any]]:
 
     out = []
     times: dict[str, list[float]] = defaultdict(list)
+    # the loop activated its runner when it was built and releases it on exit
     with build_loop(source, onnx, backend="onnxruntime", detect=DETECT_SPEC) as loop:
-        loop.runner.activate()
-        try:
-            for frame in loop.source:
-                truth = frame.truth
-                if truth is None:
-                    continue
-                candidates = loop.locator(frame.image)
-                hits = [i for i, c in enumerate(candidates) if box_iou(c.box, truth.box) >= IOU]
-                if not hits or hits[0] >= loop.max_rois:
-                    continue
-                loop.classify(frame.image, candidates, times, frame.index)
-                crops = loop.last_crops
-                assert crops is not None  # classify just ran
-                _, probs, scores = crops
-                i = hits[0]
-                out.append({"truth": truth.class_name, "stickered": bool(truth.stickered),
-                            "read": loop.class_names[int(probs[i].argmax())],
-                            "scores": {k: float(v[i]) for k, v in scores.items()}})
-        finally:
-            loop.runner.deactivate()
+        for frame in loop.source:
+            truth = frame.truth
+            if truth is None:
+                continue
+            candidates = loop.locator(frame.image)
+            hits = [i for i, c in enumerate(candidates) if box_iou(c.box, truth.box) >= IOU]
+            if not hits or hits[0] >= loop.max_rois:
+                continue
+            loop.classify(frame.image, candidates, times, frame.index)
+            crops = loop.last_crops
+            assert crops is not None  # classify just ran
+            _, probs, scores = crops
+            i = hits[0]
+            out.append({"truth": truth.class_name, "stickered": bool(truth.stickered),
+                        "read": loop.class_names[int(probs[i].argmax())],
+                        "scores": {k: float(v[i]) for k, v in scores.items()}})
     return out
 
 

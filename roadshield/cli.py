@@ -29,7 +29,8 @@ def _handler(module: str, func: str) -> Handler:
 
 
 # each tier registers its own verbs; its add_parsers imports argparse only
-TIER_PARSERS = ("cloud_train.cli", "distill.cli", "edge_runtime.cli", "actuator.cli")
+TIER_PARSERS = ("cloud_train.cli", "distill.cli", "edge_runtime.cli", "actuator.cli",
+                "serve.cli")
 
 
 def _add_tiers(sub: argparse._SubParsersAction) -> None:

@@ -6,6 +6,13 @@ printable adversarial sticker optimised on the car's model -> the edge loop, und
 and defended, on a clean drive and past stickered stop signs -> ``summary.json``,
 ``summary.png``, a side-by-side ``edge.mp4`` and a printed table. ``runs/latest`` moves to
 the new run only once everything has succeeded.
+
+Repeatability: data, weight initialisation, batch order, augmentation and attack starts
+are all seeded; the torch work also runs with a fixed number of intra-op threads
+(``threads``, default ``DEMO_THREADS``, not "every core") and deterministic algorithms,
+because how a reduction is split over threads changes its float rounding. So the same
+seed, torch build and thread count give the same figures; another CPU (other SIMD
+instructions, another oneDNN/MKL code path) or another torch build may round differently.
 """
 
 from __future__ import annotations
@@ -56,6 +63,8 @@ PROFILES = {
                     sticker_positions=1, sticker_pool=6),
 }
 STEPS = 7
+# the README's two-core CPU; a fixed count, so a bigger machine computes the same sums
+DEMO_THREADS = 2
 
 
 def _step(title: str) -> None:
@@ -85,9 +94,43 @@ def demo_actuator(kind: str) -> Iterator[tuple[object, float | None]]:
             act.close()
 
 
+@contextmanager
+def repeatable_torch(threads: int) -> Iterator[None]:
+    """torch with ``threads`` intra-op threads and deterministic algorithms (an error, not a
+    silent fallback, for an op without a deterministic kernel); both are put back after."""
+    import torch
+
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads={threads!r} must be a positive integer",
+                          f"use the default {DEMO_THREADS}, or the same count on every machine "
+                          "whose figures you compare")
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1], warn_only=before[2])
+
+
 def run_demo(profile_name: str = "quick", runs_dir: str | Path = "runs", seed: int = 0,
-             progress: bool = True, actuator: str = "recording") -> dict[str, Any]:
-    """Run every stage into a new run folder; return the summary also saved as summary.json."""
+             progress: bool = True, actuator: str = "recording",
+             threads: int = DEMO_THREADS) -> dict[str, Any]:
+    """Run every stage into a new run folder; return the summary also saved as summary.json.
+
+    threads: torch's intra-op threads for every stage; the figures repeat for the same
+        seed, torch build and thread count (see the module docstring)."""
+    if profile_name not in PROFILES:
+        raise ConfigError(f"unknown demo profile {profile_name!r}",
+                          f"choose one of: {', '.join(PROFILES)}")
+    with repeatable_torch(threads):
+        return _run_demo(profile_name, runs_dir, seed, progress, actuator)
+
+
+def _run_demo(profile_name: str, runs_dir: str | Path, seed: int, progress: bool,
+              actuator: str) -> dict[str, Any]:
     from cloud_train.demo_drives import (
         SIGN,
         TARGET,
@@ -98,9 +141,6 @@ def run_demo(profile_name: str = "quick", runs_dir: str | Path = "runs", seed: i
     )
     from edge_runtime.scoring import sticker_figures
 
-    if profile_name not in PROFILES:
-        raise ConfigError(f"unknown demo profile {profile_name!r}",
-                          f"choose one of: {', '.join(PROFILES)}")
     prof = PROFILES[profile_name]
     t0 = time.perf_counter()
     with staged_run(runs_dir) as run:
@@ -157,6 +197,7 @@ def run_demo(profile_name: str = "quick", runs_dir: str | Path = "runs", seed: i
             "run_dir": str(Path(runs_dir) / run.name.removeprefix(".").removesuffix(".partial")),
             "profile": profile_name,
             "seed": seed,
+            "torch_threads": torch_threads(),
             "dataset": {"root": str(data.root), "classes": list(data.class_names),
                         "train_images": data.train_images, "test_images": data.test_images},
             "training": {"arch": prof.arch, "trainer": prof.trainer, "epochs": prof.epochs,
@@ -212,6 +253,14 @@ def _sticker_bar(steps: int, progress: bool) -> Any:
     return update
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def main(args: argparse.Namespace) -> int:
-    run_demo(args.profile, args.runs_dir, args.seed, actuator=args.actuator)
+    # a --threads option is the CLI's to add; the fixed default keeps runs comparable
+    run_demo(args.profile, args.runs_dir, args.seed, actuator=args.actuator,
+             threads=getattr(args, "threads", None) or DEMO_THREADS)
     return 0

@@ -4,7 +4,9 @@ exported once per session as ONNX (with the metadata ``roadshield distill export
 writes) and as a ``torch.export`` ``.pt2`` program.
 
 torch and onnx are imported inside the fixtures so tests that need neither
-never pay for them.
+never pay for them; both are installed wherever the tests run (``.[cpu,cloud,dev]``), so
+a missing one fails the tests that use them rather than skipping them. Only the hardware
+is allowed to be absent: ``strict_skips`` (on in ``make test``) fails any other skip.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+
+# pytester: the strict-skips hook is tested on a throwaway test tree
+pytest_plugins = ["pytester", "strict_skips"]
 
 TINY_CLASSES = ("stop", "yield", "no_entry", "speed_limit_30", "priority_road")
 TINY_SIZE = 16
@@ -66,11 +71,10 @@ def build_tiny_model() -> Any:
 
 @pytest.fixture
 def device() -> str:
-    """"cuda" where a CUDA device is present; the test is skipped elsewhere."""
-    try:
-        import torch
-    except ImportError:
-        pytest.skip("torch is not installed")
+    """"cuda" where a CUDA device is present; the test is skipped elsewhere (mark it
+    ``gpu``: strict skips fail an unmarked one)."""
+    import torch
+
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     return "cuda"
@@ -78,7 +82,6 @@ def device() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Any:
-    pytest.importorskip("torch")
     return build_tiny_model()
 
 
@@ -111,7 +114,6 @@ def tiny() -> SimpleNamespace:
 @pytest.fixture(scope="session")
 def tiny_onnx(tiny_model: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model as ONNX with export metadata (shared: do not modify)."""
-    pytest.importorskip("onnx")
     folder = tmp_path_factory.mktemp("tiny_onnx")
     return export_tiny_onnx(tiny_model, folder / "tiny.onnx", tiny_metadata())
 

@@ -53,7 +53,8 @@ def test_root_may_point_at_any_level(synth: Path, sub: str) -> None:
 
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_torchvision_reads_the_same_dataset(synth: Path, split: str) -> None:
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
+
     ours = load_gtsrb(synth, split)
     theirs = torchvision.datasets.GTSRB(str(synth), split=split)
     assert len(theirs) == len(ours)
@@ -113,7 +114,8 @@ def test_write_split_adds_a_split_and_torchvision_reads_it(tmp_path: Path) -> No
     train = load_gtsrb(tmp_path, "train", size=16, crop_roi=True)  # the ROI is 16 x 16
     assert train.labels.tolist() == [0, 1, 2]
     assert np.array_equal(train.images[1], imgs[1, 3:19, 2:18])
-    torchvision = pytest.importorskip("torchvision")
+    import torchvision
+
     tv = torchvision.datasets.GTSRB(str(tmp_path), split="test")
     assert [tv[i][1] for i in range(len(tv))] == [2, 0, 1, 2, 0]
     assert np.array_equal(np.asarray(tv[0][0]), imgs[0])

@@ -10,10 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-pytest.importorskip("onnxruntime")
-
-from test_redteam_inference import _result, _row  # noqa: E402
+from test_redteam_inference import _result, _row
 
 from cloud_train.pipeline import register_synthetic_camera  # noqa: E402
 from cloud_train.redteam_drift import (  # noqa: E402

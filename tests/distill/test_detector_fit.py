@@ -7,15 +7,14 @@ import os
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
+import torch
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
-torch = pytest.importorskip("torch")
-
-from cloud_train import gtsrb  # noqa: E402
-from cloud_train.models import create_model  # noqa: E402
-from distill.detector_fit import (  # noqa: E402
+from cloud_train import gtsrb
+from cloud_train.models import create_model
+from distill.detector_fit import (
     fit_detectors,
     fit_from_dataset,
     fit_mahalanobis,
@@ -24,12 +23,12 @@ from distill.detector_fit import (  # noqa: E402
     track_clusters,
     write_detectors,
 )
-from distill.export import check_parity, export_onnx, read_onnx_metadata  # noqa: E402
-from edge_runtime.detectors import DetectorSet, detectors_from_metadata  # noqa: E402
-from edge_runtime.model_info import read_model_info  # noqa: E402
-from edge_runtime.runners.onnxruntime_runner import OnnxRuntimeRunner  # noqa: E402
-from roadshield.cli import main as cli_main  # noqa: E402
-from roadshield_base.errors import ConfigError, DatasetError  # noqa: E402
+from distill.export import check_parity, export_onnx, read_onnx_metadata
+from edge_runtime.detectors import DetectorSet, detectors_from_metadata
+from edge_runtime.model_info import read_model_info
+from edge_runtime.runners.onnxruntime_runner import OnnxRuntimeRunner
+from roadshield.cli import main as cli_main
+from roadshield_base.errors import ConfigError, DatasetError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

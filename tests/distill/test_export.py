@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 import toy_data
@@ -23,8 +24,6 @@ from distill.export import (
     read_onnx_metadata,
 )
 from roadshield_base.errors import ConfigError, ModelLoadError
-
-ort = pytest.importorskip("onnxruntime")
 
 NAMES = ["stop", "yield", "no_entry", "priority_road", "speed_limit_30", "turn_left_ahead"]
 

@@ -85,7 +85,8 @@ def test_edge_run_runs_a_pt2_program_end_to_end(program: Path, frames: Path, tmp
                                                 tiny: Any,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     log = tmp_path / "decisions.jsonl"
-    rc = main(["-q", "edge", "run", "--allow-unsigned", "--model", str(program), "--source", str(frames),
+    rc = main(["-q", "edge", "run", "--allow-unsigned", "--model", str(program),
+               "--source", str(frames),
                "--max-frames", "4", "--decision-log", str(log), "--json"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
@@ -99,7 +100,8 @@ def test_edge_run_runs_a_pt2_program_end_to_end(program: Path, frames: Path, tmp
 
 def test_edge_run_refuses_a_pt2_without_metadata_in_one_line(
         tiny_pt2: Path, frames: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["-q", "edge", "run", "--allow-unsigned", "--model", str(tiny_pt2), "--source", str(frames)])
+    rc = main(["-q", "edge", "run", "--allow-unsigned", "--model", str(tiny_pt2),
+               "--source", str(frames)])
     err = capsys.readouterr().err
     assert rc == 2 and "roadshield_meta.json" in err and "Traceback" not in err
 
@@ -235,7 +237,8 @@ def test_edge_run_arms_the_board_last_and_releases_everything_when_it_refuses(
 
     monkeypatch.setattr(serial_actuator, "SerialActuator", Board)
     monkeypatch.setattr(loop_mod, "own", own)
-    rc = main(["-q", "edge", "run", "--allow-unsigned", "--model", str(tiny_onnx), "--source", str(frames),
+    rc = main(["-q", "edge", "run", "--allow-unsigned", "--model", str(tiny_onnx),
+               "--source", str(frames),
                "--serial", "/dev/fake", "--serial-key", str(tmp_path / "board.key"),
                "--decision-log", str(tmp_path / "log.jsonl")])
     err = capsys.readouterr().err

@@ -192,7 +192,8 @@ def test_yellow_needs_the_white_frame_of_a_priority_sign() -> None:
 
 
 def test_recall_on_the_synthetic_camera() -> None:
-    camera = pytest.importorskip("cloud_train.synthetic_camera")
+    from cloud_train import synthetic_camera as camera
+
     seen = hits = empty = empty_with_candidate = 0
     for seed in range(4):
         uri = f"synthetic://?seed={seed}&frames=150&sticker_rate=0.5"

@@ -82,7 +82,6 @@ def test_a_policy_that_cannot_go_cautious_is_refused(tmp_path: Path) -> None:
 
 
 def test_metrics_see_frames_crops_flags_and_decisions(tmp_path: Path) -> None:
-    pytest.importorskip("prometheus_client")
     from edge_runtime.metrics import EdgeMetrics
 
     metrics = EdgeMetrics(None)

@@ -12,11 +12,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-pytest.importorskip("prometheus_client")
-
-from prometheus_client.metrics_core import Metric  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from actuator.interface import RecordingActuator  # noqa: E402
 from edge_runtime.metrics import (  # noqa: E402

@@ -9,12 +9,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import pytest
 
 from edge_runtime.model_info import ModelInfo, TensorSpec, check_feed, read_model_info
 from roadshield_base.errors import ConfigError, ModelLoadError
-
-onnx = pytest.importorskip("onnx")
 
 
 def _with_metadata(src: Path, dst: Path, **changes: str | None) -> Path:
@@ -47,7 +46,6 @@ def test_reads_what_the_exporter_writes(tiny_onnx: Path, tiny: SimpleNamespace) 
 
 def test_falls_back_to_onnxruntime_without_onnx(tiny_onnx: Path, tiny: SimpleNamespace,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("onnxruntime")
     monkeypatch.setitem(sys.modules, "onnx", None)
     _check_info(read_model_info(tiny_onnx), tiny_onnx, tiny)
 
@@ -58,7 +56,6 @@ def test_missing_metadata_says_how_to_export(tiny_model: object, tiny: SimpleNam
                                              use_onnx: bool) -> None:
     bare = tiny.export_onnx(tiny_model, tmp_path / "bare.onnx", None)
     if not use_onnx:
-        pytest.importorskip("onnxruntime")
         monkeypatch.setitem(sys.modules, "onnx", None)
     with pytest.raises(ModelLoadError, match=r"bare.onnx lacks metadata \['class_names'") as info:
         read_model_info(bare)

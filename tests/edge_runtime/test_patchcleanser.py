@@ -348,8 +348,9 @@ def test_cli_refuses_a_bad_defence_with_exit_2(tmp_path: Path,
                                                capsys: pytest.CaptureFixture[str]) -> None:
     from roadshield.cli import main
 
-    code = main(["-q", "edge", "run", "--allow-unsigned", "--model", str(tmp_path / "absent.onnx"), "--source",
-                 str(tmp_path), "--defence", "patchcleanser:share=0.7"])
+    code = main(["-q", "edge", "run", "--allow-unsigned", "--model",
+                 str(tmp_path / "absent.onnx"), "--source", str(tmp_path), "--defence",
+                 "patchcleanser:share=0.7"])
     assert code == 2 and "outside (0, 0.5)" in capsys.readouterr().err
 
 

@@ -1,11 +1,13 @@
 """The kernel build: nvcc fatbins for sm_87 (Jetson Orin) and sm_90 (+ compute_90 PTX),
-the host library, caching and error reporting. Compiling needs nvcc and skips
-without it; the error-path tests need nothing."""
+the host library, caching and error reporting. Compiling needs nvcc (the CUDA toolkit,
+which comes with the GPU stack: these are ``gpu`` tests, run by ``make test-gpu``) and
+skips without it; the error-path tests need nothing."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,8 +24,13 @@ from kernels.build import (
 )
 from roadshield_base.errors import BackendUnavailableError
 
-needs_nvcc = pytest.mark.skipif(build.find_nvcc() is None,
-                                reason="nvcc not found (CUDA toolkit not installed)")
+
+def needs_nvcc(test: Callable[..., None]) -> Callable[..., None]:
+    """A test that compiles with nvcc. The CUDA toolkit is part of the GPU stack (CI has
+    neither), so it is a ``gpu`` test, skipped where nvcc is missing."""
+    test = pytest.mark.skipif(build.find_nvcc() is None,
+                              reason="nvcc not found (CUDA toolkit not installed)")(test)
+    return pytest.mark.gpu(test)
 
 
 @pytest.fixture(scope="module")

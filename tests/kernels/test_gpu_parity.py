@@ -32,7 +32,8 @@ def ops(request: pytest.FixtureRequest) -> Iterator[CudaKernels]:
     """The kernels on one binding; skips where the binding, a GPU or the fatbins are missing
     (fatbins are built with nvcc, or taken prebuilt from the build folder)."""
     # Same check as conftest's (function-scoped) ``device``, which cannot serve a module fixture.
-    torch = pytest.importorskip("torch")
+    import torch
+
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     try:

@@ -41,7 +41,7 @@ def test_each_tier_registers_its_own_verbs_beside_their_handlers():
 
     owners = {"cloud_train.cli": {"data", "train", "eval", "attack", "redteam"},
               "distill.cli": {"distill"}, "edge_runtime.cli": {"edge"},
-              "actuator.cli": {"actuator"}}
+              "actuator.cli": {"actuator"}, "serve.cli": {"serve", "watermark"}}
     assert set(TIER_PARSERS) == set(owners)
     for module, verbs in owners.items():
         parser = argparse.ArgumentParser()
@@ -100,7 +100,8 @@ def test_corrupt_onnx_is_one_clear_error(tmp_path):
 
 
 def test_camera_that_cannot_open_is_one_clear_error(tiny_onnx):
-    res = run_cli("edge", "run", "--allow-unsigned", "--model", str(tiny_onnx), "--source", "/dev/video99")
+    res = run_cli("edge", "run", "--allow-unsigned", "--model", str(tiny_onnx), "--source",
+                  "/dev/video99")
     assert res.returncode == 2
     assert "/dev/video99" in res.stderr and "Traceback" not in res.stderr
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from cloud_train import pipeline
-from roadshield.demo import run_demo
-from roadshield_base.errors import ModelLoadError
+from roadshield.demo import DEMO_THREADS, repeatable_torch, run_demo
+from roadshield_base.errors import ConfigError, ModelLoadError
 
 pytestmark = pytest.mark.slow
 
@@ -110,3 +110,58 @@ def test_demo_drives_the_device_simulator_over_a_pty(tmp_path):
     lines = [json.loads(line) for line in
              (tmp_path / "latest" / "decisions.jsonl").read_text().splitlines()]
     assert sum(1 for d in lines if d["sent"]) == sent
+
+
+@pytest.fixture(scope="module")
+def one_thread_run(tmp_path_factory):
+    """The same demo again, started from a process whose torch has one intra-op thread
+    (demo_run's has the machine's default)."""
+    import torch
+
+    runs = tmp_path_factory.mktemp("runs-one-thread")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = run_demo("tiny", runs, seed=0, progress=False)
+        after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    return runs, summary, after
+
+
+def test_the_figures_do_not_depend_on_the_callers_thread_count(demo_run, one_thread_run):
+    # Before the demo fixed its own thread count, one thread and two gave weights up to
+    # 7e-4 apart and other epoch losses (tiny profile, seed 0, torch 2.14.1 on x86-64).
+    from safetensors.numpy import load_file
+
+    (runs_a, a), (runs_b, b, threads_after) = demo_run, one_thread_run
+    assert a["torch_threads"] == b["torch_threads"] == DEMO_THREADS
+    assert threads_after == 1  # the caller's setting is put back
+    for name in ("teacher.safetensors", "defended.safetensors"):
+        wa, wb = load_file(runs_a / "latest" / name), load_file(runs_b / "latest" / name)
+        assert wa.keys() == wb.keys()
+        for key in wa:
+            np.testing.assert_array_equal(wa[key], wb[key], err_msg=f"{name}: {key}")
+    def figures(epochs):  # what an epoch computed, not how long it took
+        return [{k: v for k, v in e.items() if "seconds" not in k} for e in epochs]
+
+    assert figures(a["training"]["history"]["epochs"]) == \
+        figures(b["training"]["history"]["epochs"])
+    for key in ("clean_acc", "fgsm_acc", "pgd_acc"):
+        assert a[key] == b[key], key
+    assert a["sticker"]["success"] == b["sticker"]["success"]
+
+
+def test_repeatable_torch_restores_the_settings_and_refuses_bad_counts():
+    import torch
+
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    with repeatable_torch(3):
+        assert torch.get_num_threads() == 3
+        assert torch.are_deterministic_algorithms_enabled()
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ConfigError, match="must be a positive integer"):
+            with repeatable_torch(bad):
+                pass
+    assert torch.get_num_threads() == before[0]
