@@ -284,17 +284,6 @@ def optimise_sticker_files(checkpoint: str | Path, out: str | Path, *, sign: str
     return figures
 
 
-def register_synthetic_camera() -> bool:
-    """Make ``synthetic://`` available if the renderer (numpy + OpenCV only) imports."""
-    try:
-        from cloud_train.synthetic_camera import register
-    except ImportError as err:  # a lean device install may lack the cloud tier
-        log.debug("synthetic:// unavailable: %s", err)
-        return False
-    register()
-    return True
-
-
 def run_edge(model: str | Path, source: str, *, backend: str = "auto",
              max_frames: int | None = None, video: str | Path | None = None,
              decision_log: str | Path | None = None, max_speed_kmh: float = 50.0,
@@ -315,8 +304,6 @@ def run_edge(model: str | Path, source: str, *, backend: str = "auto",
     """
     from edge_runtime.loop import build_loop
 
-    if source.startswith("synthetic:"):
-        register_synthetic_camera()
     loop = build_loop(source, model, backend=backend,
                       policy_options={"max_speed_kmh": max_speed_kmh}, actuator=actuator,
                       annotate_video=video, decision_log=decision_log, sanitize=sanitize,

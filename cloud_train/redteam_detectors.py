@@ -464,9 +464,7 @@ def _sticker_rows(onnx: Path, scorer: OnnxScorer, sticker_dirs: Mapping[str, Pat
                   clean_frames: int, sticker_frames: int, tick: Callable[[str], None]
                   ) -> dict[str, Any]:
     from cloud_train.demo_drives import drive_sources
-    from cloud_train.pipeline import register_synthetic_camera
 
-    register_synthetic_camera()
     names = list(scorer.thresholds)
     first = next(iter(sticker_dirs.values()))
     clean = [c for c in _drive_crops(onnx, drive_sources(seed + 1, clean_frames,

@@ -217,11 +217,9 @@ def drift_scenarios(model_onnx: str | os.PathLike[str], *, seed: int, reference_
     config: the reference's (None: the monitor's defaults); scenarios: None for
     ``default_scenarios(sticker_dir)``.
     """
-    from cloud_train.pipeline import register_synthetic_camera
     from edge_runtime.sources import open_source
 
     _check_sizes(clean_frames, scenario_frames, onset)
-    register_synthetic_camera()
     t0 = time.perf_counter()
     base = 1000 * (seed + 1)
     todo = tuple(scenarios) if scenarios is not None else default_scenarios(sticker_dir)

@@ -342,7 +342,6 @@ def run_inference_redteam(out_dir: str | os.PathLike[str], scale: str = "quick",
     """Run every stack against the stickers; write redteam_inference.{json,md,png} (and the
     stickers' print files under stickers/) into ``out_dir``. Models not given are trained
     at the scale (kept under out_dir/work/models and reused by a later run)."""
-    from cloud_train.pipeline import register_synthetic_camera
     from cloud_train.redteam_detectors import detector_rows
     from cloud_train.redteam_drift import drift_scenarios
     from cloud_train.redteam_inference_report import chart_png, check_targets, markdown
@@ -351,7 +350,6 @@ def run_inference_redteam(out_dir: str | os.PathLike[str], scale: str = "quick",
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
-    register_synthetic_camera()
     steps = 3 + 2 + len(STACKS) - 1 + 1 + len(STACKS) * 4 + len(STACKS) + 4
     t0 = time.perf_counter()
     started = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

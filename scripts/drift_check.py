@@ -221,11 +221,9 @@ def main() -> int:
     if args.ramp < 1 or args.after < 1:
         ap.error("--ramp and --after must be >= 1")
 
-    from cloud_train.pipeline import register_synthetic_camera
     from edge_runtime.drift import DriftConfig
     from roadshield_base.fileio import atomic_write_bytes
 
-    register_synthetic_camera()
     overrides = {k: v for k, v in {
         "frame_window": args.frame_window, "crop_window": args.crop_window,
         "check_every": args.check_every, "on_after": args.on_after,

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from test_redteam_inference import _result, _row
 
-from cloud_train.pipeline import register_synthetic_camera  # noqa: E402
 from cloud_train.redteam_drift import (  # noqa: E402
     RAMP_FRAMES,
     Scenario,
@@ -77,7 +76,6 @@ def test_changes_round_clip_and_ramp() -> None:
 
 
 def test_stream_crops_changes_the_frame_before_the_locator(tiny_onnx: Path) -> None:
-    register_synthetic_camera()
     source = "synthetic://?seed=3&frames=40&sticker_rate=0"
     plain = list(stream_crops(tiny_onnx, source, progress=False))
     dark = list(stream_crops(tiny_onnx, source, progress=False,

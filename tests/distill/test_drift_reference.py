@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from cloud_train.models import create_model
-from cloud_train.pipeline import register_synthetic_camera
 from distill.drift_reference import (
     build_drift_reference,
     frames_needed,
@@ -34,7 +33,6 @@ CLEAN = "synthetic://?seed=5&frames=80&sticker_rate=0"
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     net = create_model("signnet_tiny", len(NAMES)).eval()
-    register_synthetic_camera()
     return export_onnx(net, NAMES, tmp_path_factory.mktemp("drift") / "tiny.onnx")
 
 
