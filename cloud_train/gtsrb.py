@@ -42,6 +42,19 @@ CLASSES_CSV = "classes.csv"
 TRACK_LEN = 30  # images per "track" in file names, as in real GTSRB (names only)
 _HINT = "render one with `roadshield data synth --out DIR` or unpack GTSRB there"
 _BAR_MIN = 3000  # show a progress bar for loads at least this big
+# Left beside GTSRB/ by `roadshield data seal` in place of the test split it encrypted.
+SEALED_MARKER = "SEALED_TEST.json"
+
+
+class SealedSplitError(DatasetError):
+    """The split was sealed: it is read only through the sealed set, with its key."""
+
+
+def sealed_marker(root: str | Path) -> Path | None:
+    """The marker saying the test split under ``root`` was sealed, or None."""
+    root = Path(root)
+    near = [root, root / "gtsrb", root.parent if root.name in ("GTSRB", "gtsrb") else root]
+    return next((d / SEALED_MARKER for d in near if (d / SEALED_MARKER).is_file()), None)
 
 
 @dataclass
@@ -191,12 +204,20 @@ def load_gtsrb(root: str | Path, split: str = "train", size: int = 32,
     when present, else the 43 GTSRB names. Resizing uses cv2.INTER_AREA. ``progress=False``
     hides the progress bar (shown otherwise for loads of at least 3,000 images).
     Raises DatasetError naming the path for missing folders/CSVs, bad rows, unreadable
-    images or an empty split.
+    images or an empty split, and SealedSplitError (a DatasetError) for a test split that
+    ``roadshield data seal`` sealed.
     """
     if split not in ("train", "test"):
         raise ConfigError(f"unknown split {split!r}", "use 'train' or 'test'")
     if not isinstance(size, (int, np.integer)) or size < 1:
         raise ConfigError(f"image size {size!r} is invalid", "use a positive number of pixels")
+    marker = sealed_marker(root) if split == "test" else None
+    if marker is not None:  # every reader of the data layer gets this refusal, eval included
+        raise SealedSplitError(
+            f"the test split of {root} was sealed ({marker}); it can only be read through "
+            "the sealed set, with its key, once per model",
+            "final evaluation: roadshield data open-sealed SEALED --key KEY --checkpoint CKPT "
+            "--log-key LOG_KEY --out DIR; for everyday evaluation hold out part of train")
     layout = locate_gtsrb(root)
     names = (read_class_names(layout.classes_csv) if layout.classes_csv
              else GTSRB_CLASS_NAMES)

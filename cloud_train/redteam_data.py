@@ -4,7 +4,10 @@ Three defences, each with a clean control run to count false alarms:
 
 - the ingest gate (``cloud_train.ingest``): label flipping 1% and 3%, BadNets trigger 1%,
   out-of-distribution junk, an unknown source, a forged signature, a replayed signature and a
-  replayed batch id; unit: samples of a signed source batch;
+  replayed batch id; the resource attacks (a JPEG bomb whose frame header hides behind a fill
+  byte and an APP1 segment, 150 rows naming one 8 MB padded PNG, a 20,000-row index) and a
+  control batch sent after another source took its batch id; unit: samples of a signed
+  source batch;
 - ``verify_pipeline`` (``cloud_train.attest``): the five mid-pipeline tampering attacks and the
   insider feature shift (made with the genuine stage keys); unit: pipeline folders, one per
   pipeline seed;
@@ -133,6 +136,9 @@ def _gate_rows(work: Path, sc: Scale, seed: int, tick: Callable[[str], None]
     init_store(store, root.public_key())
     add_source(store_paths(store)["registry"], root, "acme", prov.public_key(),
                "2026-01-01T00:00:00Z")
+    other = generate_private_key()  # a second registered source, for the batch-id squat
+    add_source(store_paths(store)["registry"], root, "other", other.public_key(),
+               "2026-01-01T00:00:00Z")
     ri, rl = A.render_images(sc.ref_per_class, seed=100 + seed)
     ref = build_reference(store, ri, rl, len(SYNTHETIC_CLASSES),
                           ScreenConfig(embed_min_steps=sc.embed_min_steps))
@@ -160,11 +166,25 @@ def _gate_rows(work: Path, sc: Scale, seed: int, tick: Callable[[str], None]
          lambda: A.replayed_signature(work / "rs", clean_batch)),
         ("replayed_batch_id", DETECT_ALL,
          lambda: A.replayed_batch_id(work / "rb", ai, al, "acme", prov, f"clean-{seed}")),
+        # resource attacks: the bomb and the duplicates must be held, the 20,000-row index
+        # refused whole; store_bytes_added shows the 150 rows stored once
+        ("hidden_frame_jpeg_bomb", DETECT_ALL,
+         lambda: A.bomb_batch(work / "bomb", "acme", prov, f"bomb-{seed}")),
+        ("one_png_150_rows", DETECT_ALL,
+         lambda: A.one_file_many_rows(work / "dup", ai[0], int(al[0]), "acme", prov,
+                                      f"dup-{seed}", rows=150, pad_to=8 << 20)),
+        ("index_20000_rows", DETECT_ALL,
+         lambda: A.many_rows(work / "rows", ai[0], "acme", prov, f"rows-{seed}")),
+        # a source taking another's next batch id first: the victim's batch must pass
+        ("victim_after_batch_id_squat", Target(no_false_alarm=True),
+         lambda: _squat_then_victim(work, ai, al, prov, other, f"acme-next-{seed}", ref)),
     ]
     rows = []
+    objects = store_paths(store)["objects"]
     for name, target, build in builders:  # clean first: the replays reuse its folder and id
         t0 = time.perf_counter()
         atk = build()
+        packed = sum(f.stat().st_size for f in objects.glob("*.pack"))
         r = A.score(atk, store, ref)
         recs = read_records(store_paths(store)["journal"]
                             / f"{read_batch(atk.path).index_sha256}.jsonl").values()
@@ -173,23 +193,42 @@ def _gate_rows(work: Path, sc: Scale, seed: int, tick: Callable[[str], None]
                        if rec["id"] in bad and rec["decision"] != "ACCEPTED"]
         clean_reasons = [rec["reasons"] for rec in recs
                          if rec["id"] not in bad and rec["decision"] != "ACCEPTED"]
-        control = name == "clean_batch"
+        control = name in ("clean_batch", "victim_after_batch_id_squat")
         if control:  # a false alarm is a rejected batch; single quarantines count below
             detected = r["status"] == "REJECTED"
             first = ", ".join(clean_reasons[0]) if clean_reasons else ""
         else:
             detected = r["bad_stopped"] > 0
             first = ", ".join(r["batch_reasons"] or (bad_reasons[0] if bad_reasons else []))
+        group = ("control" if control else "resource" if name in _RESOURCE else
+                 "forgery" if atk.expect_rejected else "poisoning")
         rows.append(_row(
-            name, "control" if control else ("forgery" if atk.expect_rejected else "poisoning"),
+            name, group,
             "ingest gate", "samples", r["bad_sent"], r["bad_stopped"], r["clean_sent"],
             r["clean_stopped"], detected, first, target, time.perf_counter() - t0,
             {"status": r["status"], "exit_code": r["exit_code"], "received": r["received"],
              "batch_reasons": r["batch_reasons"],
+             "store_bytes_added": sum(f.stat().st_size for f in objects.glob("*.pack"))
+             - packed,
              "bad_reason_counts": dict(Counter(c for rs in bad_reasons for c in rs)),
              "clean_reason_counts": dict(Counter(c for rs in clean_reasons for c in rs))}))
         tick(name)
     return rows
+
+
+_RESOURCE = ("hidden_frame_jpeg_bomb", "one_png_150_rows", "index_20000_rows")
+
+
+def _squat_then_victim(work: Path, images: np.ndarray, labels: np.ndarray, victim_key: Any,
+                       squatter_key: Any, batch_id: str, ref: Any) -> Any:
+    """Source "other" ingests under acme's next batch id; returns acme's real batch."""
+    from cloud_train.ingest import attacks as A
+    from cloud_train.ingest.gate import ingest
+
+    squat = A.squat_batch_id(work / "squat", images[::-1], labels[::-1], "other",
+                             squatter_key, batch_id)
+    ingest(squat.path, work / "store", reference=ref)
+    return A.clean(work / "victim", images, labels, "acme", victim_key, batch_id)
 
 
 # --- stage 2: signed stage attestations ---------------------------------------------------

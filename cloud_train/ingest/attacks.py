@@ -148,6 +148,99 @@ def replayed_batch_id(out: Path, images: np.ndarray, labels: np.ndarray, source:
                        expect_rejected=True)
 
 
+# ---------------------------------------------------------------- resource attacks
+def hidden_frame_jpeg(side: int = 20000, small: np.ndarray | None = None) -> bytes:
+    """A JPEG whose real frame header says ``side`` x ``side`` behind a 0xFF fill byte and
+    an APP1 segment, with a decoy 16 x 16 frame header inside the APP1 data where a parser
+    that reads the fill byte as a marker lands. The scan data is that of a small image, so
+    libjpeg decodes it to ``side`` x ``side`` (the rest filled): a decompression bomb."""
+    import cv2
+
+    img = small if small is not None else np.full((16, 16, 3), 128, np.uint8)
+    ok, enc = cv2.imencode(".jpg", np.ascontiguousarray(img[..., ::-1]))
+    data = bytearray(enc.tobytes())
+    sof = data.find(b"\xff\xc0")
+    data[sof + 5:sof + 9] = side.to_bytes(2, "big") * 2  # height, width
+    decoy_sof = bytes(data[sof:sof + 2 + int.from_bytes(data[sof + 2:sof + 4], "big")])
+    decoy_sof = decoy_sof[:5] + (16).to_bytes(2, "big") * 2 + decoy_sof[9:]
+    length = 60000
+    app1 = bytearray(b"Exif\x00\x00".ljust(length - 2, b"\x00"))
+    # a reader taking the fill byte for a marker reads 0xE1 and the length's high byte as a
+    # segment length and jumps to 2 + 2 + that from the start of the file
+    decoy_at = 4 + ((0xE1 << 8) | (length >> 8)) - 7  # offset inside the APP1 payload
+    app1[decoy_at:decoy_at + len(decoy_sof)] = decoy_sof
+    return bytes(data[:2] + b"\xff\xff\xe1" + length.to_bytes(2, "big") + app1 + data[2:])
+
+
+def padded_png(img: np.ndarray, total_bytes: int) -> bytes:
+    """A valid PNG of ``img`` (RGB) padded with a private ancillary chunk to ``total_bytes``."""
+    import zlib
+
+    import cv2
+
+    ok, enc = cv2.imencode(".png", np.ascontiguousarray(img[..., ::-1]))
+    data = enc.tobytes()
+    n = max(0, total_bytes - len(data) - 12)
+    body = b"prVt" + bytes(n)
+    chunk = n.to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+    return data[:33] + chunk + data[33:]  # after IHDR (8 signature + 25 IHDR bytes)
+
+
+def one_file_many_rows(out: Path, image: np.ndarray, label: int, source: str, key: Any,
+                       batch_id: str, rows: int = 150, pad_to: int = 8 << 20) -> AttackBatch:
+    """``rows`` index rows all naming one padded PNG: without per-content storage the store
+    grows by rows x pad_to bytes from a pad_to-byte batch."""
+    from cloud_train.ingest.batch import sha256_hex, utc_now_iso, write_index
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    data = padded_png(image, pad_to - 1024)
+    (out / "images" / "big.png").write_bytes(data)
+    ids = _ids(batch_id, rows)
+    recs = [{"batch_id": batch_id, "id": sid, "file": "images/big.png", "label": int(label),
+             "source": source, "capture_time": utc_now_iso(), "sha256": sha256_hex(data)}
+            for sid in ids]
+    write_index(out, recs, key, source)
+    return AttackBatch("one_file_many_rows", out, ids, set(ids[1:]))
+
+
+def bomb_batch(out: Path, source: str, key: Any, batch_id: str, side: int = 20000
+               ) -> AttackBatch:
+    """One row: the hidden-frame JPEG bomb (``hidden_frame_jpeg``)."""
+    from cloud_train.ingest.batch import sha256_hex, utc_now_iso, write_index
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    data = hidden_frame_jpeg(side)
+    (out / "images" / "bomb.jpg").write_bytes(data)
+    sid = f"{batch_id}-000000"
+    write_index(out, [{"batch_id": batch_id, "id": sid, "file": "images/bomb.jpg", "label": 0,
+                       "source": source, "capture_time": utc_now_iso(),
+                       "sha256": sha256_hex(data)}], key, source)
+    return AttackBatch("hidden_frame_bomb", out, [sid], {sid})
+
+
+def many_rows(out: Path, image: np.ndarray, source: str, key: Any, batch_id: str,
+              rows: int = 20000) -> AttackBatch:
+    """An index of ``rows`` rows (all naming one small image): over the per-batch row cap."""
+    from cloud_train.ingest.batch import sha256_hex, utc_now_iso, write_index
+
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    data = padded_png(image, 0)
+    (out / "images" / "a.png").write_bytes(data)
+    ids = _ids(batch_id, rows)
+    now = utc_now_iso()
+    write_index(out, [{"batch_id": batch_id, "id": sid, "file": "images/a.png", "label": 0,
+                       "source": source, "capture_time": now, "sha256": sha256_hex(data)}
+                      for sid in ids], key, source)
+    return AttackBatch("many_rows", out, ids, expect_rejected=True)
+
+
+def squat_batch_id(out: Path, images: np.ndarray, labels: np.ndarray, squatter: str,
+                   squatter_key: Any, victims_next_id: str) -> AttackBatch:
+    """Source ``squatter`` sends a batch under another source's next batch id first."""
+    make_batch(out, images, labels, squatter, squatter_key, victims_next_id)
+    return AttackBatch("squat_batch_id", out, _ids(victims_next_id, len(labels)))
+
+
 def resign(batch: Path, key: Any, source: str) -> None:
     """Sign a batch's current index again (a provider fixing its own batch)."""
     rb = read_batch(batch)

@@ -27,24 +27,34 @@ import io
 import json
 import os
 import struct
+import sys
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-import cv2
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from roadshield_base.errors import DatasetError
 from roadshield_base.fileio import atomic_write_bytes
 from roadshield_base.trust import key_id, sha256_hex, sign
 
+if TYPE_CHECKING:  # imported where images are decoded: a rejected batch never loads them
+    import numpy as np
+
 INDEX_FIELDS = ("batch_id", "id", "file", "label", "source", "capture_time", "sha256")
 INDEX_NAMES = ("index.jsonl", "index.csv")
 SIG_NAME = "index.sig"
-MAX_TAR_BYTES = 1 << 30
+# Per-batch caps: a batch over any of them is rejected whole (BATCH_TOO_LARGE) before an
+# image is read, so one batch can hold at most this much in memory and on disk.
+MAX_INDEX_BYTES = 8 << 20      # the index file (about 25,000 typical rows)
+MAX_BATCH_ROWS = 10_000        # index rows
+MAX_BATCH_BYTES = 256 << 20    # image bytes: the distinct files the rows name
+MAX_TAR_BYTES = MAX_BATCH_BYTES + MAX_INDEX_BYTES + (1 << 20)
+
+
+class BatchLimitError(DatasetError):
+    """A batch over a per-batch cap (index bytes, rows, image bytes, tar size)."""
 
 
 @dataclass
@@ -139,6 +149,11 @@ def read_batch(root: str | os.PathLike[str]) -> RawBatch:
     if len(found) != 1:
         raise DatasetError(f"batch {root} needs exactly one of {INDEX_NAMES}, found {found}",
                            "write index.jsonl (or index.csv) at the top of the batch")
+    size = (root / found[0]).stat().st_size
+    if size > MAX_INDEX_BYTES:
+        raise BatchLimitError(f"index {root / found[0]} is {size} bytes, over the cap of "
+                              f"{MAX_INDEX_BYTES} bytes per batch",
+                              f"split the batch into batches of at most {MAX_BATCH_ROWS} rows")
     data = (root / found[0]).read_bytes()
     sig, err = None, ""
     sig_path = root / SIG_NAME
@@ -169,8 +184,9 @@ def extract_tar(tar_path: str | os.PathLike[str], dest: str | os.PathLike[str]) 
                     continue
                 total += m.size
                 if total > MAX_TAR_BYTES:
-                    raise DatasetError(f"{tar_path} unpacks to more than {MAX_TAR_BYTES} bytes",
-                                       "split the batch into smaller tars")
+                    raise BatchLimitError(f"{tar_path} unpacks to more than {MAX_TAR_BYTES} "
+                                          "bytes, over the per-batch cap",
+                                          "split the batch into smaller tars")
                 src = tar.extractfile(m)
                 if src is not None:
                     out = dest / name
@@ -180,6 +196,28 @@ def extract_tar(tar_path: str | os.PathLike[str], dest: str | os.PathLike[str]) 
         raise DatasetError(f"cannot read batch tar {tar_path}: {err}",
                            "check the file is a complete .tar or .tar.gz") from err
     return dest
+
+
+def batch_limits(root: Path, rows: Sequence[IndexRow], max_rows: int = MAX_BATCH_ROWS,
+                 max_bytes: int = MAX_BATCH_BYTES) -> str:
+    """'' if the batch is within the caps, else a message saying which cap and by how much.
+
+    Bytes are the sizes of the distinct files the rows name (as ``safe_path`` resolves them),
+    so rows that share one file count it once.
+    """
+    if len(rows) > max_rows:
+        return (f"batch {root} has {len(rows)} index rows, over the cap of {max_rows} per "
+                f"batch; split it into batches of at most {max_rows} rows")
+    files: dict[Path, int] = {}
+    for row in rows:
+        where = safe_path(root, str(row.fields.get("file", ""))) if not row.parse_error else ""
+        if isinstance(where, Path) and where not in files:
+            files[where] = where.stat().st_size
+    total = sum(files.values())
+    if total > max_bytes:
+        return (f"batch {root} names {total} bytes of images in {len(files)} files, over the "
+                f"cap of {max_bytes} bytes per batch; split it into smaller batches")
+    return ""
 
 
 def safe_path(root: Path, rel: str) -> Path | str:
@@ -199,34 +237,84 @@ def safe_path(root: Path, rel: str) -> Path | str:
     return resolved
 
 
-def image_dims(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG, JPEG or binary PPM header, without decoding; None if unknown."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
-        w, h = struct.unpack(">II", data[16:24])
-        return int(w), int(h)
-    if data[:2] == b"\xff\xd8":
-        i = 2
-        while i + 9 < len(data):
-            if data[i] != 0xFF:
-                return None
-            marker = data[i + 1]
-            seg = struct.unpack(">H", data[i + 2:i + 4])[0]
-            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
-                h, w = struct.unpack(">HH", data[i + 5:i + 9])
-                return int(w), int(h)
-            i += 2 + seg
+# PNG: libpng reads the signature and then requires IHDR as the first chunk (13 bytes; a bad
+# CRC stops it), so these are the only dimensions it will decode.
+_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+# JPEG markers as libjpeg's jdmarker.c (read_markers) treats them before the first scan:
+# the SOF types it decodes, the segments it skips by their length, the markers without a
+# length. Every other marker makes libjpeg stop with an error, so it is refused here too.
+_JPEG_SOF_DECODED = frozenset({0xC0, 0xC1, 0xC2, 0xC9, 0xCA})
+_JPEG_SOF_ANY = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xCC}
+_JPEG_SKIPPED = frozenset(range(0xE0, 0xF0)) | {0xFE, 0xDB, 0xC4, 0xCC, 0xDD, 0xDC}
+_JPEG_STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}
+_JPEG_SOS = 0xDA
+
+
+def _png_dims(data: bytes) -> tuple[int, int] | None:
+    if len(data) < 33 or data[8:16] != b"\x00\x00\x00\rIHDR":
         return None
-    if data[:2] == b"P6":
-        parts = data[2:64].split()
+    w, h = struct.unpack(">II", data[16:24])
+    return int(w), int(h)
+
+
+def _jpeg_dims(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of the frame header libjpeg would use, walking the marker stream as
+    jdmarker.c does up to the first scan: any number of 0xFF fill bytes before a marker
+    (T.81 B.1.1.2), length-skipped segments, standalone RSTn / TEM. Whatever libjpeg would
+    only warn about (bytes between segments) or stop on (a second SOF, an unknown marker,
+    SOS before SOF, a truncated segment) is refused (None), so the two readings never differ.
+    """
+    n, i, dims = len(data), 2, None
+    while True:
+        if i >= n or data[i] != 0xFF:
+            return None
+        while i < n and data[i] == 0xFF:
+            i += 1
+        if i >= n:
+            return None
+        marker = data[i]
+        i += 1
+        if marker in _JPEG_STANDALONE:
+            continue
+        if marker not in _JPEG_SOF_ANY and marker not in _JPEG_SKIPPED and marker != _JPEG_SOS:
+            return None  # 0x00 (stuffing), a second SOI, EOI before the image, unknown
+        if i + 2 > n:
+            return None
+        seg = (data[i] << 8) | data[i + 1]
+        if seg < 2 or i + seg > n:
+            return None
+        if marker == _JPEG_SOS:
+            return dims  # the header ends at the first scan; None if no frame came before it
+        if marker in _JPEG_SOF_ANY:
+            if dims is not None or marker not in _JPEG_SOF_DECODED or seg < 8:
+                return None
+            h, w = struct.unpack(">HH", data[i + 3:i + 7])
+            dims = (int(w), int(h))
+        i += seg
+
+
+def image_dims(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, JPEG or binary PPM header, read the way the decoder reads
+    it, without decoding; None if the header is not one the gate accepts."""
+    if data[:8] == _PNG_SIG:
+        return _png_dims(data)
+    if data[:3] == b"\xff\xd8\xff":
+        return _jpeg_dims(data)
+    if data[:2] == b"P6" and data[2:3].isspace():
+        parts = data[3:64].split(maxsplit=3)
         try:
-            return int(parts[0]), int(parts[1])
+            return int(parts[0]), int(parts[1])  # a '#' comment is refused by int()
         except (IndexError, ValueError):
             return None
     return None
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray | str:
-    """H x W x 3 uint8 RGB, or a reason code (UNSUPPORTED_FORMAT, DECOMPRESSION_BOMB, ...)."""
+    """H x W x 3 uint8 RGB, or a reason code (UNSUPPORTED_FORMAT, DECOMPRESSION_BOMB, ...).
+
+    The pixel limit is applied to the header as the decoder reads it (``image_dims``), so a
+    bomb is refused before any pixel buffer is allocated.
+    """
     if not data:
         return "EMPTY_FILE"
     dims = image_dims(data)
@@ -234,14 +322,56 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray | str:
         return "UNSUPPORTED_FORMAT"
     if dims[0] * dims[1] > max_pixels or dims[0] == 0 or dims[1] == 0:
         return "DECOMPRESSION_BOMB" if dims[0] * dims[1] > max_pixels else "BAD_DIMENSIONS"
+    import cv2
+    import numpy as np
+
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None:
         return "UNDECODABLE"
+    if img.shape[:2] != (dims[1], dims[0]):
+        return "HEADER_MISMATCH"  # the decoder used another frame than the header check saw
     if img.dtype != np.uint8:
         return "BAD_DTYPE"
     if img.ndim != 3 or img.shape[2] != 3:
         return "BAD_CHANNELS"
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+class StderrCapture:
+    """Catch what native decoders (libjpeg, libpng, OpenCV's log) write to file descriptor
+    2 while one image is decoded, so each warning can be tied to its sample.
+
+    ``with cap: ...`` then ``cap.text`` holds what was written inside the block. One spool
+    file is reused; single-threaded use only (fd 2 is process-wide).
+    """
+
+    def __init__(self) -> None:
+        self._spool: Any = None
+        self._saved = -1
+        self.text = ""
+
+    def __enter__(self) -> StderrCapture:
+        if self._spool is None:
+            import tempfile
+
+            self._spool = tempfile.TemporaryFile()
+        self._spool.seek(0)
+        self._spool.truncate()
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        os.dup2(self._spool.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._spool.seek(0)
+        self.text = self._spool.read(4096).decode("utf-8", "replace").strip()
+
+    def close(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
 
 
 def utc_now_iso() -> str:
@@ -256,6 +386,9 @@ def make_batch(out: str | os.PathLike[str], images_rgb: np.ndarray | Sequence[np
 
     ``images_rgb`` are H x W x 3 uint8 RGB; ``key`` the provider's Ed25519 private key.
     """
+    import cv2
+    import numpy as np
+
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     now = utc_now_iso()

@@ -9,10 +9,27 @@ from typing import Any
 
 def add_ingest_parsers(data_subparsers: argparse._SubParsersAction) -> None:
     """Add the stage-1 verbs to ``roadshield data``."""
-    ing = data_subparsers.add_parser("ingest", help="run a source batch through the ingest gate")
+    ing = data_subparsers.add_parser(
+        "ingest", help="run a source batch through the ingest gate",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit codes:\n"
+               "  0  every sample accepted\n"
+               "  3  some samples held in quarantine; the batch as a whole looks clean\n"
+               "     (at most max(5, 2 % of the batch) held, none for an attack reason)\n"
+               "  4  the batch is SUSPECT: a batch-level distribution shift, an attack\n"
+               "     reason (hash mismatch, path escape, bomb, duplicate content, ...) or\n"
+               "     more held samples than that; inspect it before releasing anything\n"
+               "  2  the batch was rejected whole (source, signature, replay, caps) or\n"
+               "     unreadable\n"
+               "see cloud_train/ingest/FORMAT.md")
     ing.add_argument("batch", help="batch folder or .tar / .tar.gz")
     ing.add_argument("--store", required=True, help="the gate's store folder")
-    ing.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ing.add_argument("--json", action="store_true",
+                     help="print the summary as JSON (with the quarantined sample ids)")
+    ing.add_argument("--max-rows", type=int, default=None,
+                     help="per-batch cap on index rows (default 10000)")
+    ing.add_argument("--max-bytes", type=int, default=None,
+                     help="per-batch cap on image bytes (default 268435456, 256 MiB)")
     ing.set_defaults(func=cmd_ingest)
 
     src = data_subparsers.add_parser("sources", help="the signed allow-list of data providers")
@@ -83,16 +100,31 @@ def _print(obj: Any, as_json: bool, text: str) -> None:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    import sys
+
+    from cloud_train.ingest import batch as bfmt
     from cloud_train.ingest.gate import ingest
 
-    s = ingest(args.batch, args.store)
+    s = ingest(args.batch, args.store,
+               max_rows=args.max_rows if args.max_rows is not None else bfmt.MAX_BATCH_ROWS,
+               max_bytes=args.max_bytes if args.max_bytes is not None else bfmt.MAX_BATCH_BYTES)
+    for w in s["decoder_warnings"]:  # native decoders name no file: say which sample it was
+        print(f"warning: sample {w['id']} ({w['file']}, index line {w['line']}): {w['text']}",
+              file=sys.stderr)
     text = (f"batch {s['batch_id'] or '?'}: {s['status']}  received {s['received']} = "
             f"accepted {s['accepted']} + quarantined {s['quarantined']} + "
             f"rejected {s['rejected']}")
     if s["batch_reasons"]:
         text += f"\n  batch rejected: {', '.join(s['batch_reasons'])}"
+    if s.get("error"):
+        text += f"\n  {s['error']}"
     for code, n in s["reason_counts"].items():
         text += f"\n  {code}: {n}"
+    for q in s["quarantined_samples"][:20]:
+        text += f"\n  held {q['id']} (line {q['line']}): {', '.join(q['reasons'])}"
+    if len(s["quarantined_samples"]) > 20:
+        text += (f"\n  ... {len(s['quarantined_samples']) - 20} more "
+                 "(--json, or `roadshield data quarantine list`)")
     _print(s, args.json, text)
     return int(s["exit_code"])
 

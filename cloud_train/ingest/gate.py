@@ -1,18 +1,24 @@
 """The ingest gate: every sample of a source batch ends ACCEPTED, QUARANTINED or REJECTED.
 
-Order of checks: source allow-list -> batch signature -> batch id not replayed -> per-image
-sha256 -> schema and range (index fields, decodable, size, channels, dtype, label, capture
-time) -> statistical screen (KS of the batch vs the reference; Isolation Forest and range
-per sample) -> label consistency (kNN share and posterior in a feature space learned from
-the trusted reference only; see ``cloud_train.ingest.reference``).
+Order of checks: source allow-list -> batch signature -> per-batch caps (rows, image bytes)
+-> batch id not replayed by its source -> per-image sha256 -> duplicate content in the
+batch -> schema and range (index fields, header size before decoding, decodable, size,
+channels, dtype, label, capture time) -> statistical screen (class-conditional KS of the
+batch vs the reference; Isolation Forest and range per sample) -> label consistency (kNN
+share and posterior in a feature space learned from the trusted reference only; see
+``cloud_train.ingest.reference``). The summary's status and exit code separate a few held
+samples (3) from a suspect batch (4); FORMAT.md states the rule.
 
 The store (a folder) holds ``root.pub`` and ``sources.json`` (the signed registry),
 ``reference/`` (trusted images, labels and the cached label-screen network),
-``objects/<index sha256>.pack`` (accepted and quarantined image bytes, appended; each
-record names offset, length and sha256),
+``objects/<index sha256>.pack`` (accepted and quarantined image bytes, appended, each
+distinct content once per store; each record names pack, offset, length and sha256, and
+``duplicate_of`` when an earlier batch stored the bytes),
 ``journal/<index sha256>.jsonl`` (one decision per line, append-only: batch id, index
 line, sample id, file, label, sha256, capture time, decision, reason codes, object),
-``batches/<batch id>.json`` (which index a batch id was first seen with) and
+``batches/<source>/<batch id>.json`` (which index a source's batch id was first seen
+with; a store from before ids were per source has ``batches/<batch id>.json``, read for the
+source it names) and
 ``releases.jsonl``. A decision is appended as one whole line per write, after the image
 bytes it points at, so after ``kill -9`` a rerun finds every finished decision, skips it
 and decides the rest identically: received = accepted + quarantined + rejected holds
@@ -29,26 +35,21 @@ from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from cloud_train.ingest import batch as bfmt
-from cloud_train.ingest.reference import Reference, ScreenConfig
 from cloud_train.ingest.registry import REGISTRY_NAME, load_registry
-from cloud_train.ingest.screens import (
-    check_image,
-    image_features,
-    row_label,
-    to_feature_size,
-    validate_row,
-)
 from cloud_train.signs import SYNTHETIC_CLASSES
+
+if TYPE_CHECKING:  # NumPy, OpenCV and the screens load only once a batch passes its checks
+    import numpy as np
+
+    from cloud_train.ingest.reference import Reference, ScreenConfig
 from roadshield_base.errors import DatasetError
 from roadshield_base.fileio import atomic_write_bytes, atomic_write_json
 from roadshield_base.trust import TrustError, load_public_key, sha256_hex, verify
 
-EXIT_ACCEPTED, EXIT_REJECTED, EXIT_QUARANTINED = 0, 2, 3
+EXIT_ACCEPTED, EXIT_REJECTED, EXIT_QUARANTINED, EXIT_SUSPECT = 0, 2, 3, 4
 MAX_FILE_BYTES = 8 << 20
 MAX_PIXELS = 1 << 20
 _SAFE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -78,6 +79,11 @@ def build_reference(store: str | os.PathLike[str], images_rgb: np.ndarray,
                     config: ScreenConfig | None = None) -> Reference:
     """Fit and save the trusted reference from n x H x W x 3 uint8 RGB images (each resized
     to 32 x 32); this trains the label screen's network once and caches it in the store."""
+    import numpy as np
+
+    from cloud_train.ingest.reference import Reference
+    from cloud_train.ingest.screens import to_feature_size
+
     imgs = np.stack([to_feature_size(np.asarray(i)) for i in images_rgb])
     ref = Reference(imgs, np.asarray(labels), n_classes, config)
     ref.save(store_paths(store)["reference"])
@@ -88,6 +94,7 @@ def _record(rb: bfmt.RawBatch, row: bfmt.IndexRow, decision: str, reasons: list[
             obj: dict[str, Any] | None = None) -> dict[str, Any]:
     f = row.fields
     return {"batch_id": rb.batch_id, "index_sha256": rb.index_sha256, "line": row.line,
+            "source": str((rb.signature or {}).get("source", "")),
             "id": row.sample_id, "file": str(f.get("file", "")), "label": f.get("label"),
             "sha256": str(f.get("sha256", "")), "capture_time": f.get("capture_time"),
             "decision": decision, "reasons": reasons,
@@ -167,130 +174,261 @@ def read_object(store: str | os.PathLike[str], rec: dict[str, Any]) -> bytes:
     return data
 
 
+# Reason codes that point at a crafted batch rather than a provider's slip: one of them makes
+# the whole batch SUSPECT (exit 4), however few samples carry it.
+ATTACK_CODES = frozenset({"HASH_MISMATCH", "PATH_ESCAPE", "DECOMPRESSION_BOMB", "HEADER_MISMATCH",
+                          "FILE_TOO_LARGE", "DUPLICATE_ID", "DUPLICATE_CONTENT",
+                          "BATCH_DISTRIBUTION_SHIFT"})
+SUSPECT_SHARE = 0.02   # held share above which a batch is SUSPECT (clean batches: about 0.5 %)
+SUSPECT_MIN_HELD = 5   # ... but never for fewer held samples than this (small batches)
+
+
 def _summary(rb: bfmt.RawBatch | None, records: Sequence[dict[str, Any]],
              batch_reasons: list[str], extra: dict[str, Any]) -> dict[str, Any]:
+    records = sorted(records, key=lambda r: int(r["line"]))
     counts = Counter(r["decision"] for r in records)
     reasons = Counter(code for r in records for code in r["reasons"])
-    status = ("REJECTED" if counts["REJECTED"] or batch_reasons else
-              "QUARANTINED_SOME" if counts["QUARANTINED"] else "ACCEPTED")
-    code = {"REJECTED": EXIT_REJECTED, "QUARANTINED_SOME": EXIT_QUARANTINED}.get(status, 0)
+    held = counts["QUARANTINED"]
+    if counts["REJECTED"] or batch_reasons:
+        status = "REJECTED"
+    elif (ATTACK_CODES & set(reasons)
+          or held > max(SUSPECT_MIN_HELD, SUSPECT_SHARE * len(records))):
+        status = "SUSPECT"
+    else:
+        status = "QUARANTINED_SOME" if held else "ACCEPTED"
+    code = {"REJECTED": EXIT_REJECTED, "SUSPECT": EXIT_SUSPECT,
+            "QUARANTINED_SOME": EXIT_QUARANTINED}.get(status, EXIT_ACCEPTED)
     return {"batch_id": rb.batch_id if rb else "", "index_sha256": rb.index_sha256 if rb else "",
+            "source": str((rb.signature or {}).get("source", "")) if rb else "",
             "status": status, "exit_code": code, "received": len(records),
-            "accepted": counts["ACCEPTED"], "quarantined": counts["QUARANTINED"],
+            "accepted": counts["ACCEPTED"], "quarantined": held,
             "rejected": counts["REJECTED"], "batch_reasons": batch_reasons,
-            "reason_counts": dict(sorted(reasons.items())), **extra}
+            "reason_counts": dict(sorted(reasons.items())),
+            "quarantined_samples": [{"id": r["id"], "line": r["line"], "file": r["file"],
+                                     "reasons": r["reasons"]}
+                                    for r in records if r["decision"] == "QUARANTINED"],
+            "duplicates_in_store": sum(bool(r.get("duplicate_of")) for r in records),
+            "decoder_warnings": [{"id": r["id"], "line": r["line"], "file": r["file"],
+                                  "text": w} for r in records
+                                 for w in r.get("decoder_warnings", [])],
+            **extra}
 
 
-def _batch_check(rb: bfmt.RawBatch, p: dict[str, Path]) -> list[str]:
-    """Source allow-list, signature and replay: any reason here rejects the whole batch."""
+def _ledger(p: dict[str, Path], source: str, batch_id: str) -> dict[str, Any] | None:
+    """The first index seen for ``batch_id`` from ``source``; None if the id is new.
+
+    Batch ids are namespaced per source (``batches/<source>/<batch id>.json``). A store
+    written before that keeps ``batches/<batch id>.json``; such a record still counts for
+    the source it names, and for no other one.
+    """
+    for path in (p["batches"] / source / f"{batch_id}.json", p["batches"] / f"{batch_id}.json"):
+        if path.is_file():
+            rec = json.loads(path.read_text())
+            if path.parent.name == source or rec.get("source") == source:
+                return dict(rec)
+    return None
+
+
+def _batch_check(rb: bfmt.RawBatch, p: dict[str, Path], max_rows: int, max_bytes: int
+                 ) -> tuple[list[str], str]:
+    """Source allow-list, signature, caps and replay: any reason rejects the whole batch.
+
+    Returns (reason codes, a message naming the file, source and key involved).
+    """
+    sig_file = rb.root / bfmt.SIG_NAME
     if rb.signature is None:
-        return ["SIGNATURE_MISSING"]
+        return ["SIGNATURE_MISSING"], f"{sig_file}: {rb.signature_error or 'missing'}"
     try:
         root_pub = load_public_key(p["root_pub"])
         sources = load_registry(p["registry"], root_pub)
-    except TrustError:
-        return ["REGISTRY_UNTRUSTED"]
-    src = sources.get(str(rb.signature.get("source")))
+    except TrustError as err:
+        return ["REGISTRY_UNTRUSTED"], f"source registry {p['registry']}: {err}"
+    name, keyid = str(rb.signature.get("source")), str(rb.signature.get("keyid"))
+    src = sources.get(name)
     if src is None:
-        return ["SOURCE_UNKNOWN"]
+        return ["SOURCE_UNKNOWN"], (f"{sig_file} names source {name!r} (key {keyid}), which is "
+                                    f"not in the registry {p['registry']}")
     if not src.active:
-        return ["SOURCE_REVOKED"]
+        return ["SOURCE_REVOKED"], (f"{sig_file}: source {name!r} (key {src.keyid}) was "
+                                    f"revoked at {src.revoked}")
+    index_file = rb.root / rb.index_name
+    if keyid != src.keyid:
+        return ["SIGNATURE_INVALID"], (f"{sig_file} was made with key {keyid}, but source "
+                                       f"{name!r} is registered with key {src.keyid} "
+                                       f"(signed file {index_file})")
     try:
-        if rb.signature.get("keyid") != src.keyid:
-            raise TrustError("key id mismatch")
         verify(src.key(), rb.index_bytes, base64.b64decode(str(rb.signature["signature"])),
                "batch index")
     except (TrustError, ValueError):
-        return ["SIGNATURE_INVALID"]
+        return ["SIGNATURE_INVALID"], (f"{sig_file}: the signature over {index_file} "
+                                       f"(sha256 {rb.index_sha256[:16]}) does not verify with "
+                                       f"source {name!r}'s key {src.keyid}")
     if not _SAFE.match(rb.batch_id):
-        return ["BATCH_ID_INVALID"]
+        return ["BATCH_ID_INVALID"], (f"{index_file}: batch_id {rb.batch_id!r} is not one "
+                                      "[A-Za-z0-9._-]{1,64} shared by every line")
     row_sources = {r.fields.get("source") for r in rb.rows if not r.parse_error}
     if row_sources - {src.name}:
-        return ["SOURCE_MISMATCH"]
-    ledger = p["batches"] / f"{rb.batch_id}.json"
-    if ledger.exists():
-        first = json.loads(ledger.read_text())
+        return ["SOURCE_MISMATCH"], (f"{index_file}: rows name sources "
+                                     f"{sorted(map(str, row_sources - {src.name}))}, the "
+                                     f"signature {src.name!r}")
+    over = bfmt.batch_limits(rb.root, rb.rows, max_rows, max_bytes)
+    if over:
+        return ["BATCH_TOO_LARGE"], over
+    first = _ledger(p, src.name, rb.batch_id)
+    if first is not None:
         if first.get("index_sha256") != rb.index_sha256:
-            return ["REPLAYED_BATCH_ID"]
+            return ["REPLAYED_BATCH_ID"], (f"{index_file}: source {src.name!r} already used "
+                                           f"batch id {rb.batch_id!r} for index "
+                                           f"{str(first.get('index_sha256'))[:16]}")
     else:
-        atomic_write_json(ledger, {"batch_id": rb.batch_id, "index_sha256": rb.index_sha256,
-                                   "source": src.name})
-    return []
+        atomic_write_json(p["batches"] / src.name / f"{rb.batch_id}.json",
+                          {"batch_id": rb.batch_id, "index_sha256": rb.index_sha256,
+                           "source": src.name})
+    return [], ""
 
 
-def _sample(root: Path, row: bfmt.IndexRow, n_classes: int, now: datetime,
-            seen: set[str]) -> tuple[list[str], bytes, np.ndarray | None]:
-    """Hash, schema and range checks of one row: (reasons, image bytes, RGB image)."""
-    if row.parse_error:
-        return [row.parse_error.split(":")[0]], b"", None
-    f = row.fields
-    if row.sample_id in seen:
-        return ["DUPLICATE_ID"], b"", None
-    seen.add(row.sample_id)
-    where = bfmt.safe_path(root, str(f.get("file", "")))
-    if isinstance(where, str):
-        return [where], b"", None
-    if where.stat().st_size > MAX_FILE_BYTES:
-        return ["FILE_TOO_LARGE"], b"", None
-    data = where.read_bytes()
-    if sha256_hex(data) != str(f.get("sha256", "")).lower():
-        return ["HASH_MISMATCH"], data, None
-    reasons = validate_row(f, n_classes, now, bfmt.INDEX_FIELDS)
-    img = bfmt.decode_image(data, MAX_PIXELS)
-    if isinstance(img, str):
-        return reasons + [img], data, None
-    reasons += check_image(img)
-    return reasons, data, (None if reasons else img)
+def _stored_objects(p: dict[str, Path], skip: str) -> dict[str, dict[str, Any]]:
+    """Where each object (image sha256) already lies in the store and the record that first
+    stored it, from every journal but ``skip`` (the batch being ingested)."""
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(p["journal"].glob("*.jsonl")):
+        if path.stem == skip:
+            continue
+        for rec in read_records(path).values():
+            if rec.get("pack") and rec["object"] not in out:
+                out[rec["object"]] = {**_where(rec),
+                                      "first": f"{rec['index_sha256']}:{rec['line']}"}
+    return out
+
+
+_WHERE = ("object", "pack", "offset", "length")
+
+
+def _where(rec: dict[str, Any]) -> dict[str, Any]:
+    return {k: rec[k] for k in _WHERE}
+
+
+class _Reader:
+    """Reads and decodes the rows of one batch; a file named by several rows is read once,
+    and content seen earlier in this batch is not decoded again (DUPLICATE_CONTENT)."""
+
+    def __init__(self, root: Path, n_classes: int, now: datetime) -> None:
+        self.root, self.n_classes, self.now = root, n_classes, now
+        self.seen_ids: set[str] = set()
+        self.seen_content: set[str] = set()
+        self.files: dict[Path, bytes] = {}
+        self.stderr = bfmt.StderrCapture()
+
+    def sample(self, row: bfmt.IndexRow
+               ) -> tuple[list[str], bytes, np.ndarray | None, list[str]]:
+        """(reasons, image bytes, 32 x 32 RGB image or None, decoder warnings) of one row."""
+        from cloud_train.ingest.screens import check_image, to_feature_size, validate_row
+
+        if row.parse_error:
+            return [row.parse_error.split(":")[0]], b"", None, []
+        f = row.fields
+        if row.sample_id in self.seen_ids:
+            return ["DUPLICATE_ID"], b"", None, []
+        self.seen_ids.add(row.sample_id)
+        where = bfmt.safe_path(self.root, str(f.get("file", "")))
+        if isinstance(where, str):
+            return [where], b"", None, []
+        if where.stat().st_size > MAX_FILE_BYTES:
+            return ["FILE_TOO_LARGE"], b"", None, []
+        data = self.files.get(where)
+        if data is None:
+            data = self.files[where] = where.read_bytes()
+        digest = sha256_hex(data)
+        if digest != str(f.get("sha256", "")).lower():
+            return ["HASH_MISMATCH"], data, None, []
+        reasons = validate_row(f, self.n_classes, self.now, bfmt.INDEX_FIELDS)
+        if digest in self.seen_content:  # a second row with the same bytes: never decoded
+            return reasons + ["DUPLICATE_CONTENT"], data, None, []
+        self.seen_content.add(digest)
+        with self.stderr:
+            img = bfmt.decode_image(data, MAX_PIXELS)
+        warnings = [w for w in self.stderr.text.splitlines() if w.strip()]
+        if isinstance(img, str):
+            return reasons + [img], data, None, warnings
+        reasons += check_image(img)
+        return reasons, data, (None if reasons else to_feature_size(img)), warnings
 
 
 def ingest(batch_path: str | os.PathLike[str], store: str | os.PathLike[str],
            class_names: Sequence[str] = SYNTHETIC_CLASSES,
-           now: datetime | None = None, reference: Reference | None = None
+           now: datetime | None = None, reference: Reference | None = None,
+           max_rows: int = bfmt.MAX_BATCH_ROWS, max_bytes: int = bfmt.MAX_BATCH_BYTES
            ) -> dict[str, Any]:
     """Run the gate on one batch folder or tar; returns the summary (see ``_summary``).
 
     ``reference`` skips loading (and refitting) the store's screening reference.
+    ``max_rows`` / ``max_bytes`` are the per-batch caps (see FORMAT.md).
     """
     p = store_paths(store)
     now = now or datetime.now(timezone.utc)
     src = Path(batch_path)
-    if src.is_file():
-        src = bfmt.extract_tar(src, p["unpack"] / sha256_hex(src.read_bytes())[:32])
     try:
+        if src.is_file():
+            src = bfmt.extract_tar(src, p["unpack"] / sha256_hex(src.read_bytes())[:32])
         rb = bfmt.read_batch(src)
+    except bfmt.BatchLimitError as err:
+        return _summary(None, [], ["BATCH_TOO_LARGE"], {"error": str(err)})
     except DatasetError as err:
         return _summary(None, [], ["BATCH_UNREADABLE"], {"error": str(err)})
     journal = _Journal(p["journal"] / f"{rb.index_sha256}.jsonl")
     try:
-        batch_reasons = _batch_check(rb, p)
+        batch_reasons, message = _batch_check(rb, p, max_rows, max_bytes)
         if batch_reasons:
             for row in rb.rows:
                 if row.line not in journal.done:
                     journal.add(_record(rb, row, "REJECTED", batch_reasons))
-            return _summary(rb, list(journal.done.values()), batch_reasons, {})
+            return _summary(rb, list(journal.done.values()), batch_reasons, {"error": message})
+        import numpy as np
+
+        from cloud_train.ingest.reference import Reference
+        from cloud_train.ingest.screens import image_features, row_label
+
         ref = reference or Reference.load(p["reference"])
-        seen: set[str] = set()
-        checked = [(row, *_sample(src, row, len(class_names), now, seen)) for row in rb.rows]
-        decoded = {i: c[3] for i, c in enumerate(checked) if c[3] is not None}
-        good = list(decoded)
+        stored = _stored_objects(p, rb.index_sha256)
+        reader = _Reader(src, len(class_names), now)
+        try:
+            checked = [(row, *reader.sample(row)) for row in rb.rows]
+        finally:
+            reader.stderr.close()
+        reader.files.clear()
+        good = [i for i, c in enumerate(checked) if c[3] is not None]
         stat: dict[str, Any] = {"shifted": False}
         screens: dict[int, list[str]] = {}
         if good:
-            small = np.stack([to_feature_size(decoded[i]) for i in good])
+            small = np.stack([checked[i][3] for i in good])
             feats = image_features(small)
             labels = np.array([row_label(checked[i][0].fields) for i in good])
-            stat = ref.batch_shift(feats)
+            stat = ref.batch_shift(feats, labels)
             for i, reasons in zip(good, ref.screen(feats, labels, small), strict=True):
                 screens[i] = reasons + (["BATCH_DISTRIBUTION_SHIFT"] if stat["shifted"] else [])
+        # objects of this batch's finished rows (a rerun after a crash) are stored already
+        for rec in journal.done.values():
+            if rec.get("pack"):
+                stored.setdefault(rec["object"], _where(rec))
         pack = _Pack(p["objects"] / f"{rb.index_sha256}.pack")
         try:
-            for i, (row, reasons, data, _) in enumerate(checked):
+            for i, (row, reasons, data, _, warnings) in enumerate(checked):
                 if row.line in journal.done:
                     continue
                 reasons = reasons + screens.get(i, [])
-                obj = pack.add(data) if data else None
-                journal.add(_record(rb, row, "QUARANTINED" if reasons else "ACCEPTED", reasons,
-                                    obj))
+                obj, first = None, ""
+                if data:  # each distinct content is stored once, in the store as a whole
+                    digest = sha256_hex(data)
+                    if digest in stored:
+                        obj, first = _where(stored[digest]), stored[digest].get("first", "")
+                    else:
+                        obj = stored[digest] = pack.add(data)
+                rec = _record(rb, row, "QUARANTINED" if reasons else "ACCEPTED", reasons, obj)
+                if first:  # the same bytes came in an earlier batch: judged again, flagged
+                    rec["duplicate_of"] = first
+                if warnings:
+                    rec["decoder_warnings"] = warnings
+                journal.add(rec)
         finally:
             pack.close()
         return _summary(rb, list(journal.done.values()), [], {"ks": stat})

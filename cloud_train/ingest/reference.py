@@ -38,7 +38,13 @@ from cloud_train.ingest.embed import (
     train_embedding,
     training_digest,
 )
-from cloud_train.ingest.screens import FEATURE_SIDE, N_STATS, image_features, ks_2samp
+from cloud_train.ingest.screens import (
+    FEATURE_SIDE,
+    N_STATS,
+    image_features,
+    ks_2samp,
+    ks_2samp_weighted,
+)
 from roadshield_base.errors import DatasetError
 from roadshield_base.fileio import atomic_write_bytes, atomic_write_json
 from roadshield_base.trust import sha256_hex
@@ -156,18 +162,36 @@ class Reference:
                for i in range(0, len(emb), chunk)]
         return np.concatenate(out) if out else np.zeros((0, k), np.int64)
 
-    def batch_shift(self, feats: np.ndarray) -> dict[str, Any]:
-        """KS per principal component, batch vs reference; 'shifted' if significant and large."""
+    def batch_shift(self, feats: np.ndarray, labels: np.ndarray | None = None
+                    ) -> dict[str, Any]:
+        """KS per principal component, batch vs reference; 'shifted' if significant and large.
+
+        With ``labels`` the test is class-conditional: the reference is weighted to the
+        batch's own class mix (each reference sample of class c by share_batch(c) /
+        n_reference(c)), so a batch of one class (a camera that sees only stop signs) is
+        compared with that class, not with the mixture of all classes. Batch samples of a
+        class the reference lacks are left out of this test (their labels are screened).
+        """
         proj = (self._z(feats) @ self.pcs)[:, : self.cfg.ks_features]
+        weights = None
+        if labels is not None:
+            labels = np.asarray(labels, np.int64)
+            ref_counts = np.bincount(self.fit_labels, minlength=self.n_classes)
+            known = (labels >= 0) & (labels < len(ref_counts))
+            known[known] = ref_counts[labels[known]] > 0
+            proj, labels = proj[known], labels[known]
+            share = np.bincount(labels, minlength=len(ref_counts)) / max(len(labels), 1)
+            weights = share[self.fit_labels] / np.maximum(ref_counts[self.fit_labels], 1)
         worst_d, worst_p, worst_j = 0.0, 1.0, -1
         for j in range(proj.shape[1]):
-            d, p = ks_2samp(proj[:, j], self.ref_proj[:, j])
+            d, p = (ks_2samp(proj[:, j], self.ref_proj[:, j]) if weights is None else
+                    ks_2samp_weighted(proj[:, j], self.ref_proj[:, j], weights))
             if d > worst_d:
                 worst_d, worst_p, worst_j = d, p, j
-        alpha = self.cfg.ks_alpha / proj.shape[1]
-        shifted = len(feats) >= 20 and worst_p < alpha and worst_d >= self.cfg.ks_min_effect
+        alpha = self.cfg.ks_alpha / max(proj.shape[1], 1)
+        shifted = len(proj) >= 20 and worst_p < alpha and worst_d >= self.cfg.ks_min_effect
         return {"shifted": bool(shifted), "max_ks": round(worst_d, 4), "p": worst_p,
-                "feature": f"pc{worst_j}"}
+                "feature": f"pc{worst_j}", "class_conditional": weights is not None}
 
     def screen(self, feats: np.ndarray, labels: np.ndarray,
                images: np.ndarray) -> list[list[str]]:

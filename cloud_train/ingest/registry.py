@@ -77,7 +77,8 @@ def add_source(path: str | os.PathLike[str], root_key: Any, name: str, public_ke
                now: str) -> Source:
     """Allow ``name`` with ``public_key``; re-adding a revoked name with a new key is allowed."""
     path = Path(path)
-    if not name or not all(c.isalnum() or c in "._-" for c in name) or len(name) > 64:
+    if (not name or not all(c.isalnum() or c in "._-" for c in name) or len(name) > 64
+            or not name.strip(".")):  # "." and ".." would name folders outside the ledger
         raise ConfigError(f"source name {name!r} is not allowed",
                           "use 1-64 letters, digits, '.', '_' or '-'")
     sources = load_registry(path, root_key.public_key())

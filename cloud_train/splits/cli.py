@@ -41,11 +41,17 @@ def add_split_parsers(data_subparsers: Any) -> None:
                    help="where a cluster crossing T goes")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=data_split)
-    e = data_subparsers.add_parser("seal", help="encrypt a dataset's test split (AES-GCM)")
+    e = data_subparsers.add_parser(
+        "seal", help="encrypt a dataset's test split (AES-GCM), pin its opening log, and "
+        "remove the plaintext split")
     e.add_argument("root", help="GTSRB-layout dataset root")
     e.add_argument("--key", required=True, help="256-bit key file (mode 0600)")
     e.add_argument("--new-key", action="store_true", help="create the key file first")
     e.add_argument("--out", required=True, help="folder for manifest.json + sealed.bin")
+    e.add_argument("--log-key", required=True,
+                   help="Ed25519 private key (PEM) that signs the opening log; pinned")
+    e.add_argument("--log", default=None,
+                   help="opening log to pin (default OUT/openings.jsonl)")
     e.set_defaults(func=data_seal)
     o = data_subparsers.add_parser("open-sealed", help="final evaluation: open the sealed set "
                                    "once for a checkpoint, write predictions and metrics")
@@ -158,22 +164,75 @@ def data_split(args: argparse.Namespace) -> int:
 
 
 def data_seal(args: argparse.Namespace) -> int:
-    from cloud_train.gtsrb import load_gtsrb, locate_gtsrb
-    from cloud_train.splits.sealed import generate_key, load_key, seal
-    from roadshield_base.fileio import file_sha256
+    """Seal the test split, check the sealed copy, then remove the plaintext split.
 
+    The plaintext goes because a readable copy beside the sealed one makes the seal
+    meaningless (``eval --data`` read it with no key and no log entry). Nothing is lost:
+    the original files are sealed with the arrays, and they are removed only after the
+    sealed set has been decrypted and compared with them. The marker SEALED_TEST.json left
+    beside GTSRB/ makes every reader (``load_gtsrb``) refuse the split; if a crash stops the
+    removal half-way, running the same command again finishes it.
+    """
+    import numpy as np
+
+    from cloud_train.gtsrb import SEALED_MARKER, load_gtsrb, locate_gtsrb, sealed_marker
+    from cloud_train.splits.sealed import _decrypt, generate_key, load_key, seal
+    from roadshield_base.fileio import atomic_write_json, file_sha256
+    from roadshield_base.trust import load_private_key
+
+    root = Path(args.root).resolve()
+    done = sealed_marker(root)
+    if done is not None:
+        left = _remove_plaintext(root, json.loads(done.read_text()).get("files", []))
+        print(f"the test split of {root} is already sealed ({done}); "
+              f"removed {left} leftover plaintext files")
+        return 0
+    signer = load_private_key(args.log_key)  # fail before anything is written
     if args.new_key:
         generate_key(args.key)
-    test = load_gtsrb(args.root, "test")
-    base = locate_gtsrb(args.root).gtsrb
+    key = load_key(args.key)
+    test = load_gtsrb(root, "test")
+    layout = locate_gtsrb(root)
+    base = layout.gtsrb
     man = next((m for m in (base / "split_manifest.json", base.parent / "split_manifest.json")
                 if m.is_file()), base / "split_manifest.json")
-    ids = [p.resolve().relative_to(Path(args.root).resolve()).as_posix() for p in test.paths]
+    ids = [p.resolve().relative_to(root).as_posix() for p in test.paths]
+    plain = [p.resolve() for p in test.paths]
+    if layout.test_csv is not None:
+        plain.append(layout.test_csv.resolve())
+    files = {(p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)):
+             p.read_bytes() for p in plain}
     meta = {"class_names": list(test.class_names), "source": str(base.resolve()),
             "split_manifest_sha256": file_sha256(man) if man.is_file() else None}
-    out = seal(args.out, test.images, test.labels, ids, load_key(args.key), meta)
-    print(f"sealed {len(test)} test images into {out}")
+    out = seal(args.out, test.images, test.labels, ids, key, meta, log_signer=signer,
+               log=args.log, files=files)
+    back, sealed_sha, manifest_sha = _decrypt(Path(out), key)
+    if (back.files != files or not np.array_equal(back.images, test.images)
+            or back.labels.tolist() != test.labels.tolist() or back.ids != ids):
+        raise DatasetError(f"the sealed copy in {out} does not match the test split of {root}",
+                           "nothing was removed; check the disk and seal again")
+    marker = base.resolve().parent / SEALED_MARKER  # beside GTSRB/
+    atomic_write_json(marker, {"sealed_dir": str(Path(out).resolve()),
+                               "sealed_sha256": sealed_sha, "manifest_sha256": manifest_sha,
+                               "files": sorted(files)})
+    removed = _remove_plaintext(root, sorted(files))
+    print(f"sealed {len(test)} test images into {out}; removed the plaintext test split "
+          f"({removed} files; marker {marker})")
     return 0
+
+
+def _remove_plaintext(root: Path, names: list[str]) -> int:
+    """Remove the sealed split's files under ``root`` and the folders they leave empty."""
+    n = 0
+    for name in names:
+        p = root / name  # an absolute name stays absolute
+        if p.is_file():
+            p.unlink()
+            n += 1
+        for d in list(p.parents)[:2]:  # Images/ and Final_Test/
+            if d != root and d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+    return n
 
 
 def data_open_sealed(args: argparse.Namespace) -> int:

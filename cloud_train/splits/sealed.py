@@ -8,9 +8,19 @@ Layout of a sealed folder::
     sealed.bin      b"RSSEAL1\\n" + 12-byte nonce + AES-256-GCM(ciphertext + tag) of an .npz
                     holding images (N x H x W x 3 uint8 RGB), labels (int64) and ids (str)
 
-The 256-bit key lives in its own file (mode 0600). ``open_sealed`` is the only reader: it
-verifies the opening log, refuses a second opening for the same model digest unless forced,
-decrypts, and appends a signed entry before handing the data over. The final evaluation
+The .npz may also hold the original files of the sealed split (``file_names``,
+``file_offsets``, ``file_bytes``: names, n + 1 offsets and the concatenated bytes), so that
+sealing can remove the plaintext split without losing anything (``splits.cli.data_seal``).
+
+The manifest pins the opening log at sealing time (``opening_log``: its path, relative to
+the sealed folder when inside it, and the log key's id and raw public key, base64), and the
+log's first entry for this set (event "sealed") names the set's sealed and manifest digests.
+Since the manifest is the AES-GCM associated data, the pin cannot be changed without
+re-sealing. The 256-bit key lives in its own file (mode 0600). ``open_sealed`` is the only
+reader: it refuses any log but the pinned one and any log key but the pinned one, verifies
+the log, refuses a second opening for the same model digest unless forced, and appends a
+signed entry before handing the data over. A set sealed without a pin (before the pin
+existed) is refused: re-seal it. The final evaluation
 (``final_eval.evaluate_sealed``, ``roadshield data open-sealed``) is its caller.
 
 Opening log: JSON lines, each the canonical JSON of {seq, time, event, model_sha256,
@@ -33,7 +43,7 @@ import os
 import stat
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +51,21 @@ import numpy as np
 
 from roadshield_base.errors import ConfigError, DatasetError, RoadshieldError
 from roadshield_base.fileio import atomic_write_bytes, atomic_write_json
-from roadshield_base.trust import TrustError, canonical_json, key_id, sha256_hex, sign, verify
+from roadshield_base.trust import (
+    TrustError,
+    canonical_json,
+    key_id,
+    load_public_key,
+    public_bytes,
+    sha256_hex,
+    sign,
+    verify,
+)
 
 MAGIC = b"RSSEAL1\n"
 NONCE_BYTES = 12
 GENESIS = "0" * 64
+LOG_NAME = "openings.jsonl"
 
 
 class SealedSetError(RoadshieldError):
@@ -87,33 +107,74 @@ def _aesgcm(key: bytes) -> Any:
 
 @dataclass
 class SealedSet:
-    """Decrypted held-out data. images: N x H x W x 3 uint8 RGB; labels: int64 (N,)."""
+    """Decrypted held-out data. images: N x H x W x 3 uint8 RGB; labels: int64 (N,);
+    files: the original files sealed with them, by name (empty if none were)."""
 
     images: np.ndarray
     labels: np.ndarray
     ids: list[str]
     manifest: dict[str, Any]
+    files: dict[str, bytes] = field(default_factory=dict)
+
+
+def _pin(out: Path, log: Path, signer: Any) -> dict[str, Any]:
+    out_abs, log_abs = out.resolve(), log.resolve()
+    path = (log_abs.relative_to(out_abs).as_posix() if log_abs.is_relative_to(out_abs)
+            else str(log_abs))
+    pub = signer.public_key()
+    return {"path": path, "keyid": key_id(pub),
+            "public_key": base64.b64encode(public_bytes(pub)).decode()}
+
+
+def _pinned_path(sealed_dir: Path, pin: dict[str, Any]) -> Path:
+    p = Path(str(pin.get("path", "")))
+    return (p if p.is_absolute() else sealed_dir / p).resolve()
 
 
 def seal(out_dir: str | os.PathLike[str], images: np.ndarray, labels: np.ndarray,
-         ids: list[str], key: bytes, manifest: dict[str, Any] | None = None) -> Path:
+         ids: list[str], key: bytes, manifest: dict[str, Any] | None = None, *,
+         log_signer: Any = None, log: str | os.PathLike[str] | None = None,
+         files: dict[str, bytes] | None = None) -> Path:
     """Encrypt a held-out set into ``out_dir`` (manifest.json + sealed.bin). ``manifest``
-    (e.g. the split manifest digest and class names) is bound as associated data."""
+    (e.g. the split manifest digest and class names) is bound as associated data.
+
+    ``log_signer`` (the Ed25519 private key that will sign the opening log) pins the log
+    ``log`` (default ``out_dir/openings.jsonl``) and that key in the manifest and writes the
+    log's "sealed" entry; without it the set cannot be opened (``open_sealed`` refuses an
+    unpinned set). ``files``: original file bytes by name, sealed with the arrays.
+    """
     images = np.ascontiguousarray(images, np.uint8)
     labels = np.asarray(labels, np.int64)
     if images.ndim != 4 or len(images) != len(labels) or len(ids) != len(labels):
         raise DatasetError(f"cannot seal {images.shape} images, {len(labels)} labels, "
                            f"{len(ids)} ids", "give N x H x W x 3 images and N labels and ids")
+    out = Path(out_dir)
+    log_path = Path(log) if log is not None else out / LOG_NAME
+    arrays: dict[str, np.ndarray] = {"images": images, "labels": labels,
+                                     "ids": np.asarray(ids, dtype=str)}
+    if files:
+        names = sorted(files)
+        sizes = np.array([len(files[n]) for n in names], np.int64)
+        arrays.update(file_names=np.asarray(names, dtype=str),
+                      file_offsets=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+                      file_bytes=np.frombuffer(b"".join(files[n] for n in names), np.uint8))
     buf = io.BytesIO()
-    np.savez(buf, images=images, labels=labels, ids=np.asarray(ids, dtype=str))
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
     plain = buf.getvalue()
     meta = dict(manifest or {})
     meta.update({"count": len(labels), "format": "RSSEAL1", "plaintext_sha256": sha256_hex(plain)})
+    if log_signer is not None:
+        meta["opening_log"] = _pin(out, log_path, log_signer)
     nonce = os.urandom(NONCE_BYTES)
     blob = MAGIC + nonce + _aesgcm(key).encrypt(nonce, plain, canonical_json(meta))
-    out = Path(out_dir)
     atomic_write_json(out / "manifest.json", meta)
     atomic_write_bytes(out / "sealed.bin", blob)
+    if log_signer is not None:
+        with _locked(log_path):
+            verify_log(log_path, log_signer)  # never extend a log that does not verify
+            _append(log_path, log_signer, {"event": "sealed", "model_sha256": "",
+                                           "sealed_sha256": sha256_hex(blob),
+                                           "manifest_sha256": sha256_hex(canonical_json(meta))})
     return out
 
 
@@ -137,7 +198,12 @@ def _decrypt(path: Path, key: bytes) -> tuple[SealedSet, str, str]:
                          "the ciphertext or manifest.json was altered, or the key is wrong"
                          ) from err
     with np.load(io.BytesIO(plain), allow_pickle=False) as z:
-        data = SealedSet(z["images"], z["labels"], [str(x) for x in z["ids"]], meta)
+        files: dict[str, bytes] = {}
+        if "file_names" in z.files:
+            offs, raw = z["file_offsets"], z["file_bytes"].tobytes()
+            files = {str(n): raw[int(offs[i]):int(offs[i + 1])]
+                     for i, n in enumerate(z["file_names"])}
+        data = SealedSet(z["images"], z["labels"], [str(x) for x in z["ids"]], meta, files)
     return data, sha256_hex(blob), sha256_hex(canonical_json(meta))
 
 
@@ -193,6 +259,32 @@ def _append(log: Path, signer: Any, fields: dict[str, Any]) -> dict[str, Any]:
     return entry
 
 
+def _check_pin(path: Path, meta: dict[str, Any], log: Path, signer: Any, sealed_sha: str,
+               manifest_sha: str) -> list[dict[str, Any]]:
+    """The verified entries of ``log`` if it is the log pinned at sealing, signed by the
+    pinned key, holding this set's "sealed" entry; SealedSetError otherwise."""
+    pin = meta.get("opening_log")
+    if not isinstance(pin, dict):
+        raise SealedSetError(f"sealed set {path} pins no opening log (it was sealed before "
+                             "sets pinned their log), so any log could be passed",
+                             "re-seal it: roadshield data seal ROOT --key KEY --log-key "
+                             "LOG_KEY --out DIR")
+    given = key_id(signer.public_key() if hasattr(signer, "private_bytes") else signer)
+    if given != pin.get("keyid"):
+        raise SealedSetError(f"log key {given} is not the key {pin.get('keyid')} pinned when "
+                             f"{path} was sealed", "sign the opening log with the pinned key")
+    if log.resolve() != _pinned_path(path, pin):
+        raise SealedSetError(f"opening log {log} is not the log {pin.get('path')} pinned when "
+                             f"{path} was sealed", "pass the pinned log (--log)")
+    entries = verify_log(log, load_public_key(base64.b64decode(str(pin["public_key"]))))
+    if not any(e.get("event") == "sealed" and e.get("sealed_sha256") == sealed_sha
+               and e.get("manifest_sha256") == manifest_sha for e in entries):
+        raise SealedSetError(f"opening log {log} holds no 'sealed' entry for {path}",
+                             "the log was replaced or the set re-sealed without it; restore "
+                             "the log from a backup")
+    return entries
+
+
 @contextlib.contextmanager
 def _locked(log: Path) -> Iterator[None]:
     """Hold an exclusive lock beside the log, so two evaluations cannot both pass the
@@ -215,7 +307,9 @@ def open_sealed(path: str | os.PathLike[str], key: bytes, model_sha256: str,
                 log: str | os.PathLike[str], signer: Any, force: bool = False) -> SealedSet:
     """Decrypt the sealed set for the final evaluation of model ``model_sha256``.
 
-    The log must verify against ``signer``'s public key. A second opening for the same model
+    ``log`` and ``signer`` must be the log and key pinned when the set was sealed, and the
+    log must verify and hold the set's "sealed" entry (SealedSetError otherwise, also for a
+    set sealed without a pin; nothing is logged then). A second opening for the same model
     digest raises SealedSetError (and is logged as "refused") unless ``force``, which is
     logged as "forced_open". Tampered ciphertext or manifest raises TrustError.
     """
@@ -224,8 +318,8 @@ def open_sealed(path: str | os.PathLike[str], key: bytes, model_sha256: str,
         raise ConfigError(f"model digest {model_sha256!r} is not a sha256 hex digest",
                           "pass the sha256 of the model file")
     with _locked(log):
-        entries = verify_log(log, signer)
         data, sealed_sha, manifest_sha = _decrypt(path, key)
+        entries = _check_pin(path, data.manifest, log, signer, sealed_sha, manifest_sha)
         fields = {"model_sha256": model_sha256, "sealed_sha256": sealed_sha,
                   "manifest_sha256": manifest_sha}
         opened = [e for e in entries if e.get("model_sha256") == model_sha256

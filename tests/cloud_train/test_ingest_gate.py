@@ -167,7 +167,9 @@ def test_bad_input_is_quarantined_with_a_reason_never_dropped(world, tmp_path):
     path, codes = _bad_input_batch(world, tmp_path)
     s = ingest(path, world["store"], reference=world["ref"])
     _balance(s)
-    assert s["received"] == 15 and s["status"] == "QUARANTINED_SOME" and s["exit_code"] == 3
+    # hash mismatches, path escapes and a bomb are attack reasons: the batch is suspect
+    assert s["received"] == 15 and s["status"] == "SUSPECT" and s["exit_code"] == 4
+    assert {q["id"] for q in s["quarantined_samples"]} >= set(codes)
     recs = {r["id"]: r for r in read_journal(world["store"]) if r["batch_id"] == "badin"}
     for sid, code in codes.items():
         assert recs[sid]["decision"] == "QUARANTINED" and code in recs[sid]["reasons"], sid

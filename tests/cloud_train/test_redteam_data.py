@@ -12,7 +12,9 @@ from cloud_train.redteam_cli import EXIT_TARGET_MISSED, add_redteam_parsers
 from roadshield_base.errors import ConfigError
 
 GATE = {"clean_batch", "label_flip_1%", "label_flip_3%", "badnets_trigger_1%", "ood_junk_3%",
-        "unknown_source", "forged_signature", "replayed_signature", "replayed_batch_id"}
+        "unknown_source", "forged_signature", "replayed_signature", "replayed_batch_id",
+        "hidden_frame_jpeg_bomb", "one_png_150_rows", "index_20000_rows",
+        "victim_after_batch_id_squat"}
 VERIFY = {"clean_pipeline", "changed_normalisation_constant", "flipped_labels_in_shard",
           "dropped_class", "swapped_file", "resigned_with_unknown_key", "insider_feature_shift"}
 LEAK = {"clean_split", "leak_test_rows_exact", "leak_near_dup_jpeg", "leak_near_dup_shift",
@@ -88,6 +90,20 @@ def test_tampering_forgery_and_unknown_sources_are_all_detected(run):
     assert rows["replayed_batch_id"]["first_reason"] == "REPLAYED_BATCH_ID"
     assert "[signature]" in rows["resigned_with_unknown_key"]["first_reason"]
     assert "[drift]" in rows["insider_feature_shift"]["first_reason"]
+
+
+def test_resource_attacks_are_held_and_stored_once(run):
+    _, result = run
+    rows = _rows(result)
+    bomb = rows["hidden_frame_jpeg_bomb"]
+    assert bomb["bad_stopped"] == 1 and bomb["first_reason"] == "DECOMPRESSION_BOMB", bomb
+    dup = rows["one_png_150_rows"]
+    assert dup["bad_stopped"] == dup["bad_sent"] == 149 and dup["details"]["status"] == "SUSPECT"
+    assert dup["details"]["store_bytes_added"] < 8 << 20  # one copy, not 150
+    big = rows["index_20000_rows"]
+    assert big["first_reason"] == "BATCH_TOO_LARGE" and big["bad_stopped"] == 20000, big
+    victim = rows["victim_after_batch_id_squat"]
+    assert victim["details"]["status"] != "REJECTED" and victim["target_met"] is True, victim
 
 
 def test_clean_controls_raise_no_batch_or_pipeline_alarm(run):

@@ -26,16 +26,17 @@ CLASSES = ("stop", "yield", "no_entry")
 def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     d = tmp_path_factory.mktemp("final")
     render_dataset(d / "data", 4, 4, seed=3, classes=CLASSES, progress=False)
+    test = load_gtsrb(d / "data", "test")  # read before sealing: sealing removes it
+    save_private_key(generate_private_key(), d / "log.pem")
     assert main(["data", "seal", str(d / "data"), "--key", str(d / "held.key"), "--new-key",
-                 "--out", str(d / "sealed")]) == 0
-    names = list(load_gtsrb(d / "data", "test").class_names)
+                 "--out", str(d / "sealed"), "--log-key", str(d / "log.pem")]) == 0
+    names = list(test.class_names)
     torch.manual_seed(0)
     for tag, n in (("a", 3), ("b", 3), ("wide", 4)):
         model = create_model("signnet_tiny", n)
         save_checkpoint(model, d / f"{tag}.safetensors",
                         {"class_names": names if n == 3 else [*names, "extra"]})
-    save_private_key(generate_private_key(), d / "log.pem")
-    return {"dir": d}
+    return {"dir": d, "test": test}
 
 
 def _open(w: dict, ckpt: str, out: str, *extra: str) -> int:
@@ -56,7 +57,7 @@ def test_open_sealed_evaluates_once_writes_auditable_files_and_refuses_twice(wor
     assert _open(world, "a", "eval_a", "--json") == 0
     metrics = json.loads(capsys.readouterr().out)
     pred = json.loads((d / "eval_a" / "predictions.json").read_text())
-    test = load_gtsrb(d / "data", "test")
+    test = world["test"]
     from cloud_train.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(d / "a.safetensors")
@@ -71,7 +72,8 @@ def test_open_sealed_evaluates_once_writes_auditable_files_and_refuses_twice(wor
     assert main(["data", "audit", str(d / "eval_a" / "predictions.json"),
                  str(d / "eval_a" / "metrics.json")]) == 0
     log = _log(world)
-    assert [(e["event"], e["model_sha256"]) for e in log] == [("open", meta["sha256"])]
+    assert [(e["event"], e["model_sha256"]) for e in log] == [("sealed", ""),
+                                                              ("open", meta["sha256"])]
     assert metrics["opening_log_head"] != "0" * 64
 
     # the same model again: refused, logged, nothing new written
@@ -94,6 +96,36 @@ def test_a_model_for_other_classes_is_refused_before_the_set_is_opened(world, ca
     n_after = len(_log(world)) if (world["dir"] / "sealed" / "openings.jsonl").exists() else 0
     assert n_after == n_before
     assert not (world["dir"] / "eval_wide" / "predictions.json").exists()
+
+
+def test_seal_removes_the_plaintext_split_and_every_reader_refuses_it(world, capsys):
+    from cloud_train.gtsrb import SealedSplitError
+
+    d = world["dir"]
+    assert not (d / "data" / "gtsrb" / "GTSRB" / "Final_Test").exists()
+    assert not list((d / "data").rglob("GT-final_test.csv"))
+    assert load_gtsrb(d / "data", "train").labels.size == 12  # train is untouched
+    with pytest.raises(SealedSplitError, match="sealed"):
+        load_gtsrb(d / "data", "test")
+    capsys.readouterr()
+    # `eval --data` without the key is refused, before any model runs
+    assert main(["eval", "--checkpoint", str(d / "a.safetensors"), "--data",
+                 str(d / "data")]) == 2
+    assert "sealed" in capsys.readouterr().err
+    # sealing again does not re-seal (nothing is left to seal) and says where the set is
+    assert main(["data", "seal", str(d / "data"), "--key", str(d / "held.key"), "--out",
+                 str(d / "sealed2"), "--log-key", str(d / "log.pem")]) == 0
+    assert "already sealed" in capsys.readouterr().out and not (d / "sealed2").exists()
+
+
+def test_the_sealed_set_keeps_the_original_files(world):
+    from cloud_train.splits.sealed import _decrypt, load_key
+
+    d = world["dir"]
+    data, _, _ = _decrypt(d / "sealed", load_key(d / "held.key"))
+    names = sorted(data.files)
+    assert len(names) == 13 and names[0].endswith("GT-final_test.csv")
+    assert all(n.startswith("gtsrb/") for n in names)
 
 
 # --- temporal split with capture times from the ingest journal ------------------------------

@@ -97,10 +97,18 @@ def test_cli_temporal_split(leaky: Path, tmp_path: Path) -> None:
 
 
 def test_cli_seal_and_audit(leaky: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from roadshield_base.trust import generate_private_key, save_private_key
+
+    data = tmp_path / "data"  # sealing removes the plaintext test split: seal a copy
+    shutil.copytree(leaky, data)
     key = tmp_path / "k.key"
-    assert _run("seal", str(leaky), "--key", str(key), "--new-key", "--out",
-                str(tmp_path / "sealed")) == 0
+    log_key = save_private_key(generate_private_key(), tmp_path / "log.pem")
+    assert _run("seal", str(data), "--key", str(key), "--new-key", "--out",
+                str(tmp_path / "sealed"), "--log-key", str(log_key)) == 0
     assert (tmp_path / "sealed" / "sealed.bin").is_file()
+    assert (tmp_path / "sealed" / "openings.jsonl").is_file()
     pred, met = tmp_path / "p.json", tmp_path / "m.json"
     write_predictions(pred, ["a", "b", "c"], [0, 1, 2], [0, 1, 1], "a" * 64, 3)
     write_metrics(met, pred)
