@@ -20,8 +20,13 @@ a crash loses at most the seed in progress.
 
 Targets (the issue's, as fractions of the seeds run): undefended ASR >= 90% (mean); after
 each defence's mitigation, mean ASR <= 5% with mean clean accuracy down by at most 2 points;
-Neural Cleanse flags the target class in >= 90% of the infected models and flags some class
-in <= 10% of the clean models (9/10 and 1/10 at ten seeds).
+the kit's backdoor verdict (``cloud_train.backdoor.verdict``: a rule over the three scans,
+fixed on calibration seeds) names the target class of >= 90% of the infected models and
+some class of <= 10% of the clean models (9/10 and 1/10 at ten seeds). The verdict is
+measured when a frozen rule is given (``verdict_rule``), never on its calibration seeds;
+``calibrate_verdict`` writes such a rule from the run's own seeds. Neural Cleanse alone keeps
+the paper's rule (MAD anomaly index > 2): the report shows its measured false-flag rate
+beside the rule's chance rate, as a replication, not as a target.
 """
 
 from __future__ import annotations
@@ -47,8 +52,6 @@ DEFENCES = ("neural_cleanse", "activation_clustering", "spectral")
 ASR_MIN = 0.90  # undefended attack must be real
 ASR_AFTER_MAX = 0.05
 CLEAN_DROP_MAX = 0.02  # accuracy fraction (2 points)
-NC_DETECT_MIN = 0.90
-NC_FALSE_MAX = 0.10
 
 
 @dataclass(frozen=True)
@@ -248,8 +251,11 @@ def _scan_row(flagged: list[int], target: int, model: str, seconds: float,
     return row
 
 
-def summarise(seeds: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
-    """Per-defence means and per-seed lists, and the missed targets (text)."""
+def summarise(seeds: list[dict[str, Any]], rule: Any = None,
+              config: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Per-defence means and per-seed lists, the verdict of ``rule`` (a frozen
+    ``VerdictRule``; ConfigError on its calibration seeds) when given, and the missed
+    targets (text)."""
     from cloud_train.backdoor.neural_cleanse import null_flag_rate
     inf_asr = [s["infected"]["asr"] for s in seeds]
     inf_acc = [s["infected"]["clean_acc"] for s in seeds]
@@ -286,17 +292,16 @@ def summarise(seeds: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
                           f"{100 * CLEAN_DROP_MAX:.0f}")
     nc = summary["defences"]["neural_cleanse"]
     # what the MAD rule alone would flag on clean models with normal per-class norms: the
-    # yardstick for the measured false flags
+    # yardstick the measured false flags replicate (or not); no longer a target of its own
     n_classes = len(seeds[0]["defences"]["neural_cleanse"]["clean"]["anomaly"]) if seeds else 0
     nc["null_flag_rate"] = round(null_flag_rate(n_classes), 4) if n_classes >= 3 else None
-    if nc["detection_rate"] < NC_DETECT_MIN:
-        missed.append(f"neural_cleanse flagged the target in {nc['detected']}/{n} infected "
-                      f"models < {NC_DETECT_MIN:.0%}")
-    if nc["false_flag_rate"] > NC_FALSE_MAX:
-        chance = "" if nc["null_flag_rate"] is None else \
-            f" (the rule's rate under a normal null: {nc['null_flag_rate']:.0%})"
-        missed.append(f"neural_cleanse flagged {nc['false_flags']}/{n} clean models "
-                      f"> {NC_FALSE_MAX:.0%}{chance}")
+    nc["replication"] = "replication of the paper's rule (MAD anomaly index > 2): measured " \
+        "false-flag rate on clean models beside its chance rate"
+    if rule is not None and seeds:
+        from cloud_train.backdoor.verdict import measure
+
+        summary["verdict"] = measure(rule, seeds, config)
+        missed += summary["verdict"]["missed"]
     return summary, missed
 
 
@@ -335,7 +340,8 @@ def run_backdoor_redteam(out: str | Path, seeds: int | None = None, scale: str =
                          poison_rate: float = 0.01, trigger: str = "patch",
                          resume: bool = False, progress: bool = True,
                          jobs: int = 1, first_seed: int = 0,
-                         trainer: str = "standard") -> dict[str, Any]:
+                         trainer: str = "standard", verdict_rule: str | Path | None = None,
+                         calibrate_verdict: str | Path | None = None) -> dict[str, Any]:
     """Run seeds first_seed .. first_seed+seeds-1, write OUT/redteam_backdoor.{json,md,png},
     return the result.
 
@@ -344,7 +350,12 @@ def run_backdoor_redteam(out: str | Path, seeds: int | None = None, scale: str =
     mitigations (a registered trainer name). ``jobs`` > 1 runs that many seeds at once in worker
     processes (spawned, each with ``cpu_count // jobs`` torch threads: the models are small,
     so seeds in parallel use the cores better than threads inside one seed); a seed's record
-    does not depend on which process ran it. Bad settings raise ConfigError before any work.
+    does not depend on which process ran it. ``verdict_rule``: a rule file written by
+    ``calibrate_verdict`` (``cloud_train.backdoor.verdict``); the run reports the verdict's
+    detection and false flags against the targets, and refuses seeds the rule was calibrated
+    on. ``calibrate_verdict``: write the rule calibrated on this run's seeds to that path once
+    every seed is done. With ``resume`` on a finished run either one works from the saved
+    seeds without new work. Bad settings raise ConfigError before any work.
     """
     from tqdm.auto import tqdm
 
@@ -367,6 +378,7 @@ def run_backdoor_redteam(out: str | Path, seeds: int | None = None, scale: str =
     rate = check_rate(poison_rate)
     make_trigger(trigger, 0, sc, 0)  # unknown kind -> ConfigError now, not after rendering
     _train_cfg(sc, 0, trainer)  # unknown trainer likewise
+    rule = _verdict_settings(verdict_rule, calibrate_verdict, wanted)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "redteam_backdoor.json"
@@ -390,12 +402,17 @@ def run_backdoor_redteam(out: str | Path, seeds: int | None = None, scale: str =
 
     def result(final: bool) -> dict[str, Any]:
         per_seed = [done[str(s)] for s in wanted if str(s) in done]
-        summary, missed = summarise(per_seed) if per_seed else ({}, ["no seed finished"])
+        summary, missed = summarise(per_seed, rule, config) if per_seed else \
+            ({}, ["no seed finished"])
+        unchecked = [] if rule is not None else [
+            "backdoor verdict (detection >= 90%, false flags <= 10%): no verdict rule given; "
+            "calibrate one on other seeds (--calibrate-verdict) and pass it (--verdict-rule)"]
         return {"schema": SCHEMA, "config": config, "started": started, "complete": final,
                 "seeds_requested": n_seeds, "first_seed": first_seed,
                 "seconds": round(earlier_s + time.perf_counter() - t0, 2),
                 "cpu_count": os.cpu_count(), "per_seed": per_seed, "summary": summary,
                 "all_targets_met": final and not missed, "missed": missed,
+                "unchecked": unchecked,
                 "files": {k: str(out / f"redteam_backdoor.{k}") for k in ("json", "md", "png")}}
 
     todo = [s for s in wanted if str(s) not in done]
@@ -419,10 +436,43 @@ def run_backdoor_redteam(out: str | Path, seeds: int | None = None, scale: str =
     finally:
         bar.close()
     res = result(final=True)
+    if calibrate_verdict is not None:
+        res["verdict_calibration"] = _calibrate(res, config, calibrate_verdict)
     atomic_write_bytes(out / "redteam_backdoor.png", chart_png(res))
     atomic_write_bytes(out / "redteam_backdoor.md", markdown(res).encode())
     atomic_write_json(json_path, res)
     return res
+
+
+def _verdict_settings(verdict_rule: str | Path | None, calibrate_verdict: str | Path | None,
+                      wanted: list[int]) -> Any:
+    """The frozen verdict rule to measure (None when none is given), checked against the
+    seeds of the run before any work."""
+    from cloud_train.backdoor.verdict import check_disjoint, load_rule
+
+    if verdict_rule is not None and calibrate_verdict is not None:
+        # the rule would be measured on the seeds the new one is fitted to: keep them apart
+        raise ConfigError("--verdict-rule and --calibrate-verdict in one run",
+                          "calibrate on one sample of seeds, then measure on another run")
+    if verdict_rule is None:
+        return None
+    rule = load_rule(verdict_rule)
+    check_disjoint(rule, wanted)
+    return rule
+
+
+def _calibrate(res: dict[str, Any], config: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """Calibrate the verdict on the finished run's seeds, write the rule, return its figures."""
+    from cloud_train.backdoor.verdict import calibrate, save_rule
+
+    rule = calibrate(res["per_seed"], config)
+    written = save_rule(rule, path)
+    cal = rule.calibration
+    return {"file": str(written), "rule": rule.name, "description": rule.describe(),
+            "seeds": list(rule.calibration_seeds), "n": cal["n"], "detected": cal["detected"],
+            "false_flags": cal["false_flags"], "misnamed": cal["misnamed"],
+            "meets_targets": cal["meets_targets"], "per_scan": cal["per_scan"],
+            "candidates": cal["candidates"]}
 
 
 def _run_parallel(todo: list[int], jobs: int, sc: Scale, trigger: str, rate: float,

@@ -59,8 +59,9 @@ def _add_backdoor_parser(rsub: argparse._SubParsersAction) -> None:
         "clustering and spectral signatures",
         description="Per seed, trains an infected and a clean model on the synthetic signs, "
         "scans both with the three defences, mitigates the infected one, writes "
-        "OUT/redteam_backdoor.json (after every seed), .md and .png, prints the table; exit 0 "
-        "when every target is met, 3 when some target is missed.")
+        "OUT/redteam_backdoor.json (after every seed), .md and .png, prints the table with "
+        "the backdoor verdict (--verdict-rule) beside each scan's figures; exit 0 when every "
+        "target is met, 3 when some target is missed.")
     bd.add_argument("--out", required=True, help="folder for redteam_backdoor.{json,md,png}")
     bd.add_argument("--seeds", type=int, default=None,
                     help="number of seeds (default: tiny 1, quick 3, full 10)")
@@ -82,6 +83,15 @@ def _add_backdoor_parser(rsub: argparse._SubParsersAction) -> None:
     bd.add_argument("--jobs", type=int, default=1,
                     help="seeds run at once in worker processes (default 1; e.g. the number "
                     "of cores)")
+    bd.add_argument("--verdict-rule", default=None, metavar="RULE.json",
+                    help="measure the kit's backdoor verdict with this frozen rule (written by "
+                    "--calibrate-verdict on other seeds); refused on seeds it was calibrated "
+                    "on; exit 3 when the verdict misses detection >= 90%% or false flags "
+                    "<= 10%%")
+    bd.add_argument("--calibrate-verdict", default=None, metavar="OUT.json",
+                    help="when every seed is done, choose the verdict rule on this run's seeds "
+                    "(calibration seeds) and write it to OUT.json; with --resume on a finished "
+                    "run it works from the saved seeds")
     bd.add_argument("--json", action="store_true", help="print the result as JSON")
     bd.add_argument("--no-progress", action="store_true", help="no progress bar")
     bd.set_defaults(func=cmd_redteam_backdoor)
@@ -136,7 +146,9 @@ def cmd_redteam_backdoor(args: argparse.Namespace) -> int:
     result: dict[str, Any] = run_backdoor_redteam(
         args.out, seeds=args.seeds, scale=args.scale, poison_rate=args.poison_rate,
         trigger=args.trigger, resume=args.resume, jobs=args.jobs, first_seed=args.first_seed,
-        trainer=args.trainer, progress=not (args.no_progress or args.json))
+        trainer=args.trainer, verdict_rule=args.verdict_rule,
+        calibrate_verdict=args.calibrate_verdict,
+        progress=not (args.no_progress or args.json))
     return _finish(result, text_table, args.json)
 
 

@@ -11,5 +11,7 @@ Modules (import the one you need; this package imports nothing heavy by itself):
 - ``spectral``: Tran et al. 2018 spectral signatures (top singular vector outlier scores).
 - ``retrain``: remove flagged examples and retrain from scratch with the same config.
 - ``neural_cleanse`` / ``unlearn``: Wang et al. 2019 trigger reverse-engineering and unlearning.
+- ``verdict``: the kit's backdoor verdict, a rule over the three scans' flags, calibrated on
+  some seeds (a frozen JSON rule that records them) and measured on others.
 - ``report``: text, markdown and chart of a ``roadshield redteam backdoor`` result.
 """

@@ -155,16 +155,16 @@ def test_first_seed_runs_a_second_sample_and_resume_keeps_its_range(
 def test_targets_are_checked_per_fraction_of_seeds():
     good = [_fake_record(s) for s in range(10)]
     assert rb.summarise(good)[1] == []
-    one_miss = good[:9] + [_fake_record(9, nc_hit=False, clean_flag=True)]
-    assert rb.summarise(one_miss)[1] == []  # 9/10 detected, 1/10 false flag: still met
-    two = one_miss[:8] + [_fake_record(8, nc_hit=False, clean_flag=True), one_miss[9]]
-    missed = rb.summarise(two)[1]
-    assert any("8/10 infected" in m for m in missed)
-    assert any("2/10 clean" in m for m in missed)
-    # the miss is put beside what the anomaly rule flags by chance with 14 classes
-    summary = rb.summarise(two)[0]
-    assert 0.3 < summary["defences"]["neural_cleanse"]["null_flag_rate"] < 0.45
-    assert any("normal null: 38%" in m for m in missed)
+    # Neural Cleanse alone is a replication of the paper's rule, not a target: 8/10 and 2/10
+    # are reported beside the rule's chance rate, and the detection targets belong to the
+    # verdict (tests/cloud_train/test_backdoor_verdict.py)
+    two = good[:8] + [_fake_record(s, nc_hit=False, clean_flag=True) for s in (8, 9)]
+    summary, missed = rb.summarise(two)
+    assert missed == []
+    nc = summary["defences"]["neural_cleanse"]
+    assert (nc["detected"], nc["false_flags"]) == (8, 2)
+    assert 0.3 < nc["null_flag_rate"] < 0.45 and "replication" in nc["replication"]
+    assert "verdict" not in summary
     weak = [_fake_record(s, asr=0.5, after=0.2) for s in range(3)]
     missed = rb.summarise(weak)[1]
     assert any(m.startswith("undefended ASR 50.0%") for m in missed)
