@@ -12,20 +12,20 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from ingest_world import gate_world
 
 from cloud_train.ingest import attacks as A
 from cloud_train.ingest import batch as bfmt
 from cloud_train.ingest import store as qstore
 from cloud_train.ingest.cli import add_ingest_parsers
 from cloud_train.ingest.gate import (
-    build_reference,
     ingest,
     init_store,
     read_journal,
     read_object,
     store_paths,
 )
-from cloud_train.ingest.reference import Reference, ScreenConfig
+from cloud_train.ingest.reference import Reference
 from cloud_train.ingest.registry import add_source, list_sources, revoke_source
 from roadshield_base.errors import ConfigError
 from roadshield_base.trust import TrustError, generate_private_key, save_private_key
@@ -33,18 +33,7 @@ from roadshield_base.trust import TrustError, generate_private_key, save_private
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    d = tmp_path_factory.mktemp("gate")
-    root, prov = generate_private_key(), generate_private_key()
-    store = d / "store"
-    init_store(store, root.public_key())
-    add_source(store_paths(store)["registry"], root, "acme", prov.public_key(),
-               "2026-01-01T00:00:00Z")
-    imgs, labels = A.render_images(80, seed=1)
-    build_reference(store, imgs, labels, 14,
-                    ScreenConfig(embed_epochs=2, embed_min_steps=30, embed_batch=32))
-    clean_imgs, clean_labels = A.render_images(4, seed=7)
-    return {"dir": d, "root": root, "prov": prov, "store": store, "imgs": clean_imgs,
-            "labels": clean_labels, "ref": Reference.load(store / "reference")}
+    return gate_world(tmp_path_factory.mktemp("gate"))
 
 
 def _balance(s):

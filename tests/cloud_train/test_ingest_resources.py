@@ -10,37 +10,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ingest_world import gate_world
 
 from cloud_train.ingest import attacks as A
 from cloud_train.ingest import batch as bfmt
 from cloud_train.ingest.gate import (
-    build_reference,
     ingest,
-    init_store,
     read_journal,
     read_object,
     store_paths,
 )
-from cloud_train.ingest.reference import Reference, ScreenConfig
-from cloud_train.ingest.registry import add_source
-from roadshield_base.trust import generate_private_key
+from cloud_train.ingest.reference import ScreenConfig
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    d = tmp_path_factory.mktemp("resources")
-    root, acme, other = generate_private_key(), generate_private_key(), generate_private_key()
-    store = d / "store"
-    init_store(store, root.public_key())
-    reg = store_paths(store)["registry"]
-    add_source(reg, root, "acme", acme.public_key(), "2026-01-01T00:00:00Z")
-    add_source(reg, root, "other", other.public_key(), "2026-01-01T00:00:00Z")
-    imgs, labels = A.render_images(20, seed=1)
-    build_reference(store, imgs, labels, 14,
-                    ScreenConfig(embed_epochs=1, embed_min_steps=5, embed_batch=32))
-    clean_imgs, clean_labels = A.render_images(2, seed=7)
-    return {"dir": d, "store": store, "acme": acme, "other": other, "imgs": clean_imgs,
-            "labels": clean_labels, "ref": Reference.load(store / "reference")}
+    return gate_world(tmp_path_factory.mktemp("resources"), ("acme", "other"),
+                      reference_per_class=20, clean_per_class=2,
+                      screen=ScreenConfig(embed_epochs=1, embed_min_steps=5, embed_batch=32))
 
 
 # ---------------------------------------------------------------- the hidden frame header

@@ -10,37 +10,22 @@ import json
 import cv2
 import numpy as np
 import pytest
+from ingest_world import gate_world
 
 from cloud_train.ingest import attacks as A
 from cloud_train.ingest import batch as bfmt
 from cloud_train.ingest.cli import add_ingest_parsers
 from cloud_train.ingest.gate import (
-    build_reference,
     ingest,
-    init_store,
     read_journal,
-    store_paths,
 )
-from cloud_train.ingest.reference import Reference, ScreenConfig
-from cloud_train.ingest.registry import add_source
 from cloud_train.ingest.screens import image_features, ks_2samp, ks_2samp_weighted
 from roadshield_base.trust import generate_private_key, key_id
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    d = tmp_path_factory.mktemp("usability")
-    root, prov = generate_private_key(), generate_private_key()
-    store = d / "store"
-    init_store(store, root.public_key())
-    add_source(store_paths(store)["registry"], root, "acme", prov.public_key(),
-               "2026-01-01T00:00:00Z")
-    imgs, labels = A.render_images(80, seed=1)
-    build_reference(store, imgs, labels, 14,
-                    ScreenConfig(embed_epochs=2, embed_min_steps=30, embed_batch=32))
-    clean_imgs, clean_labels = A.render_images(4, seed=7)
-    return {"dir": d, "prov": prov, "store": store, "imgs": clean_imgs,
-            "labels": clean_labels, "ref": Reference.load(store / "reference")}
+    return gate_world(tmp_path_factory.mktemp("usability"))
 
 
 def _cli():
