@@ -155,6 +155,7 @@ def _train_models(work: Path, sc: Scale, seed: int, given: dict[str, str | None]
     """Checkpoints by role: the given ones, else trained here (kept in ``work`` for reuse);
     the masked and ROA models start from the teacher's weights."""
     from cloud_train import pipeline
+    from cloud_train.robust_trainers import PATCHCLEANSER_FINETUNE_DOUBLE_RATE
 
     # the defended models are the teacher fine-tuned against patches, as PatchCleanser's
     # authors fine-tune theirs: the same start, so a difference is the defence's
@@ -179,9 +180,12 @@ def _train_models(work: Path, sc: Scale, seed: int, given: dict[str, str | None]
             tick(f"training the {role} model ({trainer}, {epochs} epochs)")
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             start = None if role == "teacher" else paths["teacher"]
+            options = {"mask_double_rate": PATCHCLEANSER_FINETUNE_DOUBLE_RATE} \
+                if trainer == "masked" else None
             pipeline.train_checkpoint(data, ckpt, arch="signnet", trainer=trainer,
                                       epochs=epochs, seed=seed, progress=False, init=start,
-                                      lr=0.05 if start is None else 0.02)
+                                      lr=0.05 if start is None else 0.02,
+                                      trainer_options=options)
         paths[role] = ckpt
     return paths
 

@@ -119,6 +119,13 @@ def roa_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfi
     return F.cross_entropy(logits, y), logits
 
 
+# The masked fine-tune the demo and the inference red team give PatchCleanser's model: a
+# quarter of the examples under two masks. On the demo's run the defended stack read 96.9 %
+# of the clean drive's signs right at the trainer's default 0.5, 99.1 % at 0.25 and 99.6 %
+# at 0.0 (then fewer stickered stops read as stop); the sticker was defeated in each case.
+PATCHCLEANSER_FINETUNE_DOUBLE_RATE = 0.25
+
+
 def patchcleanser_mask_side(size: int, patch_share: float = 0.1, masks_per_axis: int = 6) -> int:
     """Side in pixels of PatchCleanser's masks for a ``size`` x ``size`` input: a patch of up
     to ``patch_share`` of the area has side p = ceil(sqrt(share) * size), the masks stride

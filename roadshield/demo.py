@@ -48,6 +48,9 @@ class Profile:
     trainer: str = "standard"
     defended_trainer: str = "masked"
     defended_lr: float = 0.02  # a fine-tune: below the 0.05 peak that trains from scratch
+    # share of the masked fine-tune's examples under two masks rather than one (see
+    # cloud_train.robust_trainers.PATCHCLEANSER_FINETUNE_DOUBLE_RATE)
+    defended_mask_double_rate: float = 0.25
     arch: str = "signnet"
     defence: str = "patchcleanser:share=0.1,k=6"
 
@@ -170,7 +173,9 @@ def _run_demo(profile_name: str, runs_dir: str | Path, seed: int, progress: bool
                                              epochs=prof.defended_epochs, seed=seed,
                                              lr=prof.defended_lr, progress=progress,
                                              init=trained.checkpoint,
-                                             init_sha256=trained.sha256)
+                                             init_sha256=trained.sha256,
+                                             trainer_options={"mask_double_rate":
+                                                              prof.defended_mask_double_rate})
         defended_onnx = pipeline.export_checkpoint(defended.checkpoint, run / "defended.onnx",
                                                    expected_sha256=defended.sha256, seed=seed)
 

@@ -165,3 +165,11 @@ def test_repeatable_torch_restores_the_settings_and_refuses_bad_counts():
             with repeatable_torch(bad):
                 pass
     assert torch.get_num_threads() == before[0]
+
+
+def test_the_demo_fine_tunes_patchcleanser_as_the_red_team_does():
+    from cloud_train.robust_trainers import PATCHCLEANSER_FINETUNE_DOUBLE_RATE
+    from roadshield.demo import PROFILES
+
+    assert {p.defended_mask_double_rate for p in PROFILES.values()} == {
+        PATCHCLEANSER_FINETUNE_DOUBLE_RATE}
