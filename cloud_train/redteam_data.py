@@ -233,20 +233,47 @@ def _squat_then_victim(work: Path, images: np.ndarray, labels: np.ndarray, victi
 
 # --- stage 2: signed stage attestations ---------------------------------------------------
 
+def _bypass(work: Path, k: int, seed: int) -> dict[str, tuple[bool, str, list[str]]]:
+    """The gate-bypass attacks on one export: (refused before training?, first message,
+    poisoned files) per attack. Poison that reaches a stage-2 output counts as reaching
+    training: preprocess must refuse before decode writes anything."""
+    from cloud_train.attest.stages import run_pipeline
+    from cloud_train.attest.tamper import poison_export
+    from cloud_train.ingest.export import ExportError
+
+    out = {}
+    for name, keep in (("gate_bypass_unexported_folder", False),
+                       ("poison_slipped_into_export", True)):
+        bad = work / "bypass" / name
+        files = poison_export(work / "raw", bad, keep_statement=keep, seed=seed + k)
+        try:
+            run_pipeline(bad, work / "bypass" / f"{name}-pipe", work / "keys", seed=seed,
+                         progress=False)
+            out[name] = (False, "", files)
+        except ExportError as err:
+            out[name] = (not (work / "bypass" / f"{name}-pipe" / "decode").exists(),
+                         str(err).splitlines()[0], files)
+    return out
+
+
 def _verify_rows(work: Path, sc: Scale, seed: int, tick: Callable[[str], None]
                  ) -> list[dict[str, Any]]:
-    from cloud_train.attest.policy import make_stage_keys
+    from cloud_train.attest.policy import load_stage_key, make_stage_keys
     from cloud_train.attest.stages import run_pipeline
-    from cloud_train.attest.tamper import ATTACKS, run_attack
+    from cloud_train.attest.tamper import ATTACKS, INSIDER, run_attack
     from cloud_train.attest.verify import verify_pipeline
+    from cloud_train.ingest.export import sign_folder_as_export
     from cloud_train.render import render_dataset
 
     render_dataset(work / "raw", sc.pipe_per_class, 0, seed=seed, progress=False)
     make_stage_keys(work / "keys")
-    names = [*ATTACKS, "insider_feature_shift"]
+    # the raw folder stands in for the gate's export (the gate itself is measured above)
+    sign_folder_as_export(work / "raw", load_stage_key(work / "keys", "gate"))
+    names = [*ATTACKS, *INSIDER]
+    bypass = ["gate_bypass_unexported_folder", "poison_slipped_into_export"]
     acc: dict[str, dict[str, Any]] = {n: {"sent": 0, "stopped": 0, "first": "", "files": [],
                                           "checks": Counter(), "s": 0.0}
-                                      for n in ["clean_pipeline", *names]}
+                                      for n in ["clean_pipeline", *names, *bypass]}
     def add(a: dict[str, Any], rep: Any, t0: float, files: tuple[str, ...]) -> None:
         a["sent"] += 1
         a["stopped"] += int(not rep.ok)  # a failed verify refuses the whole pipeline
@@ -266,19 +293,36 @@ def _verify_rows(work: Path, sc: Scale, seed: int, tick: Callable[[str], None]
             res, bad = run_attack(name, clean, work / "tampered", work / "keys")
             add(acc[name], verify_pipeline(bad, work / "keys"), t0, res.files)
             tick(name)
+        t0 = time.perf_counter()
+        for name, (refused, msg, files) in _bypass(work, k, seed).items():
+            a = acc[name]
+            a["sent"] += 1
+            a["stopped"] += int(refused)
+            a["first"] = a["first"] or msg
+            a["files"] = a["files"] or files[:3]
+            a["checks"].update(["export"] if refused else [])
+            a["poisoned_files"] = a.get("poisoned_files", 0) + len(files)
+            a["s"] += (time.perf_counter() - t0) / len(bypass)
+        tick("gate bypass")
     rows = []
     for name, a in acc.items():
         control = name == "clean_pipeline"
         details = {"images_per_pipeline": sc.pipe_per_class * 14, "finding_checks":
                    dict(a["checks"]), "tampered_files": a["files"]}
+        if name in bypass:
+            details["poisoned_files"] = a["poisoned_files"]
+            details["poisoned_files_reaching_training"] = \
+                a["poisoned_files"] * (a["sent"] - a["stopped"]) // max(a["sent"], 1)
         if control:  # every clean pipeline must verify: a failure is a false alarm
             rows.append(_row(name, "control", "verify", "pipelines", 0, 0, a["sent"],
                              a["stopped"], a["stopped"] > 0, a["first"],
                              Target(no_false_alarm=True), a["s"], details))
         else:
-            rows.append(_row(name, "tampering", "verify", "pipelines", a["sent"], a["stopped"],
-                             None, None, a["stopped"] > 0, a["first"], DETECT_ALL, a["s"],
-                             details))
+            group = "gate bypass" if name in bypass else (
+                "insider" if name in INSIDER else "tampering")
+            rows.append(_row(name, group, "preprocess" if name in bypass else "verify",
+                             "pipelines", a["sent"], a["stopped"], None, None,
+                             a["stopped"] > 0, a["first"], DETECT_ALL, a["s"], details))
     return rows
 
 

@@ -15,17 +15,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from cloud_train.attest.policy import make_stage_keys
+from cloud_train.attest.policy import load_stage_key, make_stage_keys
 from cloud_train.attest.stages import run_pipeline
-from cloud_train.attest.tamper import ATTACKS, run_attack
+from cloud_train.attest.tamper import ATTACKS, INSIDER, run_attack
 from cloud_train.attest.verify import verify_pipeline
+from cloud_train.ingest.export import sign_folder_as_export
 from cloud_train.render import render_dataset
 
 
 def measure(work: Path, per_class: int, seeds: int) -> dict[str, Any]:
     render_dataset(work / "raw", per_class, 0, seed=0, progress=False)
     make_stage_keys(work / "keys")
-    attacks = [*ATTACKS, "insider_feature_shift"]
+    sign_folder_as_export(work / "raw", load_stage_key(work / "keys", "gate"))
+    attacks = [*ATTACKS, *INSIDER]
     out: dict[str, Any] = {"per_class": per_class, "seeds": seeds, "clean": [],
                            "attacks": {a: {"detected": 0, "runs": 0, "first_finding": ""}
                                        for a in attacks}}

@@ -59,7 +59,8 @@ def cmd_keys_init(args: argparse.Namespace) -> int:
 def add_attest_parsers(data_subparsers: Any) -> None:
     """Add ``preprocess``, ``verify`` and ``keys init`` to ``roadshield data``."""
     pre = data_subparsers.add_parser("preprocess", help="run the signed preprocessing stages")
-    pre.add_argument("raw", help="GTSRB-layout dataset root (its training split is used)")
+    pre.add_argument("raw", help="a folder written by `roadshield data export` (the gate's "
+                     "signed export; anything else is refused)")
     pre.add_argument("--out", required=True, help="pipeline folder to write")
     pre.add_argument("--keys", required=True, help="folder made by `data keys init`")
     pre.add_argument("--seed", type=int, default=0)
@@ -73,7 +74,8 @@ def add_attest_parsers(data_subparsers: Any) -> None:
                        "(exit 0 verified, 2 failed)")
     ver.add_argument("dir", help="pipeline folder written by `data preprocess`")
     ver.add_argument("--policy", help=f"keys folder or policy.json (default ${_POLICY_ENV})")
-    ver.add_argument("--raw", help="also re-hash the decode stage's raw inputs here")
+    ver.add_argument("--raw", help="the export folder decode read: re-hash its files against "
+                     "the gate's statement and decode them again")
     ver.add_argument("--json", action="store_true")
     ver.set_defaults(func=cmd_verify)
     keys = data_subparsers.add_parser("keys", help="stage signing keys and their policy")

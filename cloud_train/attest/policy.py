@@ -1,13 +1,15 @@
 """Stage keys and the root-signed trust policy naming the expected key per stage.
 
-``make_stage_keys(DIR)`` writes ``root.key``, one ``<stage>.key`` per stage and
-``trainer.key`` (PKCS#8 PEM, mode 0600, each with a ``.pub`` beside it) and
+``make_stage_keys(DIR)`` writes ``root.key``, ``gate.key`` (the ingest gate's export key),
+one ``<stage>.key`` per stage and ``trainer.key`` (PKCS#8 PEM, mode 0600, each with a
+``.pub`` beside it) and
 ``policy.json``: a DSSE envelope (payload type ``application/vnd.roadshield.stage-policy+json``)
 signed by the root key over::
 
     {"version": 1, "root_keyid": "...",
      "stages": {"decode": {"keyid": "...", "public_key": "<base64 raw 32 bytes>"}, ...},
-     "trainer": {"keyid": "...", "public_key": "..."}}
+     "trainer": {"keyid": "...", "public_key": "..."},
+     "gate": {"keyid": "...", "public_key": "..."}}
 
 Verification needs only ``policy.json`` and the root public key (``root.key.pub``); pin the
 root key id where the policy file itself could be swapped.
@@ -39,9 +41,24 @@ from roadshield_base.trust import (
 
 STAGES = ("decode", "normalise", "augment", "shard")
 TRAINER = "trainer"
+GATE = "gate"  # signs the ingest gate's exports, the only input stage 2 reads
 POLICY_TYPE = "application/vnd.roadshield.stage-policy+json"
 POLICY_FILE = "policy.json"
 ROOT_KEY = "root.key"
+# What each stage may change and must keep (cloud_train.attest.invariants checks it); every
+# stage statement repeats its entry, and verify refuses one that declares anything else.
+DECLARED: dict[str, dict[str, str]] = {
+    "decode": {"may_change": "pixels: decoded and resized from the gate export's files",
+               "keeps": "one row per exported sample, with the gate's label for its file"},
+    "normalise": {"may_change": "adds stats.json",
+                  "keeps": "images, labels, rows and classes byte for byte"},
+    "augment": {"may_change": "appends seeded, replayable variants of every row",
+                "keeps": "original rows and labels; each variant has its original's label"},
+    "shard": {"may_change": "row order and the split into files",
+              "keeps": "every augment row exactly once, with its label and pixels"},
+}
+# the largest augmentation a signed augment statement may claim
+AUGMENT_LIMITS = {"copies": 4, "max_shift_px": 4, "gain": 0.2}
 
 
 @dataclass(frozen=True)
@@ -67,7 +84,8 @@ def _entry(key: Any) -> dict[str, str]:
 
 
 def make_stage_keys(keys_dir: str | os.PathLike[str], overwrite: bool = False) -> StagePolicy:
-    """Create root, stage and trainer keys in ``keys_dir`` and the root-signed policy.json.
+    """Create root, gate, stage and trainer keys in ``keys_dir`` and the root-signed
+    policy.json.
 
     Refuses (ConfigError) to replace existing keys unless ``overwrite``.
     """
@@ -79,11 +97,11 @@ def make_stage_keys(keys_dir: str | os.PathLike[str], overwrite: bool = False) -
     root = generate_private_key()
     save_private_key(root, keys_dir / ROOT_KEY)
     body: dict[str, Any] = {"version": 1, "root_keyid": key_id(root), "stages": {}}
-    for role in (*STAGES, TRAINER):
+    for role in (*STAGES, TRAINER, GATE):
         key = generate_private_key()
         save_private_key(key, keys_dir / f"{role}.key")
-        if role == TRAINER:
-            body["trainer"] = _entry(key)
+        if role in (TRAINER, GATE):
+            body[role] = _entry(key)
         else:
             body["stages"][role] = _entry(key)
     atomic_write_json(keys_dir / POLICY_FILE, dsse_sign(POLICY_TYPE, canonical_json(body), [root]))
@@ -91,7 +109,7 @@ def make_stage_keys(keys_dir: str | os.PathLike[str], overwrite: bool = False) -
 
 
 def load_stage_key(keys_dir: str | os.PathLike[str], role: str) -> Any:
-    """The private key of ``role`` (a stage name or "trainer") from ``keys_dir``."""
+    """The private key of ``role`` (a stage name, "trainer" or "gate") from ``keys_dir``."""
     path = Path(keys_dir) / f"{role}.key"
     if not path.is_file():
         raise ConfigError(f"no key for {role!r} at {path}",
@@ -123,6 +141,8 @@ def load_policy(path: str | os.PathLike[str], root_public_key: Any = None,
     try:
         body = json.loads(payload)
         entries = {**{s: body["stages"][s] for s in STAGES}, TRAINER: body[TRAINER]}
+        if GATE in body:  # policies made before exports existed name no gate key
+            entries[GATE] = body[GATE]
         keyids, keys = {}, {}
         for role, entry in entries.items():
             pub = load_public_key(base64.b64decode(entry["public_key"], validate=True))

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from cloud_train.attest.policy import STAGES, load_stage_key
+from cloud_train.attest.policy import DECLARED, GATE, STAGES, load_policy, load_stage_key
 from cloud_train.attest.statement import sign_statement, stage_statement, write_attestation
 from roadshield_base.errors import ConfigError, DatasetError
 from roadshield_base.trust import canonical_json, key_id, sha256_hex
@@ -107,7 +107,8 @@ def _write_stage(out_dir: Path, stage: str, files: Mapping[str, bytes],
         for name, data in files.items():
             (tmp / name).write_bytes(data)
             outputs[f"{stage}/{name}"] = sha256_hex(data)
-        env = sign_statement(stage_statement(stage, outputs, inputs, parameters, summary), [key])
+        env = sign_statement(stage_statement(stage, outputs, inputs, parameters, summary,
+                                             DECLARED[stage]), [key])
         att = write_attestation(tmp / f"{stage}{ATTESTATION_SUFFIX}", [env])
         os.chmod(att, 0o644)  # public evidence, readable like the outputs it covers
         if hasattr(os, "sync"):
@@ -187,21 +188,59 @@ def _snapshot_train(raw: Path, work: Path) -> _Snapshot:
     return snap
 
 
+GATE_DIR = "gate"  # the pipeline's copy of the gate export statement decode read
+
+
+def gate_statement_path(out_dir: str | os.PathLike[str]) -> Path:
+    from cloud_train.ingest.export import EXPORT_FILE
+
+    return Path(out_dir) / GATE_DIR / EXPORT_FILE
+
+
+def _check_export_files(export: Any, snap: _Snapshot, raw: Path) -> None:
+    """Every file decode read must be one the gate exported, byte for byte, and every
+    exported file must be read: ExportError naming the first few differences."""
+    from cloud_train.ingest.export import ExportError
+
+    extra = sorted(n for n in snap.digests if n not in export.subjects)
+    changed = sorted(n for n in snap.digests
+                     if n in export.subjects and export.subjects[n] != snap.digests[n])
+    lost = sorted(n for n in export.subjects if n not in snap.digests)
+    if extra or changed or lost:
+        raise ExportError(
+            f"{raw} is not what the gate exported: {len(extra)} file(s) it did not export "
+            f"{extra[:3]}, {len(changed)} changed since {changed[:3]}, {len(lost)} missing "
+            f"{lost[:3]}",
+            "preprocess only an untouched `roadshield data export` folder; re-export from "
+            "the gate's store if it was changed")
+
+
 def decode_stage(raw_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], key: Any,
-                 size: int = 32, progress: bool = True) -> StageResult:
-    """Decode and resize the training split of a GTSRB-layout folder to size x size uint8 RGB.
+                 gate_keys: Mapping[str, Any], size: int = 32,
+                 progress: bool = True) -> StageResult:
+    """Decode and resize the training split of a gate export to size x size uint8 RGB.
 
-    Inputs recorded: every image the split lists, every GT-NNNNN.csv and classes.csv, by the
-    sha256 of the very bytes that were decoded (see ``_snapshot_train``), named relative to
-    ``raw_dir``. ``progress`` shows the loader's progress bar on large folders.
+    ``raw_dir`` must be a folder `roadshield data export` wrote: its statement must verify
+    against ``gate_keys`` (the policy's gate key, ``{keyid: public key}``) and every file
+    decode reads must be one it exported, byte for byte (ExportError otherwise, before
+    anything is written). Inputs recorded: every file read, by the sha256 of the very bytes
+    that were decoded (see ``_snapshot_train``), named relative to ``raw_dir``, and the
+    export statement as ``gate/gate_export.intoto.jsonl``, which is copied into the pipeline
+    folder. ``decode/rows.json`` names the exported file of every row. ``progress`` shows
+    the loader's progress bar on large folders.
     """
+    from cloud_train.attest.invariants import rows_json
     from cloud_train.gtsrb import load_gtsrb
+    from cloud_train.ingest.export import ExportError, read_export
+    from roadshield_base.fileio import atomic_write_bytes
 
-    out = Path(out_dir)
+    raw, out = Path(raw_dir), Path(out_dir)
+    export = read_export(raw, dict(gate_keys))
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".decode-snapshot-", dir=out))  # private, mode 0700
     try:
-        snap = _snapshot_train(Path(raw_dir), work)
+        snap = _snapshot_train(raw, work)
+        _check_export_files(export, snap, raw)
         try:
             data = load_gtsrb(work, "train", size=size, progress=progress)
         except DatasetError as err:  # name the caller's files, not the scratch copy
@@ -209,16 +248,27 @@ def decode_stage(raw_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
             for copied, real in snap.renames.items():
                 msg = msg.replace(copied, real)
             raise DatasetError(msg, err.hint) from err
-        watched = [snap.names[str(p)] for p in data.paths] + snap.metadata
+        rows = [snap.names[str(p)] for p in data.paths]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    inputs = {n: snap.digests[n] for n in watched}
+    gate_labels = export.labels_by_file()
+    wrong = [f for f, y in zip(rows, data.labels.tolist(), strict=True)
+             if gate_labels.get(f) != y]
+    if wrong or len(rows) != len(gate_labels):
+        raise ExportError(f"{raw}: {len(wrong)} images carry another label than the export "
+                          f"statement gives them ({wrong[:3]}), or rows are missing",
+                          "re-export from the gate's store")
+    gate_copy = gate_statement_path(out)
+    gate_copy.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(gate_copy, export.raw)
+    inputs = {**snap.digests, f"{GATE_DIR}/{gate_copy.name}": sha256_hex(export.raw)}
     files = {"images.npy": npy_bytes(data.images),
              "labels.npy": npy_bytes(data.labels.astype(np.int64)),
-             "classes.json": canonical_json(list(data.class_names))}
+             "classes.json": canonical_json(list(data.class_names)),
+             "rows.json": rows_json(rows)}
     return _write_stage(out, "decode", files, inputs,
                         {"size": int(size), "split": "train", "interpolation": "INTER_AREA",
-                         "colour_order": "RGB"},
+                         "colour_order": "RGB", "gate_keyid": export.keyid},
                         key, {"images": len(data), "classes": len(data.class_names)})
 
 
@@ -298,11 +348,13 @@ def run_pipeline(raw_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str
                  keys_dir: str | os.PathLike[str], seed: int = 0, size: int = 32,
                  n_shards: int = 4, copies: int = 1, progress: bool = True
                  ) -> list[StageResult]:
-    """Run decode -> normalise -> augment -> shard, each signed with its key from ``keys_dir``.
+    """Run decode -> normalise -> augment -> shard on a gate export, each signed with its key
+    from ``keys_dir``; the export must verify against the gate key of ``keys_dir``'s policy.
 
     ``progress`` is passed to the decode stage's loader."""
     keys = {s: load_stage_key(keys_dir, s) for s in STAGES}
-    return [decode_stage(raw_dir, out_dir, keys["decode"], size, progress),
+    gate_keys = load_policy(keys_dir).trusted(GATE)
+    return [decode_stage(raw_dir, out_dir, keys["decode"], gate_keys, size, progress),
             normalise_stage(out_dir, keys["normalise"]),
             augment_stage(out_dir, keys["augment"], seed, copies),
             shard_stage(out_dir, keys["shard"], seed, n_shards)]

@@ -6,7 +6,8 @@ A stage statement::
      "subject": [{"name": "<stage>/<file>", "digest": {"sha256": "<hex>"}}, ...],
      "predicateType": "https://roadshield.dev/attestation/stage/v1",
      "predicate": {"stage": "<stage>", "inputs": [<resource>, ...],
-                   "parameters": {...}, "summary": {...}}}
+                   "parameters": {...}, "summary": {...},
+                   "invariants": {"may_change": "...", "keeps": "..."}}}
 
 Subjects are the stage's outputs, inputs are what it read, both by sha256 of the bytes.
 An attestation file (``<stage>.intoto.jsonl``) holds one DSSE envelope per line, payload
@@ -66,12 +67,15 @@ def digest_map(items: Any, what: str) -> dict[str, str]:
 
 def stage_statement(stage: str, outputs: Mapping[str, str], inputs: Mapping[str, str],
                     parameters: Mapping[str, Any],
-                    summary: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The Statement a preprocessing stage signs (outputs/inputs: name -> sha256)."""
+                    summary: Mapping[str, Any] | None = None,
+                    invariants: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The Statement a preprocessing stage signs (outputs/inputs: name -> sha256;
+    ``invariants``: the stage's entry of ``policy.DECLARED``)."""
     return {"_type": STATEMENT_TYPE, "subject": resources(outputs),
             "predicateType": STAGE_PREDICATE,
             "predicate": {"stage": stage, "inputs": resources(inputs),
-                          "parameters": dict(parameters), "summary": dict(summary or {})}}
+                          "parameters": dict(parameters), "summary": dict(summary or {}),
+                          "invariants": dict(invariants or {})}}
 
 
 def slsa_statement(subjects: Mapping[str, str], external_parameters: Mapping[str, Any],

@@ -2,9 +2,10 @@
 
 Each attack edits the folder in place the way an attacker with write access (but without
 the stage keys) would, leaving files well-formed so a training loop would still run, and
-returns a TamperResult saying what it changed. ``insider_feature_shift`` is the one attack
-made *with* the genuine stage keys: hashes, signatures and chain all pass, and only the
-distribution check between stages can catch it.
+returns a TamperResult saying what it changed. The ``insider_*`` attacks are made *with* the
+genuine augment and shard keys: hashes, signatures and chain all pass, and only the data
+checks can object: the stage invariants (augment keeps labels and is replayable from its
+signed parameters) and the drift check between stages.
 """
 
 from __future__ import annotations
@@ -152,23 +153,77 @@ def resign_with_unknown_key(out_dir: str | os.PathLike[str]) -> TamperResult:
                         "labels flipped, then the shard stage re-signed by an unknown key")
 
 
-def insider_feature_shift(out_dir: str | os.PathLike[str], keys_dir: str | os.PathLike[str],
-                          shift: float = 0.15) -> TamperResult:
-    """With the genuine augment and shard keys, re-run those stages with every pixel scaled by
-    ``1 + shift``: hashes, signatures and chain verify; only the drift check can object."""
-    out = Path(out_dir)
+def _resign_augment(out: Path, keys_dir: str | os.PathLike[str], images: np.ndarray,
+                    labels: np.ndarray) -> None:
+    """Write augment's images and labels anew, sign with the genuine augment key (same
+    inputs and parameters as before), then re-run shard with its genuine key."""
     files, _ = _read_stage(out, "augment")
     st = _statement(out, "augment")
-    images, _ = read_arrays(files, "augment")
-    shifted = np.clip(np.rint(images.astype(np.float32) * (1.0 + shift)), 0, 255)
     new = {n.split("/", 1)[1]: b for n, b in files.items()}
-    new["images.npy"] = npy_bytes(shifted.astype(np.uint8))
+    new["images.npy"], new["labels.npy"] = npy_bytes(images), npy_bytes(labels)
     _write_stage(out, "augment", new, digest_map(st["predicate"]["inputs"], "i"),
                  st["predicate"]["parameters"], load_stage_key(keys_dir, "augment"))
     params = _statement(out, "shard")["predicate"]["parameters"]
     shard_stage(out, load_stage_key(keys_dir, "shard"), int(params["seed"]), int(params["shards"]))
+
+
+def insider_feature_shift(out_dir: str | os.PathLike[str], keys_dir: str | os.PathLike[str],
+                          shift: float = 0.15) -> TamperResult:
+    """With the genuine augment and shard keys, re-run those stages with every pixel scaled by
+    ``1 + shift``: hashes, signatures and chain verify."""
+    out = Path(out_dir)
+    images, labels = read_arrays(_read_stage(out, "augment")[0], "augment")
+    shifted = np.clip(np.rint(images.astype(np.float32) * (1.0 + shift)), 0, 255)
+    _resign_augment(out, keys_dir, shifted.astype(np.uint8), labels)
     return TamperResult("insider_feature_shift", "augment", ("augment/images.npy",),
                         f"pixels scaled by {1 + shift:.2f} and re-signed with the genuine keys")
+
+
+def insider_label_swap(out_dir: str | os.PathLike[str], keys_dir: str | os.PathLike[str],
+                       n: int = 20, classes: tuple[int, int] | None = None) -> TamperResult:
+    """With the genuine augment key, swap the labels of ``n`` rows of one class with ``n`` of
+    another (class counts stay equal), re-sign augment and re-run shard."""
+    out = Path(out_dir)
+    images, labels = read_arrays(_read_stage(out, "augment")[0], "augment")
+    counts = np.bincount(labels)
+    a, b = classes or tuple(int(c) for c in np.argsort(-counts, kind="stable")[:2])
+    k = min(n, int(counts[a]), int(counts[b]))
+    ia, ib = np.flatnonzero(labels == a)[:k], np.flatnonzero(labels == b)[:k]
+    swapped = labels.copy()
+    swapped[ia], swapped[ib] = b, a
+    _resign_augment(out, keys_dir, images, swapped)
+    return TamperResult("insider_label_swap", "augment", ("augment/labels.npy",),
+                        f"{k} labels {a} <-> {b} swapped (class counts kept) and re-signed "
+                        "with the genuine keys")
+
+
+def insider_backdoor(out_dir: str | os.PathLike[str], keys_dir: str | os.PathLike[str],
+                     rate: float = 0.05, target: int = 0) -> TamperResult:
+    """With the genuine augment key, stamp a 4 px checkerboard trigger on ``rate`` of the
+    rows and relabel them ``target`` (BadNets), re-sign augment and re-run shard."""
+    from cloud_train.ingest.attacks import add_trigger
+
+    out = Path(out_dir)
+    images, labels = read_arrays(_read_stage(out, "augment")[0], "augment")
+    rng = np.random.default_rng(0)
+    pick = rng.choice(np.flatnonzero(labels != target),
+                      max(1, int(rate * len(labels))), replace=False)
+    images, labels = images.copy(), labels.copy()
+    for i in pick:
+        images[i] = add_trigger(images[i])
+    labels[pick] = target
+    _resign_augment(out, keys_dir, images, labels)
+    return TamperResult("insider_backdoor", "augment",
+                        ("augment/images.npy", "augment/labels.npy"),
+                        f"{len(pick)} rows triggered and relabelled {target}, re-signed with "
+                        "the genuine keys")
+
+
+INSIDER: dict[str, Callable[[Path, str | os.PathLike[str]], TamperResult]] = {
+    "insider_feature_shift": insider_feature_shift,
+    "insider_label_swap": insider_label_swap,
+    "insider_backdoor": insider_backdoor,
+}
 
 
 ATTACKS: dict[str, Callable[[Path], TamperResult]] = {
@@ -186,11 +241,48 @@ def run_attack(name: str, clean_dir: str | os.PathLike[str], work_dir: str | os.
     dst = Path(work_dir) / name
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(clean_dir, dst)
-    if name == "insider_feature_shift":
+    if name in INSIDER:
         if keys_dir is None:
-            raise ConfigError("insider_feature_shift needs the stage keys", "pass keys_dir")
-        return insider_feature_shift(dst, keys_dir), dst
+            raise ConfigError(f"{name} needs the stage keys", "pass keys_dir")
+        return INSIDER[name](dst, keys_dir), dst
     if name not in ATTACKS:
         raise ConfigError(f"unknown tampering attack {name!r}",
-                          "choose from: " + ", ".join([*ATTACKS, "insider_feature_shift"]))
+                          "choose from: " + ", ".join([*ATTACKS, *INSIDER]))
     return ATTACKS[name](dst), dst
+
+
+def poison_export(raw_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+                  rate: float = 0.03, target: int = 0, keep_statement: bool = True,
+                  seed: int = 0) -> list[str]:
+    """Copy a gate export to ``out_dir`` and slip in BadNets poison the gate never saw: a
+    triggered copy of ``rate`` of the training images, filed (file and CSV row) under class
+    ``target``. ``keep_statement=False`` also drops the export statement, giving a plain
+    GTSRB folder (the gate-bypass attack). Returns the added files, relative to ``out_dir``."""
+    import cv2
+
+    from cloud_train.gtsrb import _entries, locate_gtsrb
+    from cloud_train.ingest.attacks import add_trigger
+    from cloud_train.ingest.export import EXPORT_FILE
+
+    out = Path(out_dir)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(raw_dir, out)
+    if not keep_statement:
+        (out / EXPORT_FILE).unlink(missing_ok=True)
+    layout = locate_gtsrb(out)
+    entries = [e for e in _entries(layout, "train") if e[2] != target]
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(entries), max(1, round(rate * len(entries))), replace=False)
+    folder = layout.train_dir / f"{target:05d}"  # type: ignore[operator]
+    csv = folder / f"GT-{target:05d}.csv"
+    added = []
+    for k, i in enumerate(sorted(pick)):
+        bgr = cv2.imread(str(entries[i][0]), cv2.IMREAD_COLOR)
+        poisoned = add_trigger(bgr)
+        name = f"99999_{k:05d}.ppm"
+        cv2.imwrite(str(folder / name), poisoned)
+        h, w = poisoned.shape[:2]
+        with open(csv, "a") as f:
+            f.write(f"{name};{w};{h};0;0;{w - 1};{h - 1};{target}\n")
+        added.append((folder / name).relative_to(out).as_posix())
+    return added

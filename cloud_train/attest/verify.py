@@ -1,6 +1,10 @@
 """Verify a pipeline folder before training: hashes, signatures, chain and data drift.
 
-Checks, in order, for each stage (decode, normalise, augment, shard):
+First the gate: ``gate/gate_export.intoto.jsonl`` (the export statement decode read) must be
+signed by the gate key the policy names; a pipeline that does not start at a gate export
+fails. With ``raw_dir`` (the export folder) its files are re-hashed against the statement.
+
+Then, in order, for each stage (decode, normalise, augment, shard):
 
 1. ``<stage>/<stage>.intoto.jsonl`` exists and holds one DSSE envelope whose signature is by
    the key the root-signed policy names for that stage (a re-signed stage fails here);
@@ -8,7 +12,8 @@ Checks, in order, for each stage (decode, normalise, augment, shard):
 3. every subject file exists and its sha256 matches; no unattested file sits in the folder
    (a changed constant, flipped labels, a dropped class or a swapped file fail here);
 4. the chain: the stage's recorded inputs are exactly the previous stage's subjects (names
-   and digests); with ``raw_dir`` the decode inputs are re-hashed too.
+   and digests); decode's are exactly the gate export's files and its statement;
+5. the statement repeats the stage's declaration from ``policy.DECLARED``.
 
 Every file is read once: the bytes hashed are the bytes checked, and the shard stage's
 verified bytes stay in the report (``VerifyReport.files``), from which
@@ -17,7 +22,10 @@ verification is never read.
 
 Then, on the stages whose files verified, the data checks: class lists agree, the recorded
 normalisation constants match the pixels (1%), shard rows equal the augment rows they name,
-every class still has samples, and ``drift.compare`` between consecutive stages.
+every class still has samples, each stage kept what it is declared to keep
+(``invariants``: decode's labels are the gate's, normalise passes its files on, augment is
+replayed from its signed parameters; with ``raw_dir`` decode is replayed too), and
+``drift.compare`` between consecutive stages.
 """
 
 from __future__ import annotations
@@ -32,12 +40,14 @@ from typing import Any
 
 import numpy as np
 
-from cloud_train.attest import drift
-from cloud_train.attest.policy import STAGES, StagePolicy, load_policy
+from cloud_train.attest import drift, invariants
+from cloud_train.attest.policy import DECLARED, GATE, STAGES, StagePolicy, load_policy
 from cloud_train.attest.stages import (
     ATTESTATION_SUFFIX,
+    GATE_DIR,
     attestation_path,
     channel_stats,
+    gate_statement_path,
     load_npz,
     read_arrays,
     training_data_from_bytes,
@@ -64,7 +74,8 @@ class VerifyError(RoadshieldError):
 class Finding:
     stage: str
     file: str
-    check: str  # missing | signature | statement | hash | unattested | chain | data | drift
+    check: str  # missing | signature | statement | hash | unattested | chain | data |
+    #             invariant | drift
     message: str
 
     def __str__(self) -> str:
@@ -86,6 +97,10 @@ class VerifyReport:
     #: the shard stage's file bytes, exactly as hashed ("shard/<file>" -> bytes); empty
     #: unless every shard subject matched its attested digest
     files: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
+    #: each stage's signed parameters, and the gate export's labels by file
+    parameters: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False,
+                                                 compare=False)
+    gate_labels: dict[str, int] | None = field(default=None, repr=False, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -126,8 +141,55 @@ def _unverified_payload(env: dict[str, Any]) -> bytes | None:
         return None
 
 
+def _check_gate(out: Path, policy: StagePolicy, rep: VerifyReport, raw_dir: Path | None
+                ) -> dict[str, str] | None:
+    """The gate export statement decode read: signed by the policy's gate key (and, with
+    ``raw_dir``, matching the export folder's files). Returns what decode's inputs must be:
+    the export's files and the statement itself, by sha256; None if it cannot be trusted."""
+    from cloud_train.ingest.export import EXPORT_FILE, ExportError, read_export
+
+    path = gate_statement_path(out)
+    rel = f"{GATE_DIR}/{path.name}"
+    add = rep.findings.append
+    if not path.is_file() or path.is_symlink():
+        add(Finding(GATE, rel, "missing", "the pipeline does not start at a gate export: run "
+                    "`roadshield data export` and preprocess its folder"))
+        return None
+    try:
+        trusted = policy.trusted(GATE)
+    except RoadshieldError as err:
+        add(Finding(GATE, rel, "signature", str(err).splitlines()[0]))
+        return None
+    folder = path.parent
+    extra = sorted(p.name for p in folder.iterdir() if p.name != path.name)
+    if extra:
+        add(Finding(GATE, f"{GATE_DIR}/{extra[0]}", "unattested",
+                    "only the export statement belongs in the gate folder"))
+    try:
+        export = read_export(folder, trusted)
+    except ExportError as err:
+        add(Finding(GATE, rel, "signature", str(err).splitlines()[0]))
+        return None
+    rep.attestations[rel] = sha256_hex(export.raw)
+    rep.keyids[GATE] = export.keyid
+    rep.gate_labels = export.labels_by_file()
+    if raw_dir is not None:
+        theirs = raw_dir / EXPORT_FILE
+        if not theirs.is_file() or theirs.read_bytes() != export.raw:
+            add(Finding(GATE, str(theirs), "chain", "the raw folder's export statement is not "
+                        "the one decode read"))
+        for name, sha in sorted(export.subjects.items()):
+            f = raw_dir / name
+            got = sha256_hex(f.read_bytes()) if f.is_file() and not f.is_symlink() else "-"
+            if got != sha:
+                add(Finding(GATE, name, "chain", f"raw file in {raw_dir} "
+                            + ("is missing" if got == "-" else f"has sha256 {_short(got)}, "
+                               f"the export statement records {_short(sha)}")))
+    return {**export.subjects, rel: sha256_hex(export.raw)}
+
+
 def _check_stage(out: Path, stage: str, policy: StagePolicy, rep: VerifyReport,
-                 prev: dict[str, str] | None, raw_dir: Path | None
+                 prev: dict[str, str] | None
                  ) -> tuple[dict[str, str] | None, dict[str, bytes] | None]:
     """Checks 1-4 for one stage; returns (subjects, file bytes if every hash matched)."""
     att = attestation_path(out, stage)
@@ -167,6 +229,12 @@ def _check_stage(out: Path, stage: str, policy: StagePolicy, rep: VerifyReport,
     if st["predicate"].get("stage") != stage:
         add(Finding(stage, rel, "statement",
                     f"statement is for stage {st['predicate'].get('stage')!r}"))
+    if st["predicate"].get("invariants") != DECLARED[stage]:
+        add(Finding(stage, rel, "invariant", "statement declares "
+                    f"{st['predicate'].get('invariants')!r}, not the policy's declaration "
+                    f"{DECLARED[stage]!r} for stage {stage}"))
+    params = st["predicate"].get("parameters")
+    rep.parameters[stage] = params if isinstance(params, dict) else {}
     files: dict[str, bytes] | None = {}
     for name, sha in subjects.items():
         parts = name.split("/")
@@ -193,11 +261,8 @@ def _check_stage(out: Path, stage: str, policy: StagePolicy, rep: VerifyReport,
         if name not in subjects and not p.name.endswith(ATTESTATION_SUFFIX):
             add(Finding(stage, name, "unattested", "file is not a subject of the attestation"))
     if prev is not None:
-        _check_chain(stage, inputs, prev, rep)
-    elif stage == STAGES[0] and raw_dir is not None:
-        raw = {n: sha256_hex((raw_dir / n).read_bytes()) if (raw_dir / n).is_file() else "-"
-               for n in inputs}
-        _check_chain(stage, inputs, raw, rep, source=f"raw folder {raw_dir}")
+        _check_chain(stage, inputs, prev, rep,
+                     "the gate export's signed files" if stage == STAGES[0] else "")
     return subjects, files
 
 
@@ -295,6 +360,31 @@ def _data_checks(files: dict[str, dict[str, bytes] | None], rep: VerifyReport,
                 add(Finding(b, f"{b}/ (data passed on from {a})", "drift", res.reason))
 
 
+def _invariant_checks(files: dict[str, dict[str, bytes] | None], rep: VerifyReport,
+                      raw_dir: Path | None) -> None:
+    """Each stage against what ``policy.DECLARED`` lets it change (see ``invariants``)."""
+    def add(stage: str, problems: list[str]) -> None:
+        rep.findings.extend(Finding(stage, f"{stage}/", "invariant", p) for p in problems)
+
+    dec, norm, aug = files.get("decode"), files.get("normalise"), files.get("augment")
+    if dec is not None and rep.gate_labels is not None:
+        add("decode", invariants.check_decode(dec, rep.gate_labels))
+        if raw_dir is not None:
+            from cloud_train.gtsrb import load_gtsrb
+
+            size = int(rep.parameters.get("decode", {}).get("size", 32))
+            try:
+                data = load_gtsrb(raw_dir, "train", size=size, progress=False)
+                names = [p.relative_to(raw_dir).as_posix() for p in data.paths]
+                add("decode", invariants.replay_decode(dec, data.images, names))
+            except (RoadshieldError, ValueError) as err:
+                add("decode", [f"cannot decode the raw export again: {err}"])
+    if dec is not None and norm is not None:
+        add("normalise", invariants.check_passed_on(dec, norm, "decode", "normalise"))
+    if norm is not None and aug is not None:
+        add("augment", invariants.check_augment(norm, aug, rep.parameters.get("augment", {})))
+
+
 def verify_pipeline(out_dir: str | os.PathLike[str], policy: StagePolicy | str | os.PathLike[str],
                     raw_dir: str | os.PathLike[str] | None = None,
                     thresholds: drift.DriftThresholds | None = None) -> VerifyReport:
@@ -307,16 +397,17 @@ def verify_pipeline(out_dir: str | os.PathLike[str], policy: StagePolicy | str |
         policy = load_policy(policy)
     out = Path(out_dir)
     rep = VerifyReport(out)
+    raw = Path(raw_dir) if raw_dir else None
     files: dict[str, dict[str, bytes] | None] = {}
-    prev: dict[str, str] | None = None
-    for i, stage in enumerate(STAGES):
-        subjects, files[stage] = _check_stage(out, stage, policy, rep, prev if i else None,
-                                              Path(raw_dir) if raw_dir else None)
+    prev = _check_gate(out, policy, rep, raw)
+    for stage in STAGES:
+        subjects, files[stage] = _check_stage(out, stage, policy, rep, prev)
         prev = subjects if subjects is not None else {}
         if stage == STAGES[-1] and subjects:
             rep.outputs = subjects
             rep.files = dict(files[stage] or {})
     _data_checks(files, rep, thresholds or drift.DriftThresholds())
+    _invariant_checks(files, rep, raw)
     rep.seconds = time.perf_counter() - t0
     return rep
 

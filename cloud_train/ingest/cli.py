@@ -1,4 +1,5 @@
-"""``roadshield data ingest | sources | quarantine | make-batch`` (handlers import lazily)."""
+"""``roadshield data ingest | sources | quarantine | make-batch | export`` (handlers import
+lazily)."""
 
 from __future__ import annotations
 
@@ -93,6 +94,37 @@ def add_ingest_parsers(data_subparsers: argparse._SubParsersAction) -> None:
     mb.add_argument("--batch-id", required=True)
     mb.add_argument("--limit", type=int, default=0, help="first N images only (0: all)")
     mb.set_defaults(func=cmd_make_batch)
+    _add_export_parser(data_subparsers)
+
+
+def _add_export_parser(data_subparsers: argparse._SubParsersAction) -> None:
+    ex = data_subparsers.add_parser(
+        "export", help="write the gate's accepted samples as a signed export, the only input "
+        "`data preprocess` takes",
+        description="Writes OUT/gtsrb (the accepted and released samples, GTSRB layout) and "
+        "OUT/gate_export.intoto.jsonl (an in-toto statement of every file and the gate's "
+        "decision for every sample, signed by KEYS/gate.key). See cloud_train/ingest/export.py.")
+    ex.add_argument("--store", required=True, help="the gate's store folder")
+    ex.add_argument("--out", required=True, help="a new folder for the export")
+    ex.add_argument("--keys", required=True,
+                    help="the stage keys folder (`roadshield data keys init`) holding gate.key")
+    ex.add_argument("--json", action="store_true")
+    ex.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from cloud_train.attest.policy import GATE, load_stage_key
+    from cloud_train.ingest.export import export_store
+
+    exp = export_store(args.store, args.out, load_stage_key(args.keys, GATE))
+    decisions = Counter(s["decision"] for s in exp.samples)
+    doc = {"out": str(args.out), "samples": len(exp.samples), "files": len(exp.subjects),
+           "decisions": dict(decisions), "keyid": exp.keyid}
+    _print(doc, args.json, f"exported {len(exp.samples)} samples ({dict(decisions)}) to "
+           f"{args.out}, signed by gate key {exp.keyid}")
+    return 0
 
 
 def _print(obj: Any, as_json: bool, text: str) -> None:

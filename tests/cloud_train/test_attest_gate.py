@@ -16,6 +16,7 @@ from cloud_train.attest.training_gate import (
     verify_training_provenance,
 )
 from cloud_train.attest.verify import VerifyError, require_verified, verify_pipeline
+from cloud_train.ingest.export import sign_folder_as_export
 from cloud_train.render import render_dataset
 from roadshield_base.trust import TrustError
 
@@ -34,6 +35,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gate")
     render_dataset(root / "raw", 2, 0, seed=3, progress=False)
     assert _run(["keys", "init", str(root / "keys")]) == 0
+    sign_folder_as_export(root / "raw", load_stage_key(root / "keys", "gate"))
     assert _run(["preprocess", str(root / "raw"), "--out", str(root / "out"),
                  "--keys", str(root / "keys"), "--shards", "2"]) == 0
     return {"root": root, "keys": root / "keys", "out": root / "out"}

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from cloud_train.attest import drift
-from cloud_train.attest.policy import STAGES, load_policy, make_stage_keys
+from cloud_train.attest.policy import STAGES, load_policy, load_stage_key, make_stage_keys
 from cloud_train.attest.stages import attestation_path, load_training_data, run_pipeline
 from cloud_train.attest.statement import PAYLOAD_TYPE, STAGE_PREDICATE, STATEMENT_TYPE
 from cloud_train.attest.verify import VerifyError, require_verified, verify_pipeline
+from cloud_train.ingest.export import sign_folder_as_export
 from cloud_train.render import render_dataset
 from roadshield_base.trust import TrustError, generate_private_key, save_private_key, sha256_hex
 
@@ -23,6 +24,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("attest")
     render_dataset(root / "raw", 3, 0, seed=1, progress=False)
     make_stage_keys(root / "keys")
+    sign_folder_as_export(root / "raw", load_stage_key(root / "keys", "gate"))
     run_pipeline(root / "raw", root / "out", root / "keys", seed=0)
     return {"raw": root / "raw", "keys": root / "keys", "out": root / "out", "root": root}
 
@@ -79,13 +81,13 @@ def test_changed_raw_input_is_caught_when_raw_dir_is_given(world, tmp_path):
     ppm.write_bytes(ppm.read_bytes()[:-1] + b"\x00")
     rep = verify_pipeline(world["out"], world["keys"], raw_dir=raw)
     assert not rep.ok
-    assert any(f.stage == "decode" and f.check == "chain" and f.file.endswith(ppm.name)
+    assert any(f.stage == "gate" and f.check == "chain" and f.file.endswith(ppm.name)
                for f in rep.findings)
 
 
 def test_policy_must_be_signed_by_the_root_key(world, tmp_path):
     pol = load_policy(world["keys"])
-    assert set(pol.keyids) == {*STAGES, "trainer"}
+    assert set(pol.keyids) == {*STAGES, "trainer", "gate"}
     other = generate_private_key()
     save_private_key(other, tmp_path / "other.key")
     with pytest.raises(TrustError, match="no valid signature"):
@@ -149,7 +151,8 @@ def test_a_file_swapped_after_decode_read_it_is_named_by_verify(world, tmp_path,
 
     monkeypatch.setattr(gtsrb, "load_gtsrb", load_then_swap)
     out = tmp_path / "out"
-    decode_stage(raw, out, load_stage_key(world["keys"], "decode"))
+    decode_stage(raw, out, load_stage_key(world["keys"], "decode"),
+                 load_policy(world["keys"]).trusted("gate"))
     monkeypatch.undo()
 
     name = victim.relative_to(raw).as_posix()
@@ -163,7 +166,7 @@ def test_a_file_swapped_after_decode_read_it_is_named_by_verify(world, tmp_path,
     run_pipeline_rest(out, world["keys"])
     rep = verify_pipeline(out, world["keys"], raw_dir=raw)
     assert not rep.ok
-    hits = [f for f in rep.findings if f.stage == "decode" and name in f.file + f.message]
+    hits = [f for f in rep.findings if f.stage == "gate" and name in f.file + f.message]
     assert hits and hits[0].check == "chain", rep.text()
     assert not list(out.glob(".decode-snapshot-*"))  # the scratch copy is gone
 

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from cloud_train.attest.policy import make_stage_keys
+from cloud_train.attest.policy import load_stage_key, make_stage_keys
 from cloud_train.attest.stages import run_pipeline
 from cloud_train.attest.tamper import ATTACKS, run_attack
 from cloud_train.attest.verify import VerifyError, require_verified, verify_pipeline
+from cloud_train.ingest.export import sign_folder_as_export
 from cloud_train.render import render_dataset
 
 # attack -> (stage, file fragment, check) the first finding must name
@@ -27,6 +28,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tamper")
     render_dataset(root / "raw", 3, 0, seed=2, progress=False)
     make_stage_keys(root / "keys")
+    sign_folder_as_export(root / "raw", load_stage_key(root / "keys", "gate"))
     for seed in range(2):
         run_pipeline(root / "raw", root / f"clean{seed}", root / "keys", seed=seed)
     return {"root": root, "keys": root / "keys"}
@@ -59,12 +61,13 @@ def test_hash_mismatch_message_gives_both_digests(world):
     assert "sha256 is" in msg and "attestation records" in msg
 
 
-def test_insider_shift_with_genuine_keys_is_caught_by_the_drift_check(world):
+def test_insider_shift_with_genuine_keys_is_caught_by_replay_and_drift(world):
     _, tampered = run_attack("insider_feature_shift", world["root"] / "clean0",
                              world["root"] / "insider", world["keys"])
     rep = verify_pipeline(tampered, world["keys"])
-    assert [f.check for f in rep.findings] == ["drift"], rep.text()
-    assert rep.findings[0].stage == "augment" and "mean drifted" in rep.findings[0].message
+    assert sorted(f.check for f in rep.findings) == ["drift", "invariant"], rep.text()
+    assert all(f.stage == "augment" for f in rep.findings)
+    assert any("mean drifted" in f.message for f in rep.findings)
 
 
 def test_an_extra_file_in_a_stage_folder_is_reported(world, tmp_path):

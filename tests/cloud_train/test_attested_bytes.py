@@ -12,10 +12,11 @@ import pytest
 import cloud_train.attest.stages as stages
 import cloud_train.attest.verify as verify
 from cloud_train import pipeline
-from cloud_train.attest.policy import make_stage_keys
+from cloud_train.attest.policy import load_stage_key, make_stage_keys
 from cloud_train.attest.stages import run_pipeline
 from cloud_train.attest.tamper import flip_labels_in_shard
 from cloud_train.attest.verify import VerifyError, require_verified
+from cloud_train.ingest.export import sign_folder_as_export
 from cloud_train.render import render_dataset
 from roadshield_base.errors import DatasetError
 
@@ -27,6 +28,7 @@ def attested(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("attested_bytes")
     render_dataset(root / "raw", train_per_class=2, test_per_class=0, progress=False)
     make_stage_keys(root / "keys")
+    sign_folder_as_export(root / "raw", load_stage_key(root / "keys", "gate"))
     run_pipeline(root / "raw", root / "pipe", root / "keys", n_shards=2, progress=False)
     return root / "pipe", root / "keys"
 

@@ -16,7 +16,9 @@ GATE = {"clean_batch", "label_flip_1%", "label_flip_3%", "badnets_trigger_1%", "
         "hidden_frame_jpeg_bomb", "one_png_150_rows", "index_20000_rows",
         "victim_after_batch_id_squat"}
 VERIFY = {"clean_pipeline", "changed_normalisation_constant", "flipped_labels_in_shard",
-          "dropped_class", "swapped_file", "resigned_with_unknown_key", "insider_feature_shift"}
+          "dropped_class", "swapped_file", "resigned_with_unknown_key", "insider_feature_shift",
+          "insider_label_swap", "insider_backdoor", "gate_bypass_unexported_folder",
+          "poison_slipped_into_export"}
 LEAK = {"clean_split", "leak_test_rows_exact", "leak_near_dup_jpeg", "leak_near_dup_shift",
         "leak_near_dup_brightness", "leak_near_dup_rescale", "leak_near_dup_zoom",
         "future_dated"}
@@ -42,7 +44,9 @@ def test_every_attack_and_control_has_a_complete_row(run):
     for r in result["attacks"]:
         assert set(r) == ROW_KEYS, r["attack"]
     assert {rows[a]["defence"] for a in GATE} == {"ingest gate"}
-    assert {rows[a]["defence"] for a in VERIFY} == {"verify"}
+    bypass = {"gate_bypass_unexported_folder", "poison_slipped_into_export"}
+    assert {rows[a]["defence"] for a in VERIFY - bypass} == {"verify"}
+    assert {rows[a]["defence"] for a in bypass} == {"preprocess"}
     assert {rows[a]["defence"] for a in LEAK} == {"check_leakage"}
     assert result["schema"] == R.SCHEMA and result["scale"] == "tiny"
     assert result["sizes"]["batch_per_class"] == R.SCALES["tiny"].batch_per_class
@@ -78,7 +82,8 @@ def test_counts_add_up(run):
 
 def test_tampering_forgery_and_unknown_sources_are_all_detected(run):
     _, result = run
-    hard = [r for r in result["attacks"] if r["group"] in ("forgery", "tampering")]
+    hard = [r for r in result["attacks"]
+            if r["group"] in ("forgery", "tampering", "insider", "gate bypass")]
     assert {r["attack"] for r in hard} == (VERIFY - {"clean_pipeline"}) | {
         "unknown_source", "forged_signature", "replayed_signature", "replayed_batch_id"}
     for r in hard:
@@ -90,6 +95,11 @@ def test_tampering_forgery_and_unknown_sources_are_all_detected(run):
     assert rows["replayed_batch_id"]["first_reason"] == "REPLAYED_BATCH_ID"
     assert "[signature]" in rows["resigned_with_unknown_key"]["first_reason"]
     assert "[drift]" in rows["insider_feature_shift"]["first_reason"]
+    assert "[invariant]" in rows["insider_label_swap"]["first_reason"]
+    assert rows["insider_backdoor"]["details"]["finding_checks"]["invariant"] > 0
+    for name in ("gate_bypass_unexported_folder", "poison_slipped_into_export"):
+        assert rows[name]["details"]["poisoned_files_reaching_training"] == 0
+        assert rows[name]["details"]["poisoned_files"] > 0
 
 
 def test_resource_attacks_are_held_and_stored_once(run):

@@ -7,11 +7,12 @@ import json
 import pytest
 
 from cloud_train import pipeline
-from cloud_train.attest.policy import make_stage_keys
+from cloud_train.attest.policy import load_stage_key, make_stage_keys
 from cloud_train.attest.stages import run_pipeline
 from cloud_train.attest.tamper import change_normalisation_constant
 from cloud_train.attest.training_gate import verify_training_provenance
 from cloud_train.attest.verify import VerifyError
+from cloud_train.ingest.export import sign_folder_as_export
 from cloud_train.render import render_dataset
 
 
@@ -20,6 +21,7 @@ def attested(tmp_path):
     render_dataset(tmp_path / "raw", train_per_class=4, test_per_class=1, progress=False)
     keys = tmp_path / "keys"
     make_stage_keys(keys)
+    sign_folder_as_export(tmp_path / "raw", load_stage_key(keys, "gate"))
     run_pipeline(tmp_path / "raw", tmp_path / "pipe", keys, n_shards=2)
     return tmp_path / "pipe", keys
 
