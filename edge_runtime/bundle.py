@@ -264,3 +264,19 @@ def verify_bundle(root: str | os.PathLike[str], trust_key: str | os.PathLike[str
                          "rebuild the bundle with this version of roadshield")
     return VerifiedBundle(root=root, files=files, metadata=metadata, root_digest=root_digest,
                           key_hint=public_key_hint(key), digests=digests)
+
+
+def bundle_model(root: str | os.PathLike[str], trust_key: str | os.PathLike[str] | Any,
+                 role: str = "model") -> tuple[Any, dict[str, Any]]:
+    """Verify ``root`` and return its ``role`` model as the verified bytes (a ``ModelBytes``,
+    which the runners load without reopening the file) and what vouched for it (the loop
+    report's ``model_trust``)."""
+    from edge_runtime.runners.base import ModelBytes
+
+    bundle = verify_bundle(root, trust_key)
+    name = bundle.model_name(role)
+    model = ModelBytes(bundle.root / name, bundle.model_bytes(role),
+                       origin=f"bundle {bundle.root} (key {bundle.key_hint[:16]})")
+    return model, {"signed": True, "bundle": str(bundle.root), "model": name,
+                   "sha256": model.sha256, "root_digest": bundle.root_digest,
+                   "key_hint": bundle.key_hint}

@@ -162,18 +162,13 @@ def _model_to_run(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             raise ConfigError(f"--bundle {args.bundle} needs --trust-key",
                               "pass the publisher's bundle.pub: a bundle is run only once "
                               "its signature checks out")
-        from edge_runtime.bundle import verify_bundle
-        from edge_runtime.runners.base import ModelBytes
+        from edge_runtime.bundle import bundle_model
 
-        bundle = verify_bundle(args.bundle, args.trust_key)
-        name = bundle.model_name(args.bundle_model)
-        model = ModelBytes(bundle.root / name, bundle.model_bytes(args.bundle_model),
-                           origin=f"bundle {bundle.root} (key {bundle.key_hint[:16]})")
+        model, trust = bundle_model(args.bundle, args.trust_key, args.bundle_model)
         log.info("bundle %s verified: signed by key %s, root digest %s; running %s",
-                 bundle.root, bundle.key_hint[:16], bundle.root_digest[:16], name)
-        return model, {"signed": True, "bundle": str(bundle.root), "model": name,
-                       "sha256": model.sha256, "root_digest": bundle.root_digest,
-                       "key_hint": bundle.key_hint}
+                 trust["bundle"], trust["key_hint"][:16], trust["root_digest"][:16],
+                 trust["model"])
+        return model, trust
     if args.trust_key:
         raise ConfigError("--trust-key checks a --bundle, not a bare --model file",
                           "sign the model into a bundle with `roadshield distill bundle`")

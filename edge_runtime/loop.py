@@ -48,6 +48,7 @@ from .policy import UNKNOWN, Observation, Policy, Prediction
 from .runners.base import BaseRunner, named_array
 from .sanitize import SanitizeChain
 from .scoring import TruthScorer
+from .sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,13 @@ def _stats(samples: list[float]) -> dict[str, float]:
     return {"count": int(arr.size), "median_ms": round(float(np.median(arr)), 4),
             "p95_ms": round(float(np.percentile(arr, 95)), 4),
             "mean_ms": round(float(arr.mean()), 4)}
+
+
+def _status_line(report: LoopReport, elapsed_s: float) -> str:
+    """The unit's one-line STATUS= while the loop runs."""
+    fps = report.frames / elapsed_s if elapsed_s > 0 else 0.0
+    return (f"{report.frames} frames, {fps:.1f} fps, {report.commands_sent} commands, "
+            f"runner {report.runner}")
 
 
 def own(stack: ExitStack, what: str, close: Callable[[], object]) -> None:
@@ -424,7 +432,11 @@ class EdgeLoop:
         total = getattr(self.source, "frame_count", None)
         if max_frames is not None:
             total = min(total, max_frames) if total else max_frames
-        bar = tqdm(total=total, disable=not progress, unit="frame", desc="edge loop")
+        # systemd (Type=notify): READY after the first frame, the watchdog fed every frame,
+        # STOPPING on the way out; under it STATUS= replaces the progress bar
+        notify = Notifier.from_env()
+        bar = tqdm(total=total, disable=not progress or notify.enabled, unit="frame",
+                   desc="edge loop")
         start = time.perf_counter()
         try:
             if not self.runner.is_active:
@@ -450,6 +462,10 @@ class EdgeLoop:
                 times["frame"].append((time.perf_counter() - t0) * 1e3)
                 self._export_frame(times, mark, report.frames)
                 bar.update(1)
+                if report.frames == 1:
+                    notify.ready(f"first frame done; running on {report.runner}")
+                else:
+                    notify.tick(lambda: _status_line(report, time.perf_counter() - start))
         except BaseException as exc:  # KeyboardInterrupt too: brake first, then propagate
             first_line = (str(exc).splitlines() or [""])[0]
             report.interrupted = f"{type(exc).__name__}: {first_line}".rstrip(": ")
@@ -460,6 +476,9 @@ class EdgeLoop:
             raise
         finally:
             bar.close()
+            notify.stopping(f"stopping after {report.frames} frames"
+                            + (f": {report.interrupted}" if report.interrupted else ""))
+            notify.close()
             if log_fh is not None and log_fh is not self._log_stream:
                 log_fh.close()
             if activated:

@@ -1,9 +1,12 @@
 """``roadshield demo``: the whole chain on this machine's CPU, written under ``runs/<id>/``.
 
 synthetic data -> the car's model -> clean / FGSM / PGD evaluation -> ONNX export (checked
-against torch) -> the defended stack's model (trained with PatchCleanser's masks) -> a
-printable adversarial sticker optimised on the car's model -> the edge loop, undefended
-and defended, on a clean drive and past stickered stop signs -> ``summary.json``,
+against torch) -> the defended stack's model (trained with PatchCleanser's masks) -> the
+Jetson student distilled from the car's model, quantised to INT8 and signed into
+``bundle/`` (trusted key ``bundle.pub``) -> a printable adversarial sticker optimised on the
+car's model -> the edge loop, undefended and defended, on a clean drive and past stickered
+stop signs, and the student run from the verified bundle on the clean drive ->
+``summary.json``,
 ``summary.png``, a side-by-side ``edge.mp4`` and a printed table. ``runs/latest`` moves to
 the new run only once everything has succeeded.
 
@@ -27,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from cloud_train import pipeline
+from distill.jetson_bundle import student_bundle
 from roadshield.report import format_demo_summary, plot_demo
 from roadshield.runs import staged_run
 from roadshield_base.errors import ConfigError
@@ -53,6 +57,9 @@ class Profile:
     defended_mask_double_rate: float = 0.25
     arch: str = "signnet"
     defence: str = "patchcleanser:share=0.1,k=6"
+    student_arch: str = "signnet_mobile"  # the Jetson student, distilled from the car's model
+    student_method: str = "kd"
+    student_epochs: int = 10
 
 
 PROFILES = {
@@ -63,9 +70,9 @@ PROFILES = {
     # the end-to-end test: the same chain, small enough for seconds
     "tiny": Profile(train_per_class=24, test_per_class=6, epochs=2, pgd_steps=3,
                     edge_frames=40, sticker_frames=40, defended_epochs=1, sticker_steps=3,
-                    sticker_positions=1, sticker_pool=6),
+                    sticker_positions=1, sticker_pool=6, student_epochs=1),
 }
-STEPS = 7
+STEPS = 8
 # the README's two-core CPU; a fixed count, so a bigger machine computes the same sums
 DEMO_THREADS = 2
 
@@ -179,7 +186,15 @@ def _run_demo(profile_name: str, runs_dir: str | Path, seed: int, progress: bool
         defended_onnx = pipeline.export_checkpoint(defended.checkpoint, run / "defended.onnx",
                                                    expected_sha256=defended.sha256, seed=seed)
 
-        _step(f"6/{STEPS} optimising a printable sticker: {SIGN} -> {TARGET} "
+        _step(f"6/{STEPS} the Jetson student: {prof.student_arch} distilled "
+              f"({prof.student_method}) from the car's model, {prof.student_epochs} epochs; "
+              "INT8; the signed bundle")
+        student = student_bundle(run, run / "data", trained.checkpoint, trained.sha256,
+                                 arch=prof.student_arch, method=prof.student_method,
+                                 epochs=prof.student_epochs, pgd_steps=prof.pgd_steps,
+                                 seed=seed, progress=progress)
+
+        _step(f"7/{STEPS} optimising a printable sticker: {SIGN} -> {TARGET} "
               "(white-box on the car's model, over the camera's views)")
         sticker = pipeline.optimise_sticker_files(
             trained.checkpoint, run / "sticker", sign=SIGN, target=TARGET, seed=seed,
@@ -187,8 +202,8 @@ def _run_demo(profile_name: str, runs_dir: str | Path, seed: int, progress: bool
             positions=prof.sticker_positions, pool=prof.sticker_pool,
             eval_pool=max(8, prof.sticker_pool * 2 // 3), search_steps=min(30, prof.sticker_steps))
 
-        _step(f"7/{STEPS} driving: a clean road and stickered stop signs, undefended and "
-              f"defended ({actuator} actuator)")
+        _step(f"8/{STEPS} driving: a clean road and stickered stop signs, undefended and "
+              f"defended, and the student from its verified bundle ({actuator} actuator)")
         stacks = [DemoStack("undefended", "undefended", exported.onnx),
                   DemoStack("defended", f"defended: {prof.defended_trainer} + "
                             f"{prof.defence.split(':')[0]}", defended_onnx.onnx, prof.defence)]
@@ -197,6 +212,7 @@ def _run_demo(profile_name: str, runs_dir: str | Path, seed: int, progress: bool
                             actuator_factory=lambda: demo_actuator(actuator), progress=progress)
         side_by_side(run / "edge-undefended-stickered.mp4", run / "edge-defended-stickered.mp4",
                      run / "edge.mp4", (stacks[0].title, stacks[1].title))
+        student["drive"] = bundle_drive(run, sources["clean"], actuator, progress)
         edge = drives["undefended"]["clean"]
         summary = {
             "run_dir": str(Path(runs_dir) / run.name.removeprefix(".").removesuffix(".partial")),
@@ -219,6 +235,7 @@ def _run_demo(profile_name: str, runs_dir: str | Path, seed: int, progress: bool
                        "defended_onnx": "defended.onnx",
                        "defended_parity_max_abs": defended_onnx.parity_max_abs},
             "sticker": {"sign": SIGN, "target": TARGET, "folder": "sticker", **sticker},
+            "student": student,
             "defence": prof.defence,
             "clean_acc": evaluation["clean_acc"],
             "fgsm_acc": evaluation["fgsm_acc"],
@@ -238,9 +255,22 @@ def _run_demo(profile_name: str, runs_dir: str | Path, seed: int, progress: bool
     print()
     print(format_demo_summary(summary))
     print(f"\nwrote {summary['run_dir']}/ (summary.json, summary.png, edge.mp4, sticker/, "
-          "model.onnx, defended.onnx, decisions*.jsonl, data/gtsrb) and pointed runs/latest "
-          "at it")
+          "model.onnx, defended.onnx, bundle/ and bundle.pub, decisions*.jsonl, data/gtsrb) "
+          "and pointed runs/latest at it")
     return summary
+
+
+def bundle_drive(run: Path, source: str, actuator: str, progress: bool) -> dict[str, Any]:
+    """The student's INT8 model, as the Jetson runs it, on ``source``: loaded from the bundle
+    only after its signature checks out against ``bundle.pub``, from the verified bytes."""
+    from edge_runtime.bundle import bundle_model
+
+    model, trust = bundle_model(run / "bundle", run / "bundle.pub", "int8")
+    with demo_actuator(actuator) as (act, keepalive_s):
+        rep = pipeline.run_edge(model, source, decision_log=run / "decisions-student-clean.jsonl",
+                                actuator=act, keepalive_s=keepalive_s, progress=progress)
+    rep.model_trust = trust
+    return rep.to_dict()
 
 
 def _sticker_bar(steps: int, progress: bool) -> Any:

@@ -53,6 +53,29 @@ def compare_rows(summary: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+def _student_rows(student: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The Jetson student, its INT8 model and the signed bundle it was run from."""
+    if not student:
+        return []
+    ev, q, b = student["evaluation"], student["int8"], student["bundle"]
+    rows = [("Jetson student", f"{student['arch']} by {student['method']} from the car's "
+                               f"model, {student['epochs']} epochs: {student['macs_ratio']:.0%} "
+                               f"of its multiply-adds, {student['params']:,} parameters"),
+            ("student accuracy: clean / PGD", f"{pct(ev['clean_acc'])} / {pct(ev['pgd_acc'])}"),
+            ("student INT8 vs float", f"{pct(q['int8_accuracy'])} vs {pct(q['float_accuracy'])}"
+                                      f", top-1 agreement {pct(q['top1_agreement'])}, "
+                                      f"{q['int8_bytes'] / 1024:.0f} KB")]
+    drive = student.get("drive")
+    if drive:
+        truth = drive.get("truth") or {}
+        rows.append(("signed bundle", f"{b['dir']}/ verified against {b['trust_key']} in "
+                                      f"{b['verify_ms']:.1f} ms; its INT8 student on the clean "
+                                      f"drive: {pct(truth['clean']['accuracy'])} sign accuracy, "
+                                      f"{truth['encounters_right']} of {truth['encounters']} "
+                                      "encounters right"))
+    return rows
+
+
 def format_demo_summary(summary: dict[str, Any]) -> str:
     ev = summary["evaluation"]
     eps = ev["eps"] * 255
@@ -74,6 +97,7 @@ def format_demo_summary(summary: dict[str, Any]) -> str:
                          f"{st['config']['area']:.0%} of the face, {st['seconds']:.0f} s"),
              ("sticker on held-out views", f"{pct(st['success'])} read as {st['target']} "
                                            f"(without it: {pct(st['clean_success'])})"),
+             *_student_rows(summary.get("student")),
              ("backend", summary.get("backend", "")),
              ("actuator", summary.get("actuator", "recording")),
              ("wall time", f"{summary['wall_s']:.0f} s")]

@@ -90,7 +90,7 @@ def select_providers(requested: Sequence[str] | None, available: Sequence[str]) 
 
 
 def trt_cache_dir(model_path: str | os.PathLike[str]) -> Path:
-    """Where the TensorRT EP keeps engines and timing caches: beside the model."""
+    """Where the TensorRT EP keeps its timing cache: beside the model."""
     path = Path(model_path)
     return path.parent / f"{path.stem}.ort_trt_cache"
 
@@ -99,31 +99,36 @@ def provider_options(provider: str, model_path: str | os.PathLike[str], device_i
                      fp16: bool = True) -> dict[str, Any]:
     """onnxruntime options for one execution provider (empty for CPU and others).
 
-    TensorRT: FP16 kernels allowed, engine and timing caches beside the model so a
-    restart does not rebuild the engine (minutes on a Jetson), 1 GiB workspace
-    (the Orin Nano shares 8 GB between CPU and GPU). CUDA: the device id.
+    TensorRT: FP16 kernels allowed, the timing cache beside the model (kernel timings make
+    a rebuild faster), no engine cache, 1 GiB workspace (the Orin Nano shares 8 GB between
+    CPU and GPU). CUDA: the device id.
     """
     if provider == TENSORRT_EP:
         cache = str(trt_cache_dir(model_path))
+        # The engine cache stays off: ONNX Runtime would deserialize whatever engine file
+        # it finds there, with no way to check it against what the bundle signed or what
+        # this device built. Cached engines come from the tensorrt backend instead, which
+        # loads only those in the device's own index, digest-checked
+        # (edge_runtime.engine_cache).
         return {"device_id": device_id, "trt_fp16_enable": fp16,
-                "trt_max_workspace_size": 1 << 30,
-                "trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
+                "trt_max_workspace_size": 1 << 30, "trt_engine_cache_enable": False,
                 "trt_timing_cache_enable": True, "trt_timing_cache_path": cache}
     if provider == CUDA_EP:
         return {"device_id": device_id}
     return {}
 
 
-def _prepare_trt_cache(entries: list[ProviderEntry], model_path: Path) -> list[ProviderEntry]:
+def _prepare_trt_cache(entries: list[ProviderEntry]) -> list[ProviderEntry]:
     """Create the TensorRT cache folder, or run without caches when it cannot exist."""
     prepared: list[ProviderEntry] = []
     for name, options in entries:
-        if name == TENSORRT_EP and options.get("trt_engine_cache_enable"):
+        if name == TENSORRT_EP and options.get("trt_timing_cache_enable"):
+            folder = Path(options["trt_timing_cache_path"])
             try:
-                trt_cache_dir(model_path).mkdir(parents=True, exist_ok=True)
+                folder.mkdir(parents=True, exist_ok=True)
             except OSError as err:
-                log.warning("cannot create TensorRT cache %s (%s); engines will be rebuilt "
-                            "on every start", trt_cache_dir(model_path), err)
+                log.warning("cannot create TensorRT cache %s (%s); kernels will be timed "
+                            "again on every start", folder, err)
                 options = {k: v for k, v in options.items()
                            if not k.startswith(("trt_engine_cache", "trt_timing_cache"))}
         prepared.append((name, options))
@@ -172,7 +177,14 @@ class OnnxRuntimeRunner(BaseRunner):
 
     def provider_entries(self) -> list[ProviderEntry]:
         """``(provider, options)`` pairs handed to ``InferenceSession``."""
-        return [(p, provider_options(p, self.model_path, self.device_id, self.fp16))
+        where = self.model_path
+        if self._bytes is not None:
+            # a verified bundle stays exactly as signed: a cache folder inside it would make
+            # its next check refuse it, so its timing cache lives in the device's cache
+            from edge_runtime.engine_cache import EngineCache
+
+            where = EngineCache.from_env().root / "ort-timing" / f"{self._bytes.sha256[:16]}.onnx"
+        return [(p, provider_options(p, where, self.device_id, self.fp16))
                 for p in self.providers]
 
     @property
@@ -214,7 +226,7 @@ class OnnxRuntimeRunner(BaseRunner):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.intra_op_threads is not None:
             options.intra_op_num_threads = self.intra_op_threads
-        entries = _prepare_trt_cache(self.provider_entries(), self.model_path)
+        entries = _prepare_trt_cache(self.provider_entries())
         try:
             model = self._bytes.data if self._bytes else str(self.model_path)
             session = ort.InferenceSession(model, sess_options=options,

@@ -127,19 +127,21 @@ def create_runner(name: str, model_path: Any, **kwargs: Any) -> BaseRunner:
 
     name: a registered backend or "auto" (best usable backend for the file's suffix).
     model_path: the model file; the "torch" backend also takes an ``nn.Module``, and
-        "onnxruntime" (or "auto") a ``ModelBytes`` (a verified bundle's model in memory).
+        "onnxruntime" (or "auto") a ``ModelBytes`` (a verified bundle's model in memory);
+        "tensorrt" takes one too and runs the engine this device built from it
+        (``edge_runtime.engine_cache``).
     kwargs: passed to the backend's constructor.
     Raises ``ConfigError`` for an unknown name or a file the backend does not load,
     ``BackendUnavailableError`` when no backend can run here.
     """
     in_memory = model_path if isinstance(model_path, ModelBytes) else None
     if in_memory is not None:
-        if name not in ("auto", "onnxruntime"):
+        if name not in ("auto", "onnxruntime", "tensorrt"):
             raise ConfigError(f"backend {name!r} cannot load a model from memory "
                               f"({in_memory.path}, {in_memory.origin})",
                               "a signed bundle carries ONNX models: run it with onnxruntime "
-                              "(or build a TensorRT engine on the device from its model)")
-        name = "onnxruntime"
+                              "or tensorrt (the engine this device built from it)")
+        name = "tensorrt" if name == "tensorrt" else "onnxruntime"
     if name == "auto":
         if not isinstance(model_path, (str, os.PathLike)):
             raise ConfigError(f"backend 'auto' needs a model file, got "
@@ -151,7 +153,9 @@ def create_runner(name: str, model_path: Any, **kwargs: Any) -> BaseRunner:
                  Path(model_path).name, name, avail.detail, others)
     entry = _entry(name)
     checked = in_memory.path if in_memory is not None else model_path
-    if isinstance(checked, (str, os.PathLike)) and entry.suffixes:
+    # a bundle's ONNX is what the tensorrt backend looks its cached engine up by
+    if isinstance(checked, (str, os.PathLike)) and entry.suffixes and \
+            not (in_memory is not None and name == "tensorrt"):
         suffix = Path(checked).suffix.lower()
         if suffix not in entry.suffixes:
             loaders = [e.name for e in _RUNNERS.values() if suffix in e.suffixes]

@@ -19,6 +19,14 @@ fills on ``stream`` (see ``edge_runtime.sanitize_cuda``); any other device point
 bound for that call only, and must be written before the call (on ``stream`` or
 synchronised).
 
+A verified bundle's model (``ModelBytes``: ONNX bytes whose signature checked out) runs
+as the engine this device built from it: ``activate`` asks the device's engine cache
+(``edge_runtime.engine_cache``) for the engine keyed by that model's sha256, this
+TensorRT version and this GPU. The cache returns the engine only when its own index lists
+it and the bytes match the digest recorded at the build; those same bytes are
+deserialized. An engine file given by path is checked against its sidecar the same way:
+the bytes hashed are the bytes deserialized.
+
 ``tensorrt`` is imported when a runner is built, so this module loads anywhere.
 """
 
@@ -43,8 +51,9 @@ from roadshield_base.errors import (
     RoadshieldError,
 )
 
+from ..engine_cache import EngineCache, EngineKey
 from ..model_info import ModelInfo, TensorSpec, check_feed
-from .base import BaseRunner, RunnerStateError
+from .base import BaseRunner, ModelBytes, RunnerStateError
 from .engine_meta import REBUILD_HINT, EngineInfo, check_engine, engine_model_info, read_sidecar
 
 if TYPE_CHECKING:
@@ -97,7 +106,10 @@ class TensorRTRunner(BaseRunner):
     """Run a serialized TensorRT engine (``.engine`` / ``.plan``) with its sidecar.
 
     engine_path: the engine; ``<engine>.json`` beside it must describe it (see
-        ``engine_meta``) unless ``verify=False``.
+        ``engine_meta``) unless ``verify=False``. Or a verified bundle's ONNX model
+        (``ModelBytes``): the engine this device built from it is loaded from
+        ``engine_cache`` (an ``EngineCache`` or its folder; None: ``$ROADSHIELD_ENGINE_CACHE``
+        or /var/lib/roadshield/engines), always verified.
     launcher: the CUDA launcher to allocate on (shared with the sanitize kernels);
         None creates one with ``binding`` / ``device`` on ``activate`` and closes it
         on ``deactivate``.
@@ -107,15 +119,31 @@ class TensorRTRunner(BaseRunner):
 
     name = "tensorrt"
 
-    def __init__(self, engine_path: str | os.PathLike[str], *,
+    def __init__(self, engine_path: str | os.PathLike[str] | ModelBytes, *,
                  launcher: KernelLauncher | None = None, binding: str | None = None,
-                 device: int = 0, verify: bool = True) -> None:
+                 device: int = 0, verify: bool = True,
+                 engine_cache: EngineCache | str | os.PathLike[str] | None = None) -> None:
         super().__init__()
-        self.engine_path = Path(engine_path)
         import_tensorrt()
-        if not self.engine_path.is_file():
-            raise ModelLoadError(f"TensorRT engine {self.engine_path} does not exist",
-                                 f"check the path, or {REBUILD_HINT}")
+        self._model: ModelBytes | None = None
+        self._cache: EngineCache | None = None
+        if isinstance(engine_path, ModelBytes):
+            self._model = engine_path
+            if not verify:
+                raise ConfigError("verify=False does not apply to a bundle's model",
+                                  "an engine from the device's cache is always checked")
+            self._cache = (engine_cache if isinstance(engine_cache, EngineCache)
+                           else EngineCache.from_env() if engine_cache is None
+                           else EngineCache(engine_cache))
+            self.engine_path = engine_path.path  # the cached engine's path once active
+        else:
+            if engine_cache is not None:
+                raise ConfigError("engine_cache applies to a bundle's model (ModelBytes)",
+                                  "pass the verified model, or drop engine_cache")
+            self.engine_path = Path(engine_path)
+            if not self.engine_path.is_file():
+                raise ModelLoadError(f"TensorRT engine {self.engine_path} does not exist",
+                                     f"check the path, or {REBUILD_HINT}")
         self.binding = binding
         self.device = device
         self.verify = verify
@@ -213,18 +241,8 @@ class TensorRTRunner(BaseRunner):
             self._launcher, self._owns_launcher = create_launcher(self.binding, self.device), True
         launcher = self._launcher
         try:
-            data = self.engine_path.read_bytes()
-        except OSError as err:
-            raise ModelLoadError(f"cannot read TensorRT engine {self.engine_path}: {err}",
-                                 "check the path and its permissions") from err
-        try:
-            if self.verify:
-                sidecar = read_sidecar(self.engine_path)
-                check_engine(self.engine_path, sidecar,
-                             tensorrt_version=trt.__version__, gpu_name=launcher.device_name(),
-                             compute_capability=launcher.compute_capability(),
-                             engine_sha256=hashlib.sha256(data).hexdigest())
-                self._sidecar = sidecar
+            # the bytes checked here are the bytes deserialized: nothing is reopened
+            data = self._checked_engine_bytes(trt.__version__, launcher)
             self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
             engine = self._runtime.deserialize_cuda_engine(data)
             if engine is None:
@@ -246,6 +264,28 @@ class TensorRTRunner(BaseRunner):
                  self.engine_path.name, launcher.device_name(),
                  {t.name: t.max_shape for t in self._tensors.values() if t.is_input},
                  {t.name: t.max_shape for t in self._tensors.values() if not t.is_input})
+
+    def _checked_engine_bytes(self, tensorrt_version: str, launcher: KernelLauncher) -> bytes:
+        """The engine's bytes, once they passed their checks (see the module docstring)."""
+        if self._model is not None and self._cache is not None:
+            key = EngineKey(tensorrt_version, launcher.device_name(),
+                            launcher.compute_capability(), self._model.sha256)
+            data, self._sidecar = self._cache.load(key)
+            self.engine_path = self._cache.engine_path(key)
+            return data
+        try:
+            data = self.engine_path.read_bytes()
+        except OSError as err:
+            raise ModelLoadError(f"cannot read TensorRT engine {self.engine_path}: {err}",
+                                 "check the path and its permissions") from err
+        if self.verify:
+            sidecar = read_sidecar(self.engine_path)
+            check_engine(self.engine_path, sidecar, tensorrt_version=tensorrt_version,
+                         gpu_name=launcher.device_name(),
+                         compute_capability=launcher.compute_capability(),
+                         engine_sha256=hashlib.sha256(data).hexdigest())
+            self._sidecar = sidecar
+        return data
 
     def _bind_tensors(self, engine: trt.ICudaEngine, context: trt.IExecutionContext,
                       launcher: KernelLauncher) -> None:

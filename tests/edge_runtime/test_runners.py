@@ -140,8 +140,10 @@ def test_provider_options_put_the_trt_cache_beside_the_model(monkeypatch: pytest
     monkeypatch.setattr(ort, "get_available_providers", lambda: [TENSORRT_EP, CUDA_EP, CPU_EP])
     entries = dict(OnnxRuntimeRunner(tiny_onnx, device_id=1).provider_entries())
     trt = entries[TENSORRT_EP]
-    assert trt["trt_fp16_enable"] is True and trt["trt_engine_cache_enable"] is True
-    assert Path(trt["trt_engine_cache_path"]) == tiny_onnx.parent / "tiny.ort_trt_cache"
+    # no engine cache: ONNX Runtime would load any engine file found there unchecked
+    assert trt["trt_fp16_enable"] is True and trt["trt_engine_cache_enable"] is False
+    assert "trt_engine_cache_path" not in trt
+    assert Path(trt["trt_timing_cache_path"]) == tiny_onnx.parent / "tiny.ort_trt_cache"
     assert trt["device_id"] == 1 and entries[CUDA_EP] == {"device_id": 1}
     assert entries[CPU_EP] == {}
 
@@ -150,12 +152,26 @@ def test_trt_cache_is_dropped_when_it_cannot_be_created(tmp_path: Path,
                                                         caplog: pytest.LogCaptureFixture) -> None:
     model = tmp_path / "m.onnx"
     trt_cache_dir(model).write_text("a file where the cache folder should go")
-    entries = [(TENSORRT_EP, {"trt_engine_cache_enable": True, "trt_engine_cache_path": "x",
-                              "trt_timing_cache_enable": True, "trt_fp16_enable": True})]
+    entries = [(TENSORRT_EP, {"trt_engine_cache_enable": False,
+                              "trt_timing_cache_enable": True, "trt_fp16_enable": True,
+                              "trt_timing_cache_path": str(trt_cache_dir(model))})]
     with caplog.at_level(logging.WARNING):
-        (name, options), = _prepare_trt_cache(entries, model)
+        (name, options), = _prepare_trt_cache(entries)
     assert options == {"trt_fp16_enable": True}
-    assert "rebuilt" in caplog.text
+    assert "timed again" in caplog.text
+
+
+def test_a_bundles_timing_cache_stays_out_of_the_signed_folder(
+        monkeypatch: pytest.MonkeyPatch, tiny_onnx: Path, tmp_path: Path) -> None:
+    from edge_runtime.runners.base import ModelBytes
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [TENSORRT_EP, CPU_EP])
+    monkeypatch.setenv("ROADSHIELD_ENGINE_CACHE", str(tmp_path / "engines"))
+    model = ModelBytes(tmp_path / "bundle" / "model.onnx", tiny_onnx.read_bytes(), "test")
+    trt = dict(OnnxRuntimeRunner(model).provider_entries())[TENSORRT_EP]
+    where = Path(trt["trt_timing_cache_path"])
+    assert where.parent == tmp_path / "engines" / "ort-timing"
+    assert where.name == f"{model.sha256[:16]}.ort_trt_cache"
 
 
 def test_provider_aliases_and_unavailable_requests() -> None:

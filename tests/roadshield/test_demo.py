@@ -43,6 +43,44 @@ def test_demo_writes_a_complete_run_behind_latest(demo_run):
     assert on_disk["drives"]["undefended"]["clean"]["defence"] == ""
 
 
+def test_the_student_is_signed_into_the_bundle_and_run_from_its_verified_bytes(demo_run):
+    import shutil
+    import subprocess
+    import sys
+
+    from edge_runtime.bundle import verify_bundle
+    from roadshield_base.fileio import file_sha256
+
+    runs, summary = demo_run
+    latest = runs / "latest"
+    st = summary["student"]
+    assert (latest / "bundle" / "model.sig").is_file() and (latest / "bundle.pub").is_file()
+    bundle = verify_bundle(latest / "bundle", latest / "bundle.pub")
+    assert bundle.files["model.onnx"] == (latest / "student.onnx").read_bytes()
+    assert bundle.files["model.int8.onnx"] == (latest / "student.int8.onnx").read_bytes()
+    trust = st["drive"]["model_trust"]
+    assert trust["signed"] and trust["model"] == "model.int8.onnx"
+    assert trust["sha256"] == file_sha256(latest / "bundle" / "model.int8.onnx")
+    assert st["drive"]["frames"] == 40 and 0 < st["macs_ratio"] <= 0.25
+    # the upstream verifier accepts the very bundle the demo's edge step ran from
+    out = subprocess.run([sys.executable, "-m", "model_signing", "verify", "key",
+                          str(latest / "bundle"), "--signature",
+                          str(latest / "bundle" / "model.sig"), "--public_key",
+                          str(latest / "bundle.pub")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    # one flipped byte and the bundle no longer runs
+    bad = runs / "bad-bundle"
+    shutil.copytree(latest / "bundle", bad)
+    data = bytearray((bad / "model.int8.onnx").read_bytes())
+    data[len(data) // 2] ^= 1
+    (bad / "model.int8.onnx").write_bytes(bytes(data))
+    from roadshield_base.trust import TrustError
+
+    with pytest.raises(TrustError):
+        verify_bundle(bad, latest / "bundle.pub")
+
+
 def test_the_side_by_side_video_shows_both_stacks_frame_for_frame(demo_run):
     import cv2
 
