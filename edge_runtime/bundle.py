@@ -132,11 +132,22 @@ def _read_signature(root: Path) -> dict[str, Any]:
     return bundle
 
 
+def _strict_b64(text: str) -> bytes:
+    """Base64 that decodes only from its one canonical spelling (a changed padding bit or a
+    second spelling of the same bytes is refused)."""
+    data = base64.b64decode(text, validate=True)
+    if base64.b64encode(data).decode() != text:
+        raise ValueError("not canonical base64")
+    return data
+
+
 def _verified_statement(bundle: dict[str, Any], public_key: Any, where: Path) -> dict[str, Any]:
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    hint = ((bundle.get("verificationMaterial") or {}).get("publicKey") or {}).get("hint", "")
+    material = bundle.get("verificationMaterial")
+    hint = ((material or {}).get("publicKey") or {}).get("hint", "") \
+        if isinstance(material, dict) else ""
     if hint and hint != public_key_hint(public_key):
         raise TrustError(f"{where} was signed by another key (key hint {hint[:16]}...)",
                          "pass the public key of whoever signed it with --trust-key; a "
@@ -144,9 +155,21 @@ def _verified_statement(bundle: dict[str, Any], public_key: Any, where: Path) ->
     env = bundle.get("dsseEnvelope")
     if not isinstance(env, dict) or env.get("payloadType") != IN_TOTO_PAYLOAD_TYPE:
         raise TrustError(f"{where} holds no in-toto DSSE envelope", _SIGN_HINT)
+    # the parts the signature does not cover must be exactly what key mode writes, so no
+    # byte of the file can change unnoticed
+    sig_entries = env.get("signatures")
+    if set(bundle) != {"mediaType", "verificationMaterial", "dsseEnvelope"} or \
+            material != {"publicKey": {"hint": public_key_hint(public_key)},
+                         "tlogEntries": []} or \
+            set(env) != {"payload", "payloadType", "signatures"} or \
+            not isinstance(sig_entries, list) or not sig_entries or \
+            any(not isinstance(e, dict) or set(e) - {"sig", "keyid"} or
+                e.get("keyid", "") != "" for e in sig_entries):
+        raise TrustError(f"{where}'s {SIGNATURE_FILE} is not in the shape model-signing's "
+                         "key mode writes (a field was added, removed or renamed)", _SIGN_HINT)
     try:
-        payload = base64.b64decode(env["payload"], validate=True)
-        sigs = [base64.b64decode(s["sig"], validate=True) for s in env["signatures"]]
+        payload = _strict_b64(env["payload"])
+        sigs = [_strict_b64(e["sig"]) for e in sig_entries]
     except (KeyError, TypeError, ValueError) as err:
         raise TrustError(f"{where}'s envelope is malformed: {err}", _SIGN_HINT) from err
     signed = pae(IN_TOTO_PAYLOAD_TYPE, payload)

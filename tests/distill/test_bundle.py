@@ -88,15 +88,46 @@ def test_another_key_and_an_unsigned_folder_are_refused(bundle, tmp_path, tiny_o
         verify_bundle(bundle, other_pub)
 
 
-def test_a_forged_statement_without_the_key_hint_still_fails_the_signature(bundle, keys):
+def test_a_forged_statement_fails_the_signature_and_a_dropped_key_hint_the_shape(bundle, keys):
     sig = json.loads((bundle / "model.sig").read_text())
-    sig["verificationMaterial"]["publicKey"]["hint"] = ""
     statement = json.loads(base64.b64decode(sig["dsseEnvelope"]["payload"]))
     statement["predicate"]["resources"] = statement["predicate"]["resources"][:1]
     sig["dsseEnvelope"]["payload"] = base64.b64encode(json.dumps(statement).encode()).decode()
     (bundle / "model.sig").write_text(json.dumps(sig))
     with pytest.raises(TrustError, match="does not verify with the trusted key"):
         verify_bundle(bundle, keys[1])
+    sig["verificationMaterial"]["publicKey"]["hint"] = ""
+    (bundle / "model.sig").write_text(json.dumps(sig))
+    with pytest.raises(TrustError, match="not in the shape model-signing's key mode writes"):
+        verify_bundle(bundle, keys[1])
+
+
+def test_every_single_byte_change_anywhere_in_the_bundle_is_refused(bundle, keys, tmp_path):
+    """Twenty random one-byte changes in each file, the signature's unsigned parts
+    included (a renamed field, a second spelling of the same base64)."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    names = sorted(p.name for p in bundle.iterdir())
+    assert {"model.onnx", "model.sig", "metadata.json"} <= set(names)
+    for name in names:
+        for _ in range(20):
+            victim = tmp_path / "v"
+            shutil.rmtree(victim, ignore_errors=True)
+            shutil.copytree(bundle, victim)
+            data = bytearray((victim / name).read_bytes())
+            at = int(rng.integers(len(data)))
+            data[at] ^= int(rng.integers(1, 256))
+            (victim / name).write_bytes(bytes(data))
+            with pytest.raises(TrustError):
+                verify_bundle(victim, keys[1])
+    sig = (bundle / "model.sig").read_text()
+    key_field = sig.index('"hint"')
+    for renamed in (sig[:key_field + 1] + "H" + sig[key_field + 2:],
+                    sig.replace('"tlogEntries"', '"tlogEntriez"')):
+        (tmp_path / "v" / "model.sig").write_text(renamed)
+        with pytest.raises(TrustError, match="not in the shape"):
+            verify_bundle(tmp_path / "v", keys[1])
 
 
 def test_bad_inputs_to_the_writer_are_refused_before_anything_is_written(tiny_onnx, keys,
