@@ -56,11 +56,13 @@ def _train(name: str, out: Path, data: Path, arch: str, trainer: str, args: argp
         options.update(kd_temperature={"kd": 4.0, "ard": 30.0}[trainer],
                        kd_alpha={"kd": 0.9, "ard": 1.0}[trainer])
     epochs = args.teacher_epochs if name == "teacher" else args.epochs
+    state = out / f"{name}.trainstate"  # an interrupted run resumes from its last epoch
     log.info("%s: training %s with %s for %d epochs", name, arch, trainer, epochs)
     result = pipeline.train_checkpoint(data, ckpt, arch=arch, trainer=trainer, epochs=epochs,
                                        batch_size=args.batch_size, lr=args.lr, eps=args.eps,
                                        eps_warmup_epochs=min(2, epochs), seed=args.seed,
-                                       device="cpu", state_path=out / f"{name}.trainstate",
+                                       device="cpu", state_path=state,
+                                       resume=state if state.is_file() else None,
                                        trainer_options=options, teacher=teacher,
                                        progress=False)
     seconds = float(result.history["seconds_per_epoch"])
