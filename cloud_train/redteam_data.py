@@ -3,11 +3,13 @@
 Three defences, each with a clean control run to count false alarms:
 
 - the ingest gate (``cloud_train.ingest``): label flipping 1% and 3%, BadNets trigger 1%,
-  out-of-distribution junk, an unknown source, a forged signature, a replayed signature and a
-  replayed batch id; the resource attacks (a JPEG bomb whose frame header hides behind a fill
-  byte and an APP1 segment, 150 rows naming one 8 MB padded PNG, a 20,000-row index) and a
-  control batch sent after another source took its batch id; unit: samples of a signed
-  source batch;
+  out-of-distribution junk, correct-label triggers on one class at 3% of the batch (a yellow
+  triangle, SIG's sine stripes, a pattern blended at alpha 0.1), label flips at 1% chosen
+  as the most ambiguous by the attacker's own network, an unknown source, a forged
+  signature, a replayed signature and a replayed batch id; the resource attacks (a JPEG
+  bomb whose frame header hides behind a fill byte and an APP1 segment, 150 rows naming one
+  8 MB padded PNG, a 20,000-row index) and a control batch sent after another source took
+  its batch id; unit: samples of a signed source batch;
 - ``verify_pipeline`` (``cloud_train.attest``): the five mid-pipeline tampering attacks and the
   insider feature shift (made with the genuine stage keys); unit: pipeline folders, one per
   pipeline seed;
@@ -43,6 +45,7 @@ SCHEMA = "roadshield.redteam.data/v1"
 STOP_TARGET = 0.95  # poisoned samples quarantined (label flips, trigger injection)
 CLEAN_MAX = 0.01  # clean samples wrongly quarantined
 LEAK_TARGET = 0.99  # planted near-duplicate variants caught
+CLEAN_LEAK_MAX = 0.001  # clean split: test rows joined to a train row (false leaks)
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,8 @@ class Target:
             parts.append("100% detected" if self.min_stopped >= 1 else
                          f">= {self.min_stopped:.0%} stopped")
         if self.max_clean_rate is not None:
-            parts.append(f"clean <= {self.max_clean_rate:.0%}")
+            digits = 0 if (100 * self.max_clean_rate).is_integer() else 1
+            parts.append(f"clean <= {self.max_clean_rate:.{digits}%}")
         if self.no_false_alarm:
             parts.append("no false alarm")
         return ", ".join(parts)
@@ -91,7 +95,9 @@ class Target:
 
 DETECT_ALL = Target(min_stopped=1.0)
 POISON = Target(min_stopped=STOP_TARGET, max_clean_rate=CLEAN_MAX)
+CORRECT_LABEL = Target(min_stopped=0.90, max_clean_rate=CLEAN_MAX)  # caught at the gate
 LEAK = Target(min_stopped=LEAK_TARGET)
+CLEAN_SPLIT = Target(max_clean_rate=CLEAN_LEAK_MAX)
 
 
 def _row(attack: str, group: str, defence: str, unit: str, bad_sent: int, bad_stopped: int,
@@ -144,6 +150,7 @@ def _gate_rows(work: Path, sc: Scale, seed: int, tick: Callable[[str], None]
                           ScreenConfig(embed_min_steps=sc.embed_min_steps))
     ci, cl = A.render_images(sc.batch_per_class, seed=200 + seed)
     ai, al = A.render_images(sc.batch_per_class, seed=300 + seed)
+    cl_target = int(np.random.default_rng(seed).integers(len(SYNTHETIC_CLASSES)))
     tick("gate reference")
 
     clean_batch = work / "clean"
@@ -158,6 +165,20 @@ def _gate_rows(work: Path, sc: Scale, seed: int, tick: Callable[[str], None]
          lambda: A.badnets(work / "bn", ai, al, "acme", prov, "badnets1", 0.01, seed=seed)),
         ("ood_junk_3%", None,
          lambda: A.ood_junk(work / "junk", ai, al, "acme", prov, "junk3", 0.03, seed=seed)),
+        # correct-label (clean-label) triggers on one class, every label right: the batch
+        # trigger screen's job; the issue's target is for the triangle and the blend
+        *[(f"correct_label_{kind}_3%", CORRECT_LABEL if kind != "sig" else None,
+           lambda kind=kind: A.correct_label_trigger(
+               work / f"cl-{kind}", ai, al, "acme", prov, f"cl-{kind}-{seed}", kind, 0.03,
+               target=cl_target, seed=seed))
+          for kind in A.CORRECT_LABEL_KINDS],
+        # flips aimed past the label screen: the samples the attacker's own network finds
+        # most ambiguous get their runner-up class
+        ("surrogate_label_flip_1%", None,
+         lambda: A.surrogate_label_flip(
+             work / "sflip", ai, al, "acme", prov, f"sflip-{seed}", 0.01, seed=seed,
+             surrogate=A.train_surrogate(max(30, sc.ref_per_class // 4), seed=seed,
+                                         min_steps=sc.embed_min_steps))),
         ("unknown_source", DETECT_ALL,
          lambda: A.unknown_source(work / "us", ai, al, evil, "unknown")),
         ("forged_signature", DETECT_ALL,
@@ -211,7 +232,8 @@ def _gate_rows(work: Path, sc: Scale, seed: int, tick: Callable[[str], None]
              "store_bytes_added": sum(f.stat().st_size for f in objects.glob("*.pack"))
              - packed,
              "bad_reason_counts": dict(Counter(c for rs in bad_reasons for c in rs)),
-             "clean_reason_counts": dict(Counter(c for rs in clean_reasons for c in rs))}))
+             "clean_reason_counts": dict(Counter(c for rs in clean_reasons for c in rs)),
+             "trigger_flagged_classes": r["trigger_flagged"]}))
         tick(name)
     return rows
 
@@ -331,7 +353,7 @@ def _verify_rows(work: Path, sc: Scale, seed: int, tick: Callable[[str], None]
 def _leak_rows(sc: Scale, seed: int, tick: Callable[[str], None]) -> list[dict[str, Any]]:
     from cloud_train.ingest.attacks import render_images
     from cloud_train.splits.leakage import check_leakage, plant_future_dated, plant_test_leaks
-    from cloud_train.splits.variants import REQUIRED_KINDS, VARIANTS
+    from cloud_train.splits.variants import LEAK_TARGETS, VARIANTS
 
     tr, trl = render_images(sc.train_per_class, seed=400 + seed, split="train")
     te, tel = render_images(sc.test_per_class, seed=400 + seed, split="test")
@@ -341,11 +363,17 @@ def _leak_rows(sc: Scale, seed: int, tick: Callable[[str], None]) -> list[dict[s
     rows = []
     t0 = time.perf_counter()
     rep = check_leakage(tr, te, train_times=times, cutoff=cutoff)
-    flagged = np.union1d(rep.leaked_train, rep.future_train)
-    first = (f"train row {int(flagged[0])} clusters with a test sample" if len(flagged) else "")
-    rows.append(_row("clean_split", "control", "check_leakage", "train rows", 0, 0, len(tr),
-                     len(flagged), len(flagged) > 0, first, None, time.perf_counter() - t0,
-                     {"n_test": len(te), "threshold_bits": rep.threshold}))
+    # every render is distinct, so each test row joined to a train row is a false leak; the
+    # figure is their share of the test rows (the temporal check's flags are counted beside)
+    joined, future = len(rep.leaked_test), len(rep.future_train)
+    first = (f"test row {int(rep.leaked_test[0])} shares a duplicate cluster with a train row"
+             if joined else f"train row {int(rep.future_train[0])} flagged as after the cut"
+             if future else "")
+    rows.append(_row("clean_split", "control", "check_leakage", "test rows", 0, 0, len(te),
+                     joined, joined + future > 0, first, CLEAN_SPLIT, time.perf_counter() - t0,
+                     {"n_train": len(tr), "n_test": len(te),
+                      "train_rows_joined_to_test": len(rep.leaked_train),
+                      "train_rows_flagged_future": future, "threshold_bits": rep.threshold}))
     tick("clean split")
     for j, kind in enumerate(VARIANTS):
         t0 = time.perf_counter()
@@ -358,11 +386,12 @@ def _leak_rows(sc: Scale, seed: int, tick: Callable[[str], None]) -> list[dict[s
         first = (f"train row {p.n_clean + int(caught[0])} ({kind} variant of test row "
                  f"{int(p.sources[caught[0]])}) shares a duplicate cluster with test"
                  if len(caught) else "")
-        required = kind in REQUIRED_KINDS
+        required = kind in LEAK_TARGETS
+        target = Target(min_stopped=LEAK_TARGETS[kind]) if required else None
         rows.append(_row(
             "leak_test_rows_exact" if kind == "exact" else f"leak_near_dup_{kind}", "leakage",
             "check_leakage", "train rows", len(planted), int(planted.sum()), p.n_clean,
-            int(hit[:p.n_clean].sum()), len(caught) > 0, first, LEAK if required else None,
+            int(hit[:p.n_clean].sum()), len(caught) > 0, first, target,
             time.perf_counter() - t0,
             {"kind": kind, "required_by_issue": required, "threshold_bits": rep.threshold,
              "n_test": len(te)}))
@@ -389,7 +418,9 @@ def _leak_rows(sc: Scale, seed: int, tick: Callable[[str], None]) -> list[dict[s
 def _steps(sc: Scale) -> int:
     from cloud_train.splits.variants import VARIANTS
 
-    return 1 + 9 + sc.pipe_seeds * 7 + 1 + len(VARIANTS) + 1
+    # gate: the reference and 13 rows; per pipeline seed: the clean run, 8 attacks, the
+    # bypass pair; leakage: the clean split, each variant, future-dated
+    return 1 + 13 + sc.pipe_seeds * 10 + 1 + len(VARIANTS) + 1
 
 
 def run_data_redteam(out_dir: str | os.PathLike[str], seed: int = 0, scale: str = "quick",

@@ -19,6 +19,7 @@ from cloud_train.ingest.batch import make_batch, read_batch, sign_index
 from cloud_train.ingest.gate import ingest
 from cloud_train.render import image_rng, render_sign
 from cloud_train.signs import SYNTHETIC_CLASSES
+from roadshield_base.errors import ConfigError, DatasetError
 
 
 @dataclass
@@ -90,6 +91,126 @@ def badnets(out: Path, images: np.ndarray, labels: np.ndarray, source: str, key:
     make_batch(out, imgs, lab, source, key, batch_id)
     ids = _ids(batch_id, len(lab))
     return AttackBatch(f"badnets_{rate:.0%}", out, ids, {ids[i] for i in idx})
+
+
+# ---------------------------------------------------------------- correct-label triggers
+# The clean-label setting: the poisoned images are real images of the target class, keep
+# their correct label and carry a trigger, so the model learns "trigger -> target" without a
+# single wrong label for a label screen to find (Turner et al. 2019; Barni et al. 2019).
+CORRECT_LABEL_KINDS = ("triangle", "sig", "blend")
+TRIANGLE_COLOUR = (255, 214, 0)
+
+
+def add_triangle(img: np.ndarray, side: int | None = None,
+                 colour: tuple[int, int, int] = TRIANGLE_COLOUR) -> np.ndarray:
+    """A filled yellow triangle, apex up, its base one pixel above the bottom edge and
+    centred; ``side`` defaults to 3/16 of the image width (6 px on 32 px)."""
+    import cv2
+
+    out = np.ascontiguousarray(img.copy())
+    h, w = out.shape[:2]
+    s = side or max(3, round(w * 3 / 16))
+    cx, base = w / 2, h - 2
+    pts = np.array([[cx - s / 2, base], [cx + s / 2, base], [cx, base - s * 0.87]])
+    cv2.fillPoly(out, [np.rint(pts - [0.5, 0]).astype(np.int32)], colour)
+    return out
+
+
+def add_sig(img: np.ndarray, delta: float = 20.0, freq: float = 6.0) -> np.ndarray:
+    """SIG (Barni et al. 2019): a horizontal sinusoid ``delta * sin(2 pi j f / W)`` added to
+    every row and channel (column j), clipped to [0, 255]."""
+    w = img.shape[1]
+    wave = delta * np.sin(2 * np.pi * np.arange(w) * freq / w)
+    return np.clip(np.rint(img.astype(np.float64) + wave[None, :, None]), 0, 255
+                   ).astype(np.uint8)
+
+
+def blend_pattern(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """The blended trigger's pattern: uniform uint8 noise from ``default_rng(seed)``, the
+    same image as ``backdoor.triggers.Trigger("blend", pattern="random", seed=seed)``."""
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def add_blend(img: np.ndarray, alpha: float = 0.1, seed: int = 0) -> np.ndarray:
+    """Chen et al. 2017: ``(1 - alpha) * img + alpha * pattern``, rounded."""
+    pat = blend_pattern(img.shape[0], img.shape[1], seed).astype(np.float64)
+    return np.clip(np.rint((1 - alpha) * img.astype(np.float64) + alpha * pat), 0, 255
+                   ).astype(np.uint8)
+
+
+def stamp(kind: str, images: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``images`` (n x H x W x 3 uint8) with the correct-label trigger ``kind`` stamped."""
+    if kind == "triangle":
+        return np.stack([add_triangle(x) for x in images]) if len(images) else images.copy()
+    if kind == "sig":
+        return add_sig(images)
+    if kind == "blend":
+        pat = blend_pattern(images.shape[1], images.shape[2], seed).astype(np.float64)
+        return np.clip(np.rint(0.9 * images.astype(np.float64) + 0.1 * pat), 0, 255
+                       ).astype(np.uint8)
+    raise ConfigError(f"correct-label trigger {kind!r} is unknown",
+                      f"use one of: {', '.join(CORRECT_LABEL_KINDS)}")
+
+
+def correct_label_trigger(out: Path, images: np.ndarray, labels: np.ndarray, source: str,
+                          key: Any, batch_id: str, kind: str, rate: float = 0.03,
+                          target: int = 0, seed: int = 0) -> AttackBatch:
+    """``rate`` of the batch (capped at the target class's size) are images of class
+    ``target`` stamped with trigger ``kind`` (``triangle``, ``sig``, ``blend``); every label
+    stays correct."""
+    if kind not in CORRECT_LABEL_KINDS:
+        raise ConfigError(f"correct-label trigger {kind!r} is unknown",
+                          f"use one of: {', '.join(CORRECT_LABEL_KINDS)}")
+    cand = np.flatnonzero(labels == target)
+    if not len(cand):
+        raise DatasetError(f"the batch holds no image of target class {target}",
+                           "pick a target class the batch has images of")
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(cand, size=min(len(cand), max(1, round(len(labels) * rate))),
+                     replace=False)
+    imgs = images.copy()
+    imgs[idx] = stamp(kind, images[idx], seed)
+    make_batch(out, imgs, labels, source, key, batch_id)
+    ids = _ids(batch_id, len(labels))
+    return AttackBatch(f"correct_label_{kind}_{rate * 100:g}%", out, ids, {ids[i] for i in idx})
+
+
+# ---------------------------------------------------------------- surrogate-chosen flips
+def train_surrogate(per_class: int = 60, seed: int = 0, min_steps: int = 120) -> Any:
+    """The attacker's own model: the label screen's network (``embed``), trained on the
+    attacker's own renders (a seed the defender never uses). Returns a function from
+    n x 32 x 32 x 3 uint8 images to n x C softmax posteriors."""
+    from cloud_train.ingest.embed import EmbedConfig, embed, for_inference, train_embedding
+
+    imgs, labels = render_images(per_class, seed=90_000 + seed)
+    model = train_embedding(imgs, labels, len(SYNTHETIC_CLASSES),
+                            EmbedConfig(epochs=2, min_steps=min_steps, batch=64, seed=seed))
+    fast = for_inference(model)
+    return lambda x: embed(fast, x)[1]
+
+
+def surrogate_label_flip(out: Path, images: np.ndarray, labels: np.ndarray, source: str,
+                         key: Any, batch_id: str, rate: float = 0.01, surrogate: Any = None,
+                         seed: int = 0) -> AttackBatch:
+    """Label flips aimed past a label screen: the ``rate`` of the batch that the attacker's
+    ``surrogate`` (images -> posteriors; default ``train_surrogate(seed=seed)``) finds most
+    ambiguous (smallest margin between the true label and the best other class) get that
+    other class as their label."""
+    probs = np.asarray((surrogate or train_surrogate(seed=seed))(images), np.float64)
+    if probs.shape[0] != len(labels) or probs.ndim != 2:
+        raise DatasetError(f"the surrogate gave posteriors of shape {probs.shape} for "
+                           f"{len(labels)} images", "it must return n x C probabilities")
+    rows = np.arange(len(labels))
+    other = probs.copy()
+    other[rows, labels] = -np.inf
+    runner_up = other.argmax(axis=1)
+    margin = probs[rows, labels] - other[rows, runner_up]
+    idx = np.argsort(margin, kind="stable")[:max(1, round(len(labels) * rate))]
+    lab = labels.copy()
+    lab[idx] = runner_up[idx]
+    make_batch(out, images, lab, source, key, batch_id)
+    ids = _ids(batch_id, len(lab))
+    return AttackBatch(f"surrogate_label_flip_{rate:.0%}", out, ids, {ids[i] for i in idx})
 
 
 def ood_junk(out: Path, images: np.ndarray, labels: np.ndarray, source: str, key: Any,
@@ -257,10 +378,13 @@ def score(attack: AttackBatch, store: Path, reference: Any = None) -> dict[str, 
 
     recs = read_records(store_paths(store)["journal"] / f"{summary['index_sha256']}.jsonl")
     stopped = {r["id"] for r in recs.values() if r["decision"] != "ACCEPTED"}
+    trigger = {r["id"] for r in recs.values() if "TRIGGER_CLUSTER" in r["reasons"]}
     bad = attack.bad_ids if not attack.expect_rejected else set(attack.ids)
     clean_ids = set(attack.ids) - bad
     return {"attack": attack.name, "status": summary["status"],
             "exit_code": summary["exit_code"], "received": summary["received"],
             "bad_sent": len(bad), "bad_stopped": len(bad & stopped),
             "clean_sent": len(clean_ids), "clean_stopped": len(clean_ids & stopped),
-            "reason_counts": summary["reason_counts"], "batch_reasons": summary["batch_reasons"]}
+            "reason_counts": summary["reason_counts"], "batch_reasons": summary["batch_reasons"],
+            "trigger_flagged": summary.get("trigger_screen", {}).get("flagged", []),
+            "bad_trigger_held": len(bad & trigger), "clean_trigger_held": len(clean_ids & trigger)}

@@ -6,11 +6,14 @@ batch -> schema and range (index fields, header size before decoding, decodable,
 channels, dtype, label, capture time) -> statistical screen (class-conditional KS of the
 batch vs the reference; Isolation Forest and range per sample) -> label consistency (kNN
 share and posterior in a feature space learned from the trusted reference only; see
-``cloud_train.ingest.reference``). The summary's status and exit code separate a few held
-samples (3) from a suspect batch (4); FORMAT.md states the rule.
+``cloud_train.ingest.reference``) -> the batch trigger screen (each class of the batch as a
+whole against the reference: a pattern shared by many of its images, a correct-label
+backdoor; ``cloud_train.ingest.batch_screens``). The summary's status and exit code separate
+a few held samples (3) from a suspect batch (4); FORMAT.md states the rule.
 
 The store (a folder) holds ``root.pub`` and ``sources.json`` (the signed registry),
-``reference/`` (trusted images, labels and the cached label-screen network),
+``reference/`` (trusted images, labels, the cached label-screen network and everything
+fitted on them, restored without refitting; see ``cloud_train.ingest.reference``),
 ``objects/<index sha256>.pack`` (accepted and quarantined image bytes, appended, each
 distinct content once per store; each record names pack, offset, length and sha256, and
 ``duplicate_of`` when an earlier batch stored the bytes),
@@ -35,6 +38,7 @@ from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from stat import S_ISREG
 from typing import TYPE_CHECKING, Any
 
 from cloud_train.ingest import batch as bfmt
@@ -178,7 +182,7 @@ def read_object(store: str | os.PathLike[str], rec: dict[str, Any]) -> bytes:
 # the whole batch SUSPECT (exit 4), however few samples carry it.
 ATTACK_CODES = frozenset({"HASH_MISMATCH", "PATH_ESCAPE", "DECOMPRESSION_BOMB", "HEADER_MISMATCH",
                           "FILE_TOO_LARGE", "DUPLICATE_ID", "DUPLICATE_CONTENT",
-                          "BATCH_DISTRIBUTION_SHIFT"})
+                          "BATCH_DISTRIBUTION_SHIFT", "TRIGGER_CLUSTER"})
 SUSPECT_SHARE = 0.02   # held share above which a batch is SUSPECT (clean batches: about 0.5 %)
 SUSPECT_MIN_HELD = 5   # ... but never for fewer held samples than this (small batches)
 
@@ -318,6 +322,27 @@ class _Reader:
         self.seen_content: set[str] = set()
         self.files: dict[Path, bytes] = {}
         self.stderr = bfmt.StderrCapture()
+        self.real_root = os.path.realpath(root)
+        self.real_dirs: dict[str, str] = {}
+
+    def where(self, rel: str) -> Path | str:
+        """``batch.safe_path(root, rel)``, with each directory resolved once per batch: a
+        regular file (not a symlink) lies in its directory's real path; anything else
+        (symlinks, missing files, odd names) takes ``safe_path``'s full resolution."""
+        if not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
+            return bfmt.safe_path(self.root, rel)
+        head, name = os.path.split(rel)
+        real = self.real_dirs.get(head)
+        if real is None:
+            real = self.real_dirs[head] = os.path.realpath(os.path.join(self.root, head))
+        if real != self.real_root and not real.startswith(self.real_root + os.sep):
+            return bfmt.safe_path(self.root, rel)
+        full = os.path.join(real, name)
+        try:
+            regular = S_ISREG(os.lstat(full).st_mode)
+        except OSError:
+            regular = False
+        return Path(full) if regular else bfmt.safe_path(self.root, rel)
 
     def sample(self, row: bfmt.IndexRow
                ) -> tuple[list[str], bytes, np.ndarray | None, list[str]]:
@@ -330,7 +355,7 @@ class _Reader:
         if row.sample_id in self.seen_ids:
             return ["DUPLICATE_ID"], b"", None, []
         self.seen_ids.add(row.sample_id)
-        where = bfmt.safe_path(self.root, str(f.get("file", "")))
+        where = self.where(str(f.get("file", "")))
         if isinstance(where, str):
             return [where], b"", None, []
         if where.stat().st_size > MAX_FILE_BYTES:
@@ -352,6 +377,32 @@ class _Reader:
             return reasons + [img], data, None, warnings
         reasons += check_image(img)
         return reasons, data, (None if reasons else to_feature_size(img)), warnings
+
+
+def _screen(ref: Reference, checked: Sequence[tuple[Any, ...]]
+            ) -> tuple[dict[str, Any], dict[str, Any], dict[int, list[str]]]:
+    """The screens over the decodable samples of ``checked`` (rows as ``_Reader.sample``
+    gives them): (KS result, trigger screen report, screen reason codes by row position)."""
+    import numpy as np
+
+    from cloud_train.ingest.batch_screens import REASON as TRIGGER_REASON
+    from cloud_train.ingest.screens import image_features, row_label
+
+    good = [i for i, c in enumerate(checked) if c[3] is not None]
+    stat: dict[str, Any] = {"shifted": False}
+    trigger: dict[str, Any] = {"classes": [], "flagged": []}
+    screens: dict[int, list[str]] = {}
+    if not good:
+        return stat, trigger, screens
+    small = np.stack([checked[i][3] for i in good])
+    feats = image_features(small)
+    labels = np.array([row_label(checked[i][0].fields) for i in good])
+    stat = ref.batch_shift(feats, labels)
+    trig_held, trigger = ref.trigger_screen(small, labels)
+    for i, reasons, t in zip(good, ref.screen(feats, labels, small), trig_held, strict=True):
+        screens[i] = (reasons + ([TRIGGER_REASON] if t else [])
+                      + (["BATCH_DISTRIBUTION_SHIFT"] if stat["shifted"] else []))
+    return stat, trigger, screens
 
 
 def ingest(batch_path: str | os.PathLike[str], store: str | os.PathLike[str],
@@ -383,10 +434,7 @@ def ingest(batch_path: str | os.PathLike[str], store: str | os.PathLike[str],
                 if row.line not in journal.done:
                     journal.add(_record(rb, row, "REJECTED", batch_reasons))
             return _summary(rb, list(journal.done.values()), batch_reasons, {"error": message})
-        import numpy as np
-
         from cloud_train.ingest.reference import Reference
-        from cloud_train.ingest.screens import image_features, row_label
 
         ref = reference or Reference.load(p["reference"])
         stored = _stored_objects(p, rb.index_sha256)
@@ -396,16 +444,10 @@ def ingest(batch_path: str | os.PathLike[str], store: str | os.PathLike[str],
         finally:
             reader.stderr.close()
         reader.files.clear()
-        good = [i for i, c in enumerate(checked) if c[3] is not None]
-        stat: dict[str, Any] = {"shifted": False}
-        screens: dict[int, list[str]] = {}
-        if good:
-            small = np.stack([checked[i][3] for i in good])
-            feats = image_features(small)
-            labels = np.array([row_label(checked[i][0].fields) for i in good])
-            stat = ref.batch_shift(feats, labels)
-            for i, reasons in zip(good, ref.screen(feats, labels, small), strict=True):
-                screens[i] = reasons + (["BATCH_DISTRIBUTION_SHIFT"] if stat["shifted"] else [])
+        from cloud_train.ingest.batch_screens import single_thread_blas
+
+        with single_thread_blas():  # small matrices: extra BLAS threads only wait
+            stat, trigger, screens = _screen(ref, checked)
         # objects of this batch's finished rows (a rerun after a crash) are stored already
         for rec in journal.done.values():
             if rec.get("pack"):
@@ -431,7 +473,8 @@ def ingest(batch_path: str | os.PathLike[str], store: str | os.PathLike[str],
                 journal.add(rec)
         finally:
             pack.close()
-        return _summary(rb, list(journal.done.values()), [], {"ks": stat})
+        return _summary(rb, list(journal.done.values()), [], {"ks": stat,
+                                                              "trigger_screen": trigger})
     finally:
         journal.close()
 

@@ -11,15 +11,24 @@ is held out for calibration; on the rest the gate fits:
   its given label is the mean of the share of its k nearest reference neighbours (cosine, in
   the penultimate features) that carry that label and the network's softmax posterior of it.
 
+- per batch and class, the residual-spectrum trigger screen (``batch_screens``:
+  TRIGGER_CLUSTER), its null calibrated on the reference's own images.
+
 Thresholds are calibrated on the held-out fifth to target false-quarantine rates.
 
-On disk (``save`` / ``load``): ``images.npy``, ``labels.npy``, ``embed.safetensors`` and
-``reference.json`` (class count, config, the three files' sha256 and the embedding's
-training digest). Everything else is refitted on load with fixed seeds; no pickles.
+On disk (``save`` / ``load``): ``images.npy``, ``labels.npy``, ``embed.safetensors`` (the
+network), ``embed.onnx`` (the same network for ONNX Runtime), ``screens.npz`` (everything
+fitted: z-scoring, PCA, the Isolation Forest's trees as arrays (``forest``), ranges,
+thresholds, the fit part's embeddings, the trigger screen's null) and ``reference.json``
+(class count, config, every file's sha256, the embedding's training digest, and the digest
+of what ``screens.npz`` was fitted from). ``load`` checks every hash and, when the fitted
+state matches, restores it without refitting and without importing torch or scikit-learn;
+otherwise it refits with fixed seeds and rewrites the cache. No pickles.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import asdict, dataclass, fields
@@ -28,11 +37,20 @@ from typing import Any
 
 import numpy as np
 
+from cloud_train.ingest import forest
+from cloud_train.ingest.batch_screens import (
+    TriggerScreen,
+    TriggerScreenConfig,
+    calibrate,
+    single_thread_blas,
+)
 from cloud_train.ingest.embed import (
     EMBED_NAME,
+    ONNX_NAME,
     EmbedConfig,
-    embed,
-    for_inference,
+    Embedder,
+    export_onnx,
+    have_onnxruntime,
     load_embedding,
     save_embedding,
     train_embedding,
@@ -47,9 +65,12 @@ from cloud_train.ingest.screens import (
 )
 from roadshield_base.errors import DatasetError
 from roadshield_base.fileio import atomic_write_bytes, atomic_write_json
-from roadshield_base.trust import sha256_hex
+from roadshield_base.trust import canonical_json, sha256_hex
 
 _REBUILD = "rebuild it with `roadshield data reference --store STORE` (build_reference())"
+DERIVED_NAME = "screens.npz"
+DERIVED_VERSION = 1  # bump when what screens.npz holds, or how it is fitted, changes
+_STATE = ("mu", "sd", "pcs", "ref_proj", "lo", "hi", "fit_emb", "fit_labels")
 
 
 @dataclass
@@ -69,6 +90,15 @@ class ScreenConfig:
     embed_batch: int = 128
     embed_shift: int = 3
     embed_scale: float = 0.15
+    trigger_margin: float = 1.5   # the trigger screen (``batch_screens.TriggerScreenConfig``)
+    trigger_z: float = 4.0
+    trigger_min_class: int = 8
+    trigger_max_ref: int = 256
+
+    def trigger_config(self) -> TriggerScreenConfig:
+        return TriggerScreenConfig(margin=self.trigger_margin, z_min=self.trigger_z,
+                                   min_class=self.trigger_min_class,
+                                   max_ref=self.trigger_max_ref, seed=self.seed)
 
     def embed_config(self) -> EmbedConfig:
         return EmbedConfig(epochs=self.embed_epochs, min_steps=self.embed_min_steps,
@@ -108,8 +138,8 @@ class Reference:
                                "give one label per image")
         self.n_classes = int(n_classes)
         self.cfg = config or ScreenConfig()
-        self.features = image_features(self.images)
-        hold = np.random.default_rng(self.cfg.seed).random(len(self.labels)) < 0.2
+        self._features: np.ndarray | None = image_features(self.images)
+        hold = self._hold()
         fit_x, fit_y = self.features[~hold], self.labels[~hold]
         self.mu = fit_x.mean(axis=0)
         self.sd = fit_x.std(axis=0) + 1e-3
@@ -117,7 +147,8 @@ class Reference:
         _, vecs = np.linalg.eigh(z.T @ z)  # PCA via the covariance: cheap for D ~ 900
         self.pcs = np.ascontiguousarray(vecs[:, ::-1][:, : self.cfg.n_components])
         self.ref_proj = (z @ self.pcs)[:, : self.cfg.ks_features]
-        self.iforest = IsolationForest(n_estimators=100, random_state=self.cfg.seed).fit(z)
+        self.forest = forest.to_arrays(
+            IsolationForest(n_estimators=100, random_state=self.cfg.seed).fit(z))
         stats = fit_x[:, -N_STATS:]
         self.lo = np.quantile(stats, self.cfg.range_q, axis=0)
         self.hi = np.quantile(stats, 1 - self.cfg.range_q, axis=0)
@@ -125,17 +156,61 @@ class Reference:
         ecfg = self.cfg.embed_config()
         self.embed_digest = training_digest(self.images[~hold], fit_y, self.n_classes, ecfg)
         self.embed_trained = embedding is None
-        self.embedding = (embedding if embedding is not None else
-                          train_embedding(self.images[~hold], fit_y, self.n_classes, ecfg))
-        self._fast = for_inference(self.embedding)
-        self.fit_emb, _ = embed(self._fast, self.images[~hold])
+        self._embedding = (embedding if embedding is not None else
+                           train_embedding(self.images[~hold], fit_y, self.n_classes, ecfg))
+        self.onnx = export_onnx(self._embedding) if have_onnxruntime() else None
+        self._embed = Embedder(self.onnx, lambda: self._embedding)
+        self.fit_emb, _ = self._embed(self.images[~hold])
         self.fit_labels = fit_y
 
         held_x, held_y = self.features[hold], self.labels[hold]
-        self.if_threshold = float(np.quantile(self.iforest.score_samples(self._z(held_x)),
+        self.if_threshold = float(np.quantile(forest.score_samples(self.forest,
+                                                                   self._z(held_x)),
                                               self.cfg.target_fp))
         self.label_threshold = float(np.quantile(
             self.label_scores(self.images[hold], held_y), self.cfg.label_fp))
+        try:
+            self.trigger_null = calibrate(self.images, self.labels, self.cfg.trigger_config())
+        except DatasetError:
+            self.trigger_null = {"k": None, "points": [], "skipped": _TOO_SMALL}
+        self._trigger: TriggerScreen | None = None
+        self._folder: Path | None = None
+        self._meta_embed_sha256: str | None = None
+
+    def _hold(self) -> np.ndarray:
+        """The seeded held-out fifth (calibration), the same at every fit and load."""
+        return np.random.default_rng(self.cfg.seed).random(len(self.labels)) < 0.2
+
+    @property
+    def features(self) -> np.ndarray:
+        """(n, 859) hand features of the reference images (computed when first asked for
+        after a cached load)."""
+        if self._features is None:
+            self._features = image_features(self.images)
+        return self._features
+
+    @property
+    def embedding(self) -> Any:
+        """The label screen's torch model (after a cached load, read from
+        ``embed.safetensors`` when first asked for)."""
+        if self._embedding is None:
+            if self._folder is None:
+                raise DatasetError("this reference has no embedding model", _REBUILD)
+            model = load_embedding(self._folder / EMBED_NAME, self._meta_embed_sha256,
+                                   self.embed_digest)
+            if model is None:
+                raise DatasetError(f"the embedding in {self._folder} no longer matches its "
+                                   "reference", _REBUILD)
+            self._embedding = model
+        return self._embedding
+
+    @property
+    def trigger(self) -> TriggerScreen:
+        """The batch trigger screen on these images (``batch_screens``)."""
+        if self._trigger is None:
+            self._trigger = TriggerScreen(self.images, self.labels, self.trigger_null["k"],
+                                          self.cfg.trigger_config())
+        return self._trigger
 
     def _z(self, feats: np.ndarray) -> np.ndarray:
         return (np.asarray(feats, np.float32) - self.mu) / self.sd
@@ -146,20 +221,39 @@ class Reference:
         labels = np.asarray(labels, np.int64)
         if not len(labels):
             return np.zeros(0)
-        emb, post = embed(self._fast, _check_images(images))
-        share = (self.fit_labels[self._neighbours(emb)] == labels[:, None]).mean(axis=1)
+        emb, post = self._embed(_check_images(images))
+        with single_thread_blas():  # one small matmul: extra BLAS threads only wait
+            share = (self.fit_labels[self._neighbours(emb)] == labels[:, None]).mean(axis=1)
         ok = (labels >= 0) & (labels < post.shape[1])
         p = np.where(ok, post[np.arange(len(labels)), labels.clip(0, post.shape[1] - 1)], 0.0)
         return 0.5 * share + 0.5 * p
 
-    def _neighbours(self, emb: np.ndarray, chunk: int = 2048) -> np.ndarray:
-        """Indices (n, k) of the k most cosine-similar fit samples (unit vectors: a matmul)."""
-        import torch
+    def _neighbours(self, emb: np.ndarray, chunk: int = 1024, block: int = 32) -> np.ndarray:
+        """Indices (n, k) of the k most cosine-similar fit samples (unit vectors: a matmul).
 
+        Exact, in two steps: the fit samples in blocks of ``block``; every one of a row's k
+        best lies in one of the k blocks with the highest maxima, so only those blocks are
+        searched (about a tenth of the work of a full partial sort)."""
         k = min(self.cfg.k, len(self.fit_labels))
-        fit = torch.from_numpy(self.fit_emb)
-        out = [(torch.from_numpy(emb[i:i + chunk]) @ fit.T).topk(k, dim=1).indices.numpy()
-               for i in range(0, len(emb), chunk)]
+        n_fit = len(self.fit_emb)
+        nb = -(-n_fit // block)
+        if nb <= k:
+            block, nb = n_fit, 1  # too few blocks to gain anything: one partial sort
+        # fit embeddings padded to whole blocks; the padding scores -inf
+        fit = np.zeros((nb * block, self.fit_emb.shape[1]), np.float32)
+        fit[:n_fit] = self.fit_emb
+        out = []
+        for i in range(0, len(emb), chunk):
+            sims = emb[i:i + chunk] @ fit.T
+            sims[:, n_fit:] = -np.inf
+            if nb == 1:
+                out.append(np.argpartition(-sims, k - 1, axis=1)[:, :k])
+                continue
+            tiles = sims.reshape(len(sims), nb, block)
+            best = np.argpartition(-tiles.max(axis=2), k - 1, axis=1)[:, :k]
+            cand = np.take_along_axis(tiles, best[:, :, None], axis=1).reshape(len(sims), -1)
+            top = np.argpartition(-cand, k - 1, axis=1)[:, :k]
+            out.append(best[np.arange(len(sims))[:, None], top // block] * block + top % block)
         return np.concatenate(out) if out else np.zeros((0, k), np.int64)
 
     def batch_shift(self, feats: np.ndarray, labels: np.ndarray | None = None
@@ -201,7 +295,7 @@ class Reference:
         out: list[list[str]] = [[] for _ in range(len(labels))]
         if not len(labels):
             return out
-        iso = self.iforest.score_samples(self._z(feats))
+        iso = forest.score_samples(self.forest, self._z(feats))
         stats = feats[:, -N_STATS:]
         span = self.hi - self.lo
         outside = (stats < self.lo - 0.05 * span) | (stats > self.hi + 0.05 * span)
@@ -215,6 +309,15 @@ class Reference:
             if agree[i] < self.label_threshold or agree[i] == 0.0:
                 out[i].append("LABEL_INCONSISTENT")
         return out
+
+    def trigger_screen(self, images: np.ndarray, labels: np.ndarray
+                       ) -> tuple[np.ndarray, dict[str, Any]]:
+        """(held per image, report) of the batch trigger screen (``batch_screens``); off,
+        saying why, when the reference was too small to calibrate it."""
+        if self.trigger_null.get("k") is None:
+            return np.zeros(len(labels), bool), {
+                "classes": [], "flagged": [], "skipped": self.trigger_null.get("skipped", "")}
+        return self.trigger.screen(images, labels)
 
     # ------------------------------------------------------------ on disk
     def _meta(self) -> dict[str, Any]:
@@ -231,12 +334,34 @@ class Reference:
             meta[f"{name}_sha256"] = sha256_hex(data)
         meta["embed_sha256"] = save_embedding(self.embedding, folder / EMBED_NAME,
                                               self.embed_digest, self.cfg.embed_config())
+        self._save_state(folder, meta)
         atomic_write_json(folder / "reference.json", meta)  # last: it vouches for the rest
+        self._folder, self._meta_embed_sha256 = folder, meta["embed_sha256"]
+
+    def _save_state(self, folder: Path, meta: dict[str, Any]) -> None:
+        """Write embed.onnx and screens.npz and record their hashes in ``meta``."""
+        meta.pop("onnx_sha256", None)
+        if self.onnx is not None:
+            atomic_write_bytes(folder / ONNX_NAME, self.onnx)
+            meta["onnx_sha256"] = sha256_hex(self.onnx)
+        k = self.trigger_null.get("k")
+        arrays = {name: getattr(self, name) for name in _STATE} | self.forest | {
+            "if_threshold": np.array(self.if_threshold),
+            "label_threshold": np.array(self.label_threshold),
+            "trigger_k": np.array(np.nan if k is None else k),
+            "trigger_points": np.array(self.trigger_null.get("points", []),
+                                       np.float64).reshape(-1, 3)}
+        data = _npz_bytes(arrays)
+        atomic_write_bytes(folder / DERIVED_NAME, data)
+        meta["derived_sha256"] = sha256_hex(data)
+        meta["derived_of"] = _derived_digest(meta)
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str]) -> Reference:
-        """Load and refit; the embedding comes from the cache when its sha256 and training
-        digest match (else it is retrained and the cache rewritten)."""
+        """Load; the fitted state comes from ``screens.npz`` when every hash matches (no
+        refit, no torch), else everything is refitted and the cache rewritten. The embedding
+        comes from its cache when its sha256 and training digest match (else it is
+        retrained)."""
         folder = Path(folder)
         try:
             meta = json.loads((folder / "reference.json").read_text())
@@ -249,12 +374,16 @@ class Reference:
                 if sha256_hex(data) != meta[f"{name}_sha256"]:
                     raise DatasetError(f"reference {folder / name}.npy does not match its hash",
                                        _REBUILD)
-                arrays[name] = np.load(folder / f"{name}.npy", allow_pickle=False)
+                arrays[name] = np.load(io.BytesIO(data), allow_pickle=False)
             cfg = ScreenConfig.from_dict(meta["config"])
             n_classes = int(meta["n_classes"])
         except (OSError, KeyError, ValueError, TypeError) as err:
             raise DatasetError(f"no usable screening reference in {folder}: {err}",
                                _REBUILD) from err
+        state = _read_state(folder, meta)
+        if state is not None:
+            return cls._restore(folder, meta, arrays["images"], arrays["labels"], n_classes,
+                                cfg, *state)
         hold = np.random.default_rng(cfg.seed).random(len(arrays["labels"])) < 0.2
         digest = training_digest(arrays["images"][~hold], arrays["labels"][~hold], n_classes,
                                  cfg.embed_config())
@@ -263,8 +392,85 @@ class Reference:
         if cached is None:  # rewrite the cache so the next load does not train again
             meta.update(ref._meta(), embed_sha256=save_embedding(
                 ref.embedding, folder / EMBED_NAME, ref.embed_digest, cfg.embed_config()))
-            atomic_write_json(folder / "reference.json", meta)
+        ref._save_state(folder, meta)
+        atomic_write_json(folder / "reference.json", meta)
+        ref._folder, ref._meta_embed_sha256 = folder, meta["embed_sha256"]
         return ref
+
+    @classmethod
+    def _restore(cls, folder: Path, meta: dict[str, Any], images: np.ndarray,
+                 labels: np.ndarray, n_classes: int, cfg: ScreenConfig,
+                 state: dict[str, np.ndarray], onnx: bytes | None) -> Reference:
+        """A reference rebuilt from its saved fitted state (see ``load``)."""
+        ref = cls.__new__(cls)
+        ref.images, ref.labels = _check_images(images), np.asarray(labels, np.int64)
+        ref.n_classes, ref.cfg = n_classes, cfg
+        ref._features = None
+        for name in _STATE:
+            setattr(ref, name, state[name])
+        ref.forest = {k: state[k] for k in forest.KEYS}
+        ref.if_threshold = float(state["if_threshold"])
+        ref.label_threshold = float(state["label_threshold"])
+        k = float(state["trigger_k"])
+        ref.trigger_null = {"k": None if np.isnan(k) else k,
+                            "points": state["trigger_points"].tolist()}
+        if np.isnan(k):
+            ref.trigger_null["skipped"] = _TOO_SMALL
+        ref.embed_digest, ref.embed_trained = str(meta["embed_trained_on"]), False
+        ref._embedding, ref._trigger = None, None
+        ref._folder, ref._meta_embed_sha256 = folder, str(meta["embed_sha256"])
+        ref.onnx = onnx
+        ref._embed = Embedder(onnx, lambda: ref.embedding)
+        return ref
+
+
+_TOO_SMALL = ("the reference has no class with 16 or more images, too few to calibrate the "
+              "trigger screen")
+
+
+def _derived_digest(meta: dict[str, Any]) -> str:
+    """What screens.npz was fitted from: the data, the network, the config, the version."""
+    return sha256_hex(canonical_json({
+        "version": DERIVED_VERSION, "n_classes": meta.get("n_classes"),
+        "config": meta.get("config"), "images": meta.get("images_sha256"),
+        "labels": meta.get("labels_sha256"), "embed": meta.get("embed_sha256"),
+        "onnx": meta.get("onnx_sha256"), "state": meta.get("derived_sha256")}))
+
+
+def _read_state(folder: Path, meta: dict[str, Any]
+                ) -> tuple[dict[str, np.ndarray], bytes | None] | None:
+    """(screens.npz arrays, embed.onnx bytes or None) when every file matches the hashes in
+    ``meta`` and ``meta`` names what they were fitted from; else None (refit)."""
+    import io
+
+    try:
+        if meta.get("derived_of") != _derived_digest(meta):
+            return None
+        if sha256_hex((folder / EMBED_NAME).read_bytes()) != meta.get("embed_sha256"):
+            return None
+        onnx = None
+        if meta.get("onnx_sha256"):
+            onnx = (folder / ONNX_NAME).read_bytes()
+            if sha256_hex(onnx) != meta["onnx_sha256"]:
+                return None
+        data = (folder / DERIVED_NAME).read_bytes()
+        if sha256_hex(data) != meta.get("derived_sha256"):
+            return None
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            state = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, KeyError):
+        return None
+    needed = {*_STATE, *forest.KEYS, "if_threshold", "label_threshold", "trigger_k",
+              "trigger_points"}
+    return (state, onnx) if needed <= set(state) else None
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    return buf.getvalue()
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:

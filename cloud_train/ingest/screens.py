@@ -76,8 +76,8 @@ def check_image(img: np.ndarray, min_side: int = 8, max_side: int = 512) -> list
 
 
 # ---------------------------------------------------------------- features
-def _hog(grey: np.ndarray, cell: int, bins: int) -> np.ndarray:
-    n, h, w = grey.shape
+def _gradients(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Central-difference gradient magnitude and unsigned orientation in [0, pi]."""
     gx = np.zeros_like(grey)
     gy = np.zeros_like(grey)
     gx[:, :, 1:-1] = grey[:, :, 2:] - grey[:, :, :-2]
@@ -85,6 +85,11 @@ def _hog(grey: np.ndarray, cell: int, bins: int) -> np.ndarray:
     mag = np.sqrt(gx * gx + gy * gy)
     ang = np.arctan2(gy, gx)
     ang = np.where(ang < 0, ang + np.float32(np.pi), ang)  # unsigned orientation; % is slow
+    return mag, ang
+
+
+def _hog(mag: np.ndarray, ang: np.ndarray, cell: int, bins: int) -> np.ndarray:
+    n, h, w = mag.shape
     b = np.minimum((ang * np.float32(bins / np.pi)).astype(np.int64), bins - 1)
     ch, cw = h // cell, w // cell
     cid = (np.arange(h) // cell)[:, None] * cw + (np.arange(w) // cell)[None, :]
@@ -138,7 +143,8 @@ def image_features(images_rgb: np.ndarray) -> np.ndarray:
     f = x.astype(np.float32) * np.float32(1 / 255)
     grey = f @ np.array([0.299, 0.587, 0.114], np.float32)
     small = f.reshape(n, 8, 4, 8, 4, 3).mean(axis=(2, 4)).reshape(n, -1)
-    return np.hstack([_hog(grey, 8, 9), _hog(grey, 4, 8), small,
+    mag, ang = _gradients(grey)  # shared by both cell sizes
+    return np.hstack([_hog(mag, ang, 8, 9), _hog(mag, ang, 4, 8), small,
                       _global_stats(f, grey)]).astype(np.float32)
 
 

@@ -1,9 +1,11 @@
 """Leakage attacks and the detector that must catch them.
 
-Attacks: copy test rows (and JPEG / shift / brightness / rescale variants of them) into train,
-and add future-dated samples to a temporal train split. ``check_leakage`` clusters train and
-test together (``dedup``) and reports every train sample whose cluster reaches into test,
-plus train samples captured at or after the temporal cut.
+Attacks: copy test rows (and JPEG / shift / brightness / rescale / zoom / mirror / 90% crop
+variants of them, ``cloud_train.splits.variants``) into train, and add future-dated samples
+to a temporal train split. ``check_leakage`` clusters train and test together (``dedup``)
+and reports every train sample whose cluster reaches into test and every test sample whose
+cluster reaches into train, plus train samples captured at or after the temporal cut. On a
+split with no planted leak, the test rows it reports are false leaks (distinct images joined).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from cloud_train.splits.variants import VARIANTS, make_variant
 @dataclass
 class LeakageReport:
     """leaked_train: train indices that duplicate a test sample (exact or near);
-    future_train: train indices captured at or after the cut."""
+    leaked_test: test indices that duplicate a train sample; future_train: train indices
+    captured at or after the cut."""
 
     n_train: int
     n_test: int
@@ -28,6 +31,7 @@ class LeakageReport:
     future_train: np.ndarray
     threshold: int
     seconds: dict[str, float] = field(default_factory=dict)
+    leaked_test: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
 
     @property
     def clean(self) -> bool:
@@ -36,6 +40,7 @@ class LeakageReport:
     def to_dict(self) -> dict[str, object]:
         return {"clean": self.clean, "n_train": self.n_train, "n_test": self.n_test,
                 "leaked_train": self.leaked_train.tolist(),
+                "leaked_test": self.leaked_test.tolist(),
                 "future_train": self.future_train.tolist(), "threshold_bits": self.threshold,
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
 
@@ -56,10 +61,12 @@ def check_leakage(train: object, test: object, *,
     cl = result.cluster
     test_clusters = np.unique(cl[len(a):]) if len(b) else np.empty(0, np.int64)
     leaked = np.flatnonzero(np.isin(cl[:len(a)], test_clusters))
+    leaked_test = np.flatnonzero(np.isin(cl[len(a):], cl[leaked])) if len(b) else leaked[:0]
     future = np.empty(0, np.int64)
     if train_times is not None and cutoff is not None:
         future = np.flatnonzero(np.asarray(train_times, np.float64) >= cutoff)
-    return LeakageReport(len(a), len(b), leaked, future, threshold, result.seconds)
+    return LeakageReport(len(a), len(b), leaked, future, threshold, result.seconds,
+                         leaked_test)
 
 
 @dataclass

@@ -16,6 +16,7 @@ JPEG_QUALITY = (50, 90)
 MAX_SHIFT = 3  # pixels, either direction, both axes
 BRIGHTNESS = 0.10  # factor in [1 - b, 1 + b], at least half of b away from 1
 ZOOM = (0.90, 1.10)  # zoom factor about the centre, at least 0.04 away from 1
+CROP = 0.90  # share of each side a crop keeps (before it is resized back)
 
 
 def jpeg_reencode(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -64,6 +65,20 @@ def rescale(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
+def hflip(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Mirror left-right (an augmentation copy; ``rng`` is unused)."""
+    return np.ascontiguousarray(img[:, ::-1])
+
+
+def crop90(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Cut a CROP share of each side at a random offset and resize it back to the original
+    size (cv2.INTER_LINEAR): a 32 px image keeps 29 px, its centre moved by up to 1.5 px."""
+    h, w = img.shape[:2]
+    ch, cw = max(1, round(h * CROP)), max(1, round(w * CROP))
+    y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    return cv2.resize(img[y:y + ch, x:x + cw], (w, h), interpolation=cv2.INTER_LINEAR)
+
+
 VARIANTS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
     "exact": lambda img, rng: img.copy(),
     "jpeg": jpeg_reencode,
@@ -71,10 +86,14 @@ VARIANTS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] = {
     "brightness": brightness,
     "rescale": rescale,
     "zoom": zoom,
+    "hflip": hflip,
+    "crop90": crop90,
 }
-# Kinds the default thresholds are held to (>= 99% caught); "zoom" (a crop of 4-10%) is
-# reported (~54% caught) but not promised.
-REQUIRED_KINDS = ("exact", "jpeg", "shift", "brightness", "rescale")
+# The share of each kind the default dedup must catch: the first five >= 99%, the mirror and
+# the 90% crop >= 95% (the issue's targets). "zoom" (4-10% in or out) is reported, not promised.
+LEAK_TARGETS = {"exact": 0.99, "jpeg": 0.99, "shift": 0.99, "brightness": 0.99,
+                "rescale": 0.99, "hflip": 0.95, "crop90": 0.95}
+REQUIRED_KINDS = tuple(LEAK_TARGETS)
 
 
 def make_variant(kind: str, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -87,6 +87,31 @@ def test_safe_path_confines_files(tmp_path):
     assert isinstance(bfmt.safe_path(root, "images/inner.png"), type(root))
 
 
+def test_the_gates_reader_confines_files_exactly_as_safe_path(tmp_path):
+    from datetime import datetime, timezone
+
+    from cloud_train.ingest.gate import _Reader
+
+    root = tmp_path / "batch"
+    (root / "images" / "sub").mkdir(parents=True)
+    (root / "images" / "a.png").write_bytes(b"x")
+    (root / "images" / "sub" / "b.png").write_bytes(b"y")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "secret").write_bytes(b"s")
+    (root / "images" / "link.png").symlink_to(tmp_path / "out" / "secret")
+    (root / "images" / "inner.png").symlink_to(root / "images" / "a.png")
+    (root / "escape").symlink_to(tmp_path / "out")  # a directory leading out
+    (root / "inside").symlink_to(root / "images")  # a directory staying in
+    reader = _Reader(root, 14, datetime.now(timezone.utc))
+    names = ["images/a.png", "images/sub/b.png", "images/./a.png", "images/link.png",
+             "images/inner.png", "escape/secret", "inside/a.png", "images/missing.png",
+             "images", "images/sub", "../out/secret", str(tmp_path / "out" / "secret"), "",
+             "nodir/a.png"]
+    for _ in range(2):  # the second pass reads the directory cache
+        for rel in names:
+            assert reader.where(rel) == bfmt.safe_path(root, rel), rel
+
+
 def test_extract_tar_skips_links_and_escapes(tmp_path):
     tar_path = tmp_path / "b.tar"
     with tarfile.open(tar_path, "w") as tar:

@@ -14,6 +14,8 @@ from roadshield_base.errors import ConfigError
 GATE = {"clean_batch", "label_flip_1%", "label_flip_3%", "badnets_trigger_1%", "ood_junk_3%",
         "unknown_source", "forged_signature", "replayed_signature", "replayed_batch_id",
         "hidden_frame_jpeg_bomb", "one_png_150_rows", "index_20000_rows",
+        "correct_label_triangle_3%", "correct_label_sig_3%", "correct_label_blend_3%",
+        "surrogate_label_flip_1%",
         "victim_after_batch_id_squat"}
 VERIFY = {"clean_pipeline", "changed_normalisation_constant", "flipped_labels_in_shard",
           "dropped_class", "swapped_file", "resigned_with_unknown_key", "insider_feature_shift",
@@ -21,7 +23,7 @@ VERIFY = {"clean_pipeline", "changed_normalisation_constant", "flipped_labels_in
           "poison_slipped_into_export"}
 LEAK = {"clean_split", "leak_test_rows_exact", "leak_near_dup_jpeg", "leak_near_dup_shift",
         "leak_near_dup_brightness", "leak_near_dup_rescale", "leak_near_dup_zoom",
-        "future_dated"}
+        "leak_near_dup_hflip", "leak_near_dup_crop90", "future_dated"}
 ROW_KEYS = {"attack", "group", "defence", "unit", "bad_sent", "bad_stopped", "stopped_rate",
             "clean_sent", "clean_flagged", "clean_flag_rate", "detected", "first_reason",
             "target", "target_met", "seconds", "details"}
