@@ -46,8 +46,8 @@ import numpy as np
 
 from cloud_train.progress import step_ticker
 from cloud_train.redteam_cli import check_scale_and_seed
+from cloud_train.report_files import write_report
 from roadshield_base.errors import ConfigError
-from roadshield_base.fileio import atomic_write_bytes, atomic_write_json
 
 SCHEMA = "roadshield.redteam.extraction/v1"
 MODES = ("natural", "synthetic")
@@ -426,8 +426,5 @@ def _run(out: Path, scale: str, sc: Scale, seed: int, victim: str | None, budget
                         "accuracy": round(ind_acc, 4), "train_crops": int(len(world["indep"]))}}
     check_targets(result)
     result["seconds"] = round(time.perf_counter() - t0, 2)
-    result["files"] = {k: str(out / f"redteam_extraction.{k}") for k in ("json", "md", "png")}
-    atomic_write_bytes(out / "redteam_extraction.png", chart_png(result))
-    atomic_write_bytes(out / "redteam_extraction.md", markdown(result).encode())
-    atomic_write_json(out / "redteam_extraction.json", result)
+    write_report(out, "redteam_extraction", result, chart_png, markdown)
     return result

@@ -22,6 +22,8 @@ from __future__ import annotations
 import io
 from typing import Any
 
+from cloud_train.report_files import aligned, md_table
+
 UNDEFENDED_AGREEMENT = 0.90
 DEFENDED_FACTOR = 10
 DEFENDED_CEILING = 0.70
@@ -196,16 +198,6 @@ def _rows(result: dict[str, Any]) -> list[tuple[str, ...]]:
     return out
 
 
-def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-
-
-def _md_table(rows: list[tuple[str, ...]]) -> list[str]:
-    return (["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-            + ["| " + " | ".join(r) + " |" for r in rows[1:]])
-
-
 def _notes(result: dict[str, Any]) -> list[str]:
     v, ind = result["victim"], result["independent"]
     sizes = result["sizes"]
@@ -240,7 +232,7 @@ def curve_lines(result: dict[str, Any]) -> list[str]:
 
 def text_table(result: dict[str, Any]) -> str:
     lines = [f"roadshield redteam extraction ({result['scale']}, seed {result['seed']}, "
-             f"{result.get('seconds', 0):.0f} s)", *_aligned(_rows(result)), *_notes(result)]
+             f"{result.get('seconds', 0):.0f} s)", *aligned(_rows(result)), *_notes(result)]
     for t in result["targets"]:
         lines.append(f"{'met   ' if t['met'] else 'MISSED'} {t['name']}: {t['text']}")
     lines.append("all targets met" if result["all_targets_met"] else "targets MISSED")
@@ -254,7 +246,7 @@ def markdown(result: dict[str, Any]) -> str:
            "augmentation). Agree: the clone's agreement with the victim; acc: its clean "
            "accuracy; wm p: the watermark's p-value (reproduced / replayed) on the clone and "
            "on the independent model, on that key's watermark rows.", "",
-           *_md_table(_rows(result)), "", *[f"- {line}" for line in _notes(result)], "",
+           *md_table(_rows(result)), "", *[f"- {line}" for line in _notes(result)], "",
            "## Agreement against queries answered", "",
            *[f"- {line}" for line in curve_lines(result)], "", "## Targets", ""]
     out += [f"- {'met' if t['met'] else '**MISSED**'}: {t['name']}: {t['text']}"

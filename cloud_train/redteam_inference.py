@@ -68,10 +68,10 @@ import numpy as np
 from cloud_train.demo_drives import SIGN, TARGET, drive_sources
 from cloud_train.progress import step_ticker
 from cloud_train.redteam_cli import check_scale_and_seed
+from cloud_train.report_files import write_report
 from edge_runtime.drift import DriftConfig
 from edge_runtime.scoring import sticker_figures
 from roadshield_base.errors import ConfigError
-from roadshield_base.fileio import atomic_write_bytes, atomic_write_json
 
 SCHEMA = "roadshield-redteam-inference/1"
 SANITIZE_SPEC = "preprocess,bitdepth:bits=5,median:k=3"
@@ -443,8 +443,5 @@ def run_inference_redteam(out_dir: str | os.PathLike[str], scale: str = "quick",
         "detectors": detectors, "drift": drift}
     check_targets(result)
     result["seconds"] = round(time.perf_counter() - t0, 2)
-    result["files"] = {k: str(out / f"redteam_inference.{k}") for k in ("json", "md", "png")}
-    atomic_write_bytes(out / "redteam_inference.png", chart_png(result))
-    atomic_write_bytes(out / "redteam_inference.md", markdown(result).encode())
-    atomic_write_json(out / "redteam_inference.json", result)
+    write_report(out, "redteam_inference", result, chart_png, markdown)
     return result

@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 from typing import Any
 
+from cloud_train.report_files import aligned, md_table
+
 #: the issue's targets, at the synthetic world's scale
 UNDEFENDED_TARGETED = 0.80  # share of stickered sightings read as the target
 UNDEFENDED_ENCOUNTERS = 0.70  # share of stickered encounters ending with the attacker's action
@@ -355,26 +357,16 @@ def _drift_lines(drift: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-
-
-def _md_table(rows: list[tuple[str, ...]]) -> list[str]:
-    return (["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-            + ["| " + " | ".join(r) + " |" for r in rows[1:]])
-
-
 def text_table(result: dict[str, Any]) -> str:
     lines = [f"roadshield redteam inference ({result['scale']}, seed {result['seed']}, "
-             f"{result.get('seconds', 0):.0f} s)", *_aligned(_rows(result)),
+             f"{result.get('seconds', 0):.0f} s)", *aligned(_rows(result)),
              *_attack_lines(result)]
     det = result.get("detectors")
     if det is not None:
-        lines += ["", *_aligned(_detector_table(det)), *_detector_lines(det), ""]
+        lines += ["", *aligned(_detector_table(det)), *_detector_lines(det), ""]
     drift = result.get("drift")
     if drift is not None:
-        lines += [*_aligned(_drift_table(drift)), *_drift_lines(drift), ""]
+        lines += [*aligned(_drift_table(drift)), *_drift_lines(drift), ""]
     lines.append("* best defended stack. " + ("all targets met" if result["all_targets_met"]
                                               else "targets MISSED:"))
     lines += [f"  - {m}" for m in result["missed"]]
@@ -387,26 +379,26 @@ def markdown(result: dict[str, Any]) -> str:
            "sightings read as the target (untargeted: as anything but the sign). Attacker "
            "enc.: stickered encounters where the policy acted on the target and never stopped. "
            "Adaptive: the sticker re-optimised with the stack in the loop. Cost: ms per "
-           "crop as a multiple of the bare runner's.", "", *_md_table(_rows(result))]
+           "crop as a multiple of the bare runner's.", "", *md_table(_rows(result))]
     out += ["", *[f"- {line}" for line in _attack_lines(result)], ""]
     det = result.get("detectors")
     if det is not None:
         ad = det["adaptive"]
         out += ["## Input detectors", "",
                 *[f"- {line}" for line in _detector_lines(det)], "",
-                *_md_table(_detector_table(det)), "",
+                *md_table(_detector_table(det)), "",
                 f"### Adaptive attacks ({ad['eps_255']}/255, {ad['steps']} steps, "
                 f"{ad['images']} images)", "",
                 "PGD minimising CE to the highest wrong class plus lambda times the attacked "
                 "detectors' scores over their thresholds (BPDA through the squeezers). "
                 "* the strongest lambda: the highest evasion.", "",
-                *_md_table(_adaptive_table(det)), "",
+                *md_table(_adaptive_table(det)), "",
                 *[f"- against {k}: {_share(st['evasion_any_lambda'])} % of the images evade "
                   "with at least one lambda" for k, st in ad["sets"].items()], ""]
     drift = result.get("drift")
     if drift is not None:
         out += ["## Drift monitor", "", *[f"- {line}" for line in _drift_lines(drift)], "",
-                *_md_table(_drift_table(drift)), ""]
+                *md_table(_drift_table(drift)), ""]
     out += (["All targets met."] if result["all_targets_met"] else
             [f"- MISSED {m}" for m in result["missed"]])
     return "\n".join(out) + "\n"
