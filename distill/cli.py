@@ -108,6 +108,9 @@ def add_parsers(sub: Any) -> None:
                        help="calibration images per class")
     quant.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile"),
                        help="how activation ranges are set from the calibration images")
+    quant.add_argument("--quantize-stem", action="store_true",
+                       help="quantize the first convolution too (by default it stays float: "
+                            "symmetric INT8 fits its input badly)")
     quant.add_argument("--test-limit", type=int, default=None, metavar="N")
     quant.add_argument("--seed", type=int, default=0)
     quant.add_argument("--json", action="store_true", help="print the measurement as JSON")
@@ -221,13 +224,15 @@ def distill_quantize(args: argparse.Namespace) -> int:
 
     report = quantize_from_dataset(args.model, args.out, args.data, per_class=args.per_class,
                                    method=args.method, seed=args.seed,
-                                   test_limit=args.test_limit)
+                                   test_limit=args.test_limit,
+                                   float_stem=not args.quantize_stem)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
         return 0
     print(f"wrote {report.out} ({report.int8_bytes / 1e6:.2f} MB, float "
           f"{report.float_bytes / 1e6:.2f} MB); calibrated on {report.calibration_images} "
-          f"train images ({report.method})")
+          f"train images ({report.method}); left in float: "
+          f"{', '.join(report.float_nodes) or 'nothing'}")
     print(f"on {report.test_images} test images: top-1 agreement with the float model "
           f"{100 * report.top1_agreement:.1f} %, accuracy {100 * report.int8_accuracy:.1f} % "
           f"(float {100 * report.float_accuracy:.1f} %), largest logit difference "

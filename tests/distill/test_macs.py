@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from distill.macs import count_macs
@@ -17,9 +18,10 @@ def test_conv_depthwise_and_linear_counts_by_hand():
     assert net.training  # the mode is restored
 
 
-def test_the_registered_student_needs_under_a_quarter_of_the_teachers_macs():
+@pytest.mark.parametrize("name", ["signnet_mobile", "signnet_mobile_wide"])
+def test_the_registered_students_need_under_a_quarter_of_the_teachers_macs(name):
     from cloud_train.models import create_model
 
     teacher = count_macs(create_model("signnet", 14, input_size=32))
-    student = count_macs(create_model("signnet_mobile", 14, input_size=32))
+    student = count_macs(create_model(name, 14, input_size=32))
     assert 0 < student <= teacher / 4

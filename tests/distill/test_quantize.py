@@ -63,6 +63,27 @@ def test_the_int8_model_is_a_symmetric_per_channel_qdq_graph(quantized):
     assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
 
 
+def _conv_inputs_from_dequantize(path: Path) -> list[bool]:
+    """Per Conv node in graph order: whether its activation input comes from a
+    DequantizeLinear (i.e. the conv runs in INT8)."""
+    proto = onnx.load(str(path))
+    dq = {n.output[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    return [n.input[0] in dq for n in proto.graph.node if n.op_type == "Conv"]
+
+
+def test_the_stem_stays_float_by_default_and_is_quantized_on_request(quantized, float_model,
+                                                                     tmp_path):
+    out, report = quantized
+    convs = _conv_inputs_from_dequantize(out)
+    assert len(convs) >= 2 and convs[0] is False and all(convs[1:])
+    assert len(report.float_nodes) == 1
+    assert json.loads(read_onnx_metadata(out)["quantization"])["float_nodes"] == \
+        list(report.float_nodes)
+    x = np.random.default_rng(0).random((16, 3, 32, 32), dtype=np.float32)
+    _, kept = quantize_qdq(float_model, tmp_path / "all.onnx", x, float_stem=False)
+    assert kept == () and all(_conv_inputs_from_dequantize(tmp_path / "all.onnx"))
+
+
 def test_the_float_models_metadata_is_kept_and_the_measurement_added(quantized, float_model):
     out, report = quantized
     meta, ref = read_onnx_metadata(out), read_onnx_metadata(float_model)
