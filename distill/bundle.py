@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,9 @@ from edge_runtime.bundle import (
     BUNDLE_FORMAT,
     METADATA_FILE,
     SIGNATURE_FILE,
+    check_trust_file,
     public_key_hint,
+    trust_file,
 )
 from roadshield_base.errors import ConfigError
 from roadshield_base.fileio import atomic_write_bytes, file_sha256
@@ -42,6 +45,7 @@ from roadshield_base.trust import TrustError
 
 PRIVATE_KEY_FILE = "bundle.key"
 PUBLIC_KEY_FILE = "bundle.pub"
+TRUST_FILE = "bundle.trust.json"
 
 
 @dataclass(frozen=True)
@@ -51,15 +55,21 @@ class BundleResult:
     key_hint: str
 
 
-def generate_bundle_keys(out: str | os.PathLike[str]) -> tuple[Path, Path]:
+def generate_bundle_keys(out: str | os.PathLike[str], valid_days: float | None = None
+                         ) -> tuple[Path, Path]:
     """A new P-256 signing key pair: ``bundle.key`` (PKCS#8 PEM, mode 0600) and
-    ``bundle.pub`` (SubjectPublicKeyInfo PEM, the device's ``--trust-key``). Refuses to
-    overwrite an existing key."""
+    ``bundle.pub`` (SubjectPublicKeyInfo PEM, the device's ``--trust-key``); with
+    ``valid_days`` also ``bundle.trust.json``, the public key valid from now for that many
+    days (a device given it as ``--trust-key`` refuses the key afterwards, and
+    ``write_bundle`` refuses to sign with it). Refuses to overwrite an existing key."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
     out = Path(out)
     priv_path, pub_path = out / PRIVATE_KEY_FILE, out / PUBLIC_KEY_FILE
+    if valid_days is not None and not 0 < valid_days <= 3660:
+        raise ConfigError(f"--valid-days must be in (0, 3660], got {valid_days}",
+                          "rotate signing keys at least every ten years, e.g. 365")
     if priv_path.exists() or pub_path.exists():
         raise ConfigError(f"{out} already holds a bundle key",
                           "keep it (devices trust its public half) or choose another folder")
@@ -69,9 +79,35 @@ def generate_bundle_keys(out: str | os.PathLike[str]) -> tuple[Path, Path]:
                             serialization.NoEncryption())
     atomic_write_bytes(priv_path, pem)
     os.chmod(priv_path, 0o600)
-    atomic_write_bytes(pub_path, key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    public_pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    atomic_write_bytes(pub_path, public_pem)
+    if valid_days is not None:
+        start = datetime.now(timezone.utc).replace(microsecond=0)
+        atomic_write_bytes(out / TRUST_FILE,
+                           trust_file(public_pem, start, start + timedelta(days=valid_days)))
     return priv_path, pub_path
+
+
+def _check_signing_window(key_path: Path, private_key: Any) -> None:
+    """Refuse to sign with a key whose trust file (beside it) says it has expired or that
+    belongs to another key: devices would refuse what it signs."""
+    from cryptography.hazmat.primitives import serialization
+
+    trust_path = key_path.with_name(TRUST_FILE)
+    if not trust_path.is_file():
+        return
+    try:
+        pem = check_trust_file(trust_path.read_bytes(), trust_path)
+    except TrustError as err:
+        raise ConfigError(f"will not sign with {key_path}: {err.args[0]}",
+                          "make a new key with `roadshield distill keygen --valid-days N` "
+                          "and give the devices its trust file") from None
+    ours = private_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if pem != ours:
+        raise ConfigError(f"{trust_path} is the trust file of another key than {key_path}",
+                          "keep each key's bundle.trust.json beside its bundle.key")
 
 
 def _load_private_key(path: Path) -> Any:
@@ -155,6 +191,7 @@ def write_bundle(out: str | os.PathLike[str], model: str | os.PathLike[str], *,
         raise ConfigError("--provenance and --policy go together",
                           "the provenance is verified against the stage policy's trainer key")
     private_key = _load_private_key(Path(key))
+    _check_signing_window(Path(key), private_key)
     summary = _model_summary(model)
     copies = {"model.onnx": model}
     models = {"model": "model.onnx"}

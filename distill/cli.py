@@ -119,6 +119,10 @@ def add_parsers(sub: Any) -> None:
     keygen.add_argument("--out", required=True,
                         help="folder for bundle.key (keep it secret) and bundle.pub (give it "
                              "to the devices as --trust-key)")
+    keygen.add_argument("--valid-days", type=float, default=None, metavar="N",
+                        help="also write bundle.trust.json: the public key valid for N days "
+                             "from now; a device given it as --trust-key refuses the key "
+                             "afterwards, and `distill bundle` will not sign with it")
     keygen.set_defaults(func=distill_keygen)
     bundle = dsub.add_parser("bundle", help="write the signed bundle the device runs")
     bundle.add_argument("--model", required=True, help="the .onnx written by `distill export`")
@@ -200,10 +204,13 @@ def distill_drift_reference(args: argparse.Namespace) -> int:
 
 
 def distill_keygen(args: argparse.Namespace) -> int:
-    from distill.bundle import generate_bundle_keys
+    from distill.bundle import TRUST_FILE, generate_bundle_keys
 
-    priv, pub = generate_bundle_keys(args.out)
+    priv, pub = generate_bundle_keys(args.out, valid_days=args.valid_days)
     print(f"wrote {priv} (mode 0600: the signing key) and {pub} (the devices' --trust-key)")
+    if args.valid_days is not None:
+        print(f"wrote {priv.with_name(TRUST_FILE)}: give it to the devices as --trust-key "
+              f"instead of {pub.name} and they refuse the key after {args.valid_days:g} days")
     return 0
 
 

@@ -18,6 +18,11 @@ reads every file of the folder once into memory, hashes those bytes and hands th
 same bytes on (:class:`VerifiedBundle`); nothing is reopened between check and use. A
 file the signature does not list, a listed file that is missing, a symlink or any other
 kind of entry is refused, as is a signature by another key.
+
+A trusted key may expire: given as a trust file (JSON, format ``roadshield.trust-key/v1``:
+``public_key`` the PEM, ``not_before`` and ``not_after`` in UTC as
+``YYYY-MM-DDTHH:MM:SSZ``) rather than a bare PEM, it is refused outside that window, so a
+retired or leaked signing key stops working on the device when its time is up.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,7 @@ from roadshield_base.trust import TrustError, pae
 SIGNATURE_FILE = "model.sig"
 METADATA_FILE = "metadata.json"
 BUNDLE_FORMAT = "roadshield.bundle/v1"
+TRUST_FILE_FORMAT = "roadshield.trust-key/v1"
 SIGSTORE_MEDIA_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
 IN_TOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -85,18 +92,25 @@ def public_key_hint(public_key: Any) -> str:
     return hashlib.sha256(pem).hexdigest()
 
 
-def load_trust_key(path: str | os.PathLike[str]) -> Any:
-    """An elliptic-curve public key (PEM) the device trusts to sign bundles."""
+def load_trust_key(path: str | os.PathLike[str], now: datetime | None = None) -> Any:
+    """An elliptic-curve public key the device trusts to sign bundles: a PEM file, or a trust
+    file (``bundle.trust.json`` from ``distill keygen --valid-days``) that carries the PEM
+    with the window it is valid in; outside that window (``now``, default the clock) the
+    key is refused."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
     path = Path(path)
     try:
-        key = serialization.load_pem_public_key(path.read_bytes())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise TrustError(f"trust key {path} does not exist",
                          "copy the publisher's bundle.pub (from `roadshield distill keygen`) "
                          "to the device") from None
+    if data.lstrip().startswith(b"{"):
+        data = check_trust_file(data, path, now)
+    try:
+        key = serialization.load_pem_public_key(data)
     except ValueError as err:
         raise TrustError(f"trust key {path} is not a PEM public key: {err}",
                          "pass the .pub file, not the private key") from err
@@ -105,6 +119,52 @@ def load_trust_key(path: str | os.PathLike[str]) -> Any:
         raise TrustError(f"trust key {path} is not a P-256, P-384 or P-521 key",
                          "bundles are signed with the elliptic-curve keys model-signing uses")
     return key
+
+
+def trust_file(public_pem: bytes, not_before: datetime, not_after: datetime) -> bytes:
+    """The trust file's bytes: ``format``, ``public_key`` (the PEM), ``not_before`` and
+    ``not_after`` (UTC, ``YYYY-MM-DDTHH:MM:SSZ``), sorted keys, one trailing newline."""
+    return (json.dumps({"format": TRUST_FILE_FORMAT, "public_key": public_pem.decode("ascii"),
+                        "not_before": _utc_text(not_before), "not_after": _utc_text(not_after)},
+                       indent=2, sort_keys=True) + "\n").encode()
+
+
+def check_trust_file(data: bytes, path: Path, now: datetime | None = None) -> bytes:
+    """The PEM a trust file carries, once its window holds ``now``; TrustError otherwise."""
+    try:
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or doc.get("format") != TRUST_FILE_FORMAT:
+            raise ValueError(f"format is not {TRUST_FILE_FORMAT!r}")
+        pem, start, end = (doc[k] for k in ("public_key", "not_before", "not_after"))
+        if not isinstance(pem, str):
+            raise ValueError("public_key is not a string")
+        not_before, not_after = _parse_utc(start), _parse_utc(end)
+    except (ValueError, KeyError, TypeError) as err:
+        raise TrustError(f"trust file {path} is malformed: {err}",
+                         "use the bundle.trust.json `roadshield distill keygen --valid-days` "
+                         "wrote") from None
+    now = now or datetime.now(timezone.utc)
+    if not not_before < not_after:
+        raise TrustError(f"trust file {path}: not_before {start} is not before not_after {end}",
+                         "make a new key with `roadshield distill keygen --valid-days N`")
+    if now < not_before:
+        raise TrustError(f"trust key {path} is not valid before {start} (the clock says "
+                         f"{_utc_text(now)})", "check the device's clock")
+    if now >= not_after:
+        raise TrustError(f"trust key {path} expired on {end}: bundles it signed no longer run",
+                         "install the publisher's current trust file and a bundle signed "
+                         "with that key")
+    return pem.encode("ascii")
+
+
+def _utc_text(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_utc(text: Any) -> datetime:
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not a time")
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
 
 
 def _hash_for(public_key: Any) -> Any:

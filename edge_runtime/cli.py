@@ -23,8 +23,10 @@ def add_parsers(sub: Any) -> None:
     what.add_argument("--model", default=None,
                       help="a bare model file: .onnx, .pt2 (torch backend) or .engine "
                            "(tensorrt backend); unsigned, so it needs --allow-unsigned")
-    run.add_argument("--trust-key", default=None, metavar="PEM",
-                     help="the bundle publisher's public key (bundle.pub from `distill keygen`)")
+    run.add_argument("--trust-key", default=None, metavar="KEY",
+                     help="the bundle publisher's public key: bundle.pub from `distill "
+                          "keygen`, or its bundle.trust.json (`--valid-days`), which also "
+                          "says until when the key is trusted")
     run.add_argument("--bundle-model", default="model", choices=("model", "int8"),
                      help="which of the bundle's models to run")
     run.add_argument("--allow-unsigned", action="store_true",

@@ -37,7 +37,8 @@ usage() {
 
 Options:
   --bundle DIR         signed bundle to install as /var/lib/roadshield/bundle
-  --trust-key PEM      the publisher's bundle.pub, installed as /etc/roadshield/bundle.pub
+  --trust-key KEY      the publisher's bundle.pub, or its bundle.trust.json to let the key
+                       expire, installed as /etc/roadshield/bundle.pub
   --actuator-key FILE  the board's key file (`roadshield actuator provision`), installed as
                        /etc/roadshield/actuator.key, mode 0600, owned by roadshield
   --start              start (or restart) the service once it is enabled

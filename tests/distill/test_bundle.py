@@ -258,3 +258,67 @@ def test_a_bare_model_runs_only_with_allow_unsigned_and_says_so(tiny_onnx, caplo
         "signed": False, "model": str(tiny_onnx), "allow_unsigned": True,
         "sha256": hashlib.sha256(tiny_onnx.read_bytes()).hexdigest()}
     assert any("UNSIGNED MODEL" in r.getMessage() for r in caplog.records)
+
+
+def test_a_trust_file_holds_the_key_only_inside_its_window(tiny_onnx, tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    from distill.bundle import TRUST_FILE
+    from edge_runtime.bundle import load_trust_key
+
+    priv, pub = generate_bundle_keys(tmp_path / "k", valid_days=30)
+    trust = priv.with_name(TRUST_FILE)
+    doc = json.loads(trust.read_text())
+    assert doc["format"] == "roadshield.trust-key/v1" and doc["public_key"] == pub.read_text()
+    start = datetime.strptime(doc["not_before"], "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=timezone.utc)
+    assert doc["not_after"] == (start + timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    write_bundle(tmp_path / "b", tiny_onnx, key=priv)
+    assert verify_bundle(tmp_path / "b", trust).key_hint  # the trust file works as --trust-key
+    later = start + timedelta(days=30, seconds=1)
+    with pytest.raises(TrustError, match="expired on"):
+        load_trust_key(trust, now=later)
+    with pytest.raises(TrustError, match="not valid before"):
+        load_trust_key(trust, now=start - timedelta(minutes=1))
+    assert load_trust_key(trust, now=start + timedelta(days=29)) is not None
+
+
+def test_an_expired_key_is_refused_on_the_device_and_at_signing(tiny_onnx, tmp_path, capsys):
+    from distill.bundle import TRUST_FILE
+
+    priv, _ = generate_bundle_keys(tmp_path / "k", valid_days=1)
+    write_bundle(tmp_path / "b", tiny_onnx, key=priv)
+    trust = priv.with_name(TRUST_FILE)
+    doc = json.loads(trust.read_text())
+    doc["not_before"], doc["not_after"] = "2020-01-01T00:00:00Z", "2021-01-01T00:00:00Z"
+    trust.write_text(json.dumps(doc))
+    rc, _, err = _edge("--bundle", str(tmp_path / "b"), "--trust-key", str(trust))
+    assert rc == 2 and "expired on 2021-01-01T00:00:00Z" in err and "Traceback" not in err
+    with pytest.raises(ConfigError, match="will not sign.*expired"):
+        write_bundle(tmp_path / "b2", tiny_onnx, key=priv)
+    assert not (tmp_path / "b2").exists()
+    other, _ = generate_bundle_keys(tmp_path / "other", valid_days=1)
+    shutil.copy(other.with_name(TRUST_FILE), trust)
+    with pytest.raises(ConfigError, match="trust file of another key"):
+        write_bundle(tmp_path / "b3", tiny_onnx, key=priv)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{}", "malformed"),
+    ('{"format": "roadshield.trust-key/v1", "public_key": "x", "not_before": "2020-01-01",'
+     ' "not_after": "2030-01-01T00:00:00Z"}', "malformed"),
+    ('{"format": "roadshield.trust-key/v1", "public_key": "x", '
+     '"not_before": "2030-01-01T00:00:00Z", "not_after": "2020-01-01T00:00:00Z"}',
+     "is not before not_after"),
+    ('{"format": "roadshield.trust-key/v1", "public_key": "not a pem", '
+     '"not_before": "2020-01-01T00:00:00Z", "not_after": "2999-01-01T00:00:00Z"}',
+     "not a PEM public key"),
+])
+def test_a_malformed_trust_file_is_refused_with_its_reason(tmp_path, text, match):
+    from edge_runtime.bundle import load_trust_key
+
+    (tmp_path / "t.json").write_text(text)
+    with pytest.raises(TrustError, match=match):
+        load_trust_key(tmp_path / "t.json")
+    with pytest.raises(ConfigError, match="valid-days"):
+        generate_bundle_keys(tmp_path / "k", valid_days=0)
