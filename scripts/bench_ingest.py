@@ -2,9 +2,12 @@
 """Ingest-gate benchmark: samples per second with every check, and the stage-1 attacks.
 
 Usage: python scripts/bench_ingest.py [--per-class 144] [--ref-per-class 600]
-           [--attacks] [--repeat 3] [--json out.json]
+           [--attacks] [--repeat 3] [--json out.json] [--reference-cache DIR]
 Builds a store in a temp folder (root key, one provider, a reference of rendered signs),
-then times a clean signed batch of 14 x ``--per-class`` 32 x 32 PNGs (2,016 by default):
+then times a clean signed batch of 14 x ``--per-class`` 32 x 32 PNGs (2,016 by default).
+``--reference-cache DIR`` keeps the built reference (its label-screen network takes minutes
+to train) in DIR and copies it into the next run's store when ``--ref-per-class`` and
+``--seed`` match; the store loads it like any other, checking every hash.
 
 - end to end: ``roadshield data ingest BATCH --store S --json`` as a whole process
   (interpreter start, imports, loading the store's reference, signature, per-image sha256,
@@ -64,6 +67,9 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="timed clean batches (best reported)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--reference-cache",
+                    help="reuse the reference built by an earlier run with the same "
+                         "--ref-per-class and --seed from this folder (built there if absent)")
     ap.add_argument("--cl-rates", default="0.03",
                     help="--attacks: shares of the batch given a correct-label trigger, "
                          "comma-separated")
@@ -85,7 +91,7 @@ def main() -> int:
         return 0
 
     from cloud_train.ingest import attacks as A
-    from cloud_train.ingest.gate import build_reference, ingest, init_store, store_paths
+    from cloud_train.ingest.gate import ingest, init_store, store_paths
     from cloud_train.ingest.reference import Reference
     from cloud_train.ingest.registry import add_source
     from roadshield_base.trust import generate_private_key
@@ -99,16 +105,17 @@ def main() -> int:
         add_source(store_paths(store)["registry"], root, "acme", prov.public_key(),
                    "2026-01-01T00:00:00Z")
         t = time.perf_counter()
-        ri, rl = A.render_images(args.ref_per_class, seed=100 + args.seed)
-        build_reference(store, ri, rl, 14)
-        out["reference_images"] = len(rl)
-        out["reference_build_s"] = round(time.perf_counter() - t, 2)
+        built = reference(store / "reference", args)
+        out["reference_build_s"] = round(time.perf_counter() - t, 2) if built else "cached"
         t = time.perf_counter()
         ref = Reference.load(store / "reference")
+        out["reference_images"] = len(ref.labels)
         out["reference_load_s"] = round(time.perf_counter() - t, 2)
         out["reference_load_retrained_embedding"] = ref.embed_trained
-        print(f"reference: {len(rl)} images built in {out['reference_build_s']} s (label "
-              f"screen CNN trained once, cached), loaded in {out['reference_load_s']} s "
+        how = (f"built in {out['reference_build_s']} s (label screen CNN trained once, "
+               "cached)" if built else f"copied from {args.reference_cache}")
+        print(f"reference: {len(ref.labels)} images {how}, loaded in "
+              f"{out['reference_load_s']} s "
               f"({'retrained' if ref.embed_trained else 'cached'} embedding)")
 
         imgs, labels = A.render_images(args.per_class, seed=200 + args.seed)
@@ -219,6 +226,29 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
     return 0
+
+
+def reference(folder: Path, args: argparse.Namespace) -> bool:
+    """Put the benchmark's reference in ``folder`` (a store's ``reference``): from
+    ``--reference-cache`` when it holds one for these settings, else built (and cached).
+    True if it was built."""
+    from cloud_train.ingest import attacks as A
+    from cloud_train.ingest.gate import build_reference
+
+    cache = (Path(args.reference_cache) / f"ref{args.ref_per_class}-seed{args.seed}"
+             if args.reference_cache else None)
+    if cache is not None and (cache / "reference.json").is_file():
+        shutil.copytree(cache, folder)
+        return False
+    ri, rl = A.render_images(args.ref_per_class, seed=100 + args.seed)
+    build_reference(folder.parent, ri, rl, 14)
+    if cache is not None:  # copied whole, then renamed: a cut-short copy is never used
+        part = cache.with_name(cache.name + ".part")
+        shutil.rmtree(part, ignore_errors=True)
+        shutil.copytree(folder, part)
+        shutil.rmtree(cache, ignore_errors=True)
+        part.rename(cache)
+    return True
 
 
 def stage3(kind: str, fraction: float, seed: int) -> dict:

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from stat import S_ISREG
 from typing import TYPE_CHECKING, Any
 
 from roadshield_base.errors import DatasetError
@@ -208,11 +209,14 @@ def batch_limits(root: Path, rows: Sequence[IndexRow], max_rows: int = MAX_BATCH
     if len(rows) > max_rows:
         return (f"batch {root} has {len(rows)} index rows, over the cap of {max_rows} per "
                 f"batch; split it into batches of at most {max_rows} rows")
-    files: dict[Path, int] = {}
+    files: dict[str, int] = {}
+    resolve = Resolver(root)
     for row in rows:
-        where = safe_path(root, str(row.fields.get("file", ""))) if not row.parse_error else ""
-        if isinstance(where, Path) and where not in files:
-            files[where] = where.stat().st_size
+        if row.parse_error:
+            continue
+        where, size = resolve(str(row.fields.get("file", "")))
+        if size >= 0 and where not in files:
+            files[where] = size
     total = sum(files.values())
     if total > max_bytes:
         return (f"batch {root} names {total} bytes of images in {len(files)} files, over the "
@@ -235,6 +239,42 @@ def safe_path(root: Path, rel: str) -> Path | str:
     if not resolved.is_file():
         return "FILE_MISSING"
     return resolved
+
+
+class Resolver:
+    """``safe_path(root, rel)`` for many files of one batch, with each directory resolved
+    once: a regular file (not a symlink) lies in its directory's real path; anything else
+    (symlinks, missing files, odd names) takes ``safe_path``'s full resolution.
+
+    ``resolve(rel)`` returns (the file's real path as a string, its size in bytes), or
+    (``safe_path``'s reason code, -1). Strings, not ``Path`` objects: building a ``Path``
+    costs more than the ``lstat``.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.real_root = os.path.realpath(root)
+        self.real_dirs: dict[str, str] = {}
+
+    def __call__(self, rel: str) -> tuple[str, int]:
+        if not rel or os.path.isabs(rel) or ".." in rel.split("/"):
+            return self._slow(rel)
+        head, name = os.path.split(rel)
+        real = self.real_dirs.get(head)
+        if real is None:
+            real = self.real_dirs[head] = os.path.realpath(os.path.join(self.root, head))
+        if real != self.real_root and not real.startswith(self.real_root + os.sep):
+            return self._slow(rel)
+        full = os.path.join(real, name)
+        try:
+            st = os.lstat(full)
+        except OSError:
+            return self._slow(rel)
+        return (full, st.st_size) if S_ISREG(st.st_mode) else self._slow(rel)
+
+    def _slow(self, rel: str) -> tuple[str, int]:
+        where = safe_path(self.root, rel)
+        return (str(where), where.stat().st_size) if isinstance(where, Path) else (where, -1)
 
 
 # PNG: libpng reads the signature and then requires IHDR as the first chunk (13 bytes; a bad
@@ -341,14 +381,16 @@ class StderrCapture:
     """Catch what native decoders (libjpeg, libpng, OpenCV's log) write to file descriptor
     2 while one image is decoded, so each warning can be tied to its sample.
 
-    ``with cap: ...`` then ``cap.text`` holds what was written inside the block. One spool
-    file is reused; single-threaded use only (fd 2 is process-wide).
+    ``with cap: ...`` then ``cap.text`` holds what was written inside the block (its first
+    4 KiB) and ``cap.size`` how many bytes. One spool file is reused; one capture at a time
+    (fd 2 is process-wide).
     """
 
     def __init__(self) -> None:
         self._spool: Any = None
         self._saved = -1
         self.text = ""
+        self.size = 0
 
     def __enter__(self) -> StderrCapture:
         if self._spool is None:
@@ -365,6 +407,7 @@ class StderrCapture:
     def __exit__(self, *exc: object) -> None:
         os.dup2(self._saved, 2)
         os.close(self._saved)
+        self.size = self._spool.seek(0, os.SEEK_END)
         self._spool.seek(0)
         self.text = self._spool.read(4096).decode("utf-8", "replace").strip()
 

@@ -240,6 +240,18 @@ class TriggerScreen:
             self._res[c] = residuals(self.ref_images[_ref_subset(self.ref_labels, c, self.cfg)])
         return self._res[c]
 
+    def prepare(self, labels: np.ndarray) -> None:
+        """Compute the reference residuals of every class ``screen`` would compare a batch
+        with these labels against, ahead of the batch (the same arrays it would compute)."""
+        ref_counts = np.bincount(self.ref_labels)
+        labels = np.asarray(labels, np.int64).reshape(-1)
+        counts = np.bincount(labels[(labels >= 0) & (labels < len(ref_counts))],
+                             minlength=len(ref_counts))
+        with single_thread_blas():
+            for c in np.flatnonzero((counts >= self.cfg.min_class)
+                                    & (ref_counts >= 2 * self.cfg.min_class)):
+                self._reference(int(c))
+
     def screen(self, images: np.ndarray, labels: np.ndarray
                ) -> tuple[np.ndarray, dict[str, Any]]:
         """Screen each class of a batch (n x 32 x 32 x 3 uint8 RGB, n labels) against the

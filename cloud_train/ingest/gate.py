@@ -11,6 +11,11 @@ whole against the reference: a pattern shared by many of its images, a correct-l
 backdoor; ``cloud_train.ingest.batch_screens``). The summary's status and exit code separate
 a few held samples (3) from a suspect batch (4); FORMAT.md states the rule.
 
+The checks of each row run in index order in one thread; the images are then decoded, and
+the screens run, on a small thread pool (one thread per core), their results gathered in
+index order, so the decisions, the journal and the stored objects are the same as with one
+thread (``ingest(..., workers=1)``).
+
 The store (a folder) holds ``root.pub`` and ``sources.json`` (the signed registry),
 ``reference/`` (trusted images, labels, the cached label-screen network and everything
 fitted on them, restored without refitting; see ``cloud_train.ingest.reference``),
@@ -38,14 +43,15 @@ from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from stat import S_ISREG
 from typing import TYPE_CHECKING, Any
 
 from cloud_train.ingest import batch as bfmt
 from cloud_train.ingest.registry import REGISTRY_NAME, load_registry
 from cloud_train.signs import SYNTHETIC_CLASSES
 
-if TYPE_CHECKING:  # NumPy, OpenCV and the screens load only once a batch passes its checks
+if TYPE_CHECKING:  # NumPy, OpenCV, the screens, threads: loaded once a batch passes its checks
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     import numpy as np
 
     from cloud_train.ingest.reference import Reference, ScreenConfig
@@ -152,10 +158,11 @@ class _Pack:
         self.name = path.name
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
-    def add(self, data: bytes) -> dict[str, Any]:
+    def add(self, data: bytes, digest: str = "") -> dict[str, Any]:
+        """Append ``data`` (``digest``: its sha256 when already known)."""
         offset = os.lseek(self.fd, 0, os.SEEK_END)
         os.write(self.fd, data)
-        return {"object": sha256_hex(data), "pack": self.name, "offset": offset,
+        return {"object": digest or sha256_hex(data), "pack": self.name, "offset": offset,
                 "length": len(data)}
 
     def close(self) -> None:
@@ -312,6 +319,94 @@ def _where(rec: dict[str, Any]) -> dict[str, Any]:
     return {k: rec[k] for k in _WHERE}
 
 
+class _InlinePool:
+    """The one-worker path: each task runs at once, in the calling thread."""
+
+    def submit(self, fn: Any, *args: Any) -> Future:
+        from concurrent.futures import Future
+
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as err:  # handed to whoever asks for the result, as a pool does
+            fut.set_exception(err)
+        return fut
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
+
+
+def _pool(workers: int | None) -> ThreadPoolExecutor | _InlinePool:
+    """Threads for the per-image decoding and the screens, one per usable core (at most 4)
+    unless ``workers`` says; one worker runs everything in the calling thread."""
+    if workers is None:
+        try:
+            workers = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            workers = os.cpu_count() or 1
+    workers = max(1, min(int(workers), 4))
+    if workers == 1:
+        return _InlinePool()
+    from concurrent.futures import ThreadPoolExecutor
+
+    return ThreadPoolExecutor(workers)
+
+
+class _Sample:
+    """What the reader knows of one row before its image is decoded."""
+
+    __slots__ = ("row", "reasons", "data", "digest", "decode")
+
+    def __init__(self, row: bfmt.IndexRow, reasons: list[str], data: bytes = b"",
+                 digest: str = "", decode: bool = False) -> None:
+        self.row, self.reasons, self.data, self.digest = row, reasons, data, digest
+        self.decode = decode
+
+
+_DECODE_CHUNK = 64  # images per decoding task: few enough tasks that queueing costs little
+
+
+def _decode(data: bytes) -> tuple[np.ndarray | str, list[str], np.ndarray | None]:
+    """(decoded image or reason code, size reasons, 32 x 32 image or None) of image bytes."""
+    from cloud_train.ingest.screens import check_image, to_feature_size
+
+    img = bfmt.decode_image(data, MAX_PIXELS)
+    if isinstance(img, str):
+        return img, [], None
+    size = check_image(img)
+    return img, size, (None if size else to_feature_size(img))
+
+
+def _decode_chunk(datas: list[bytes]) -> list[tuple[Any, list[str], Any]]:
+    return [_decode(d) for d in datas]
+
+
+def _decode_all(datas: list[bytes], pool: ThreadPoolExecutor | _InlinePool
+                ) -> tuple[list[tuple[Any, list[str], Any]], list[list[str]]]:
+    """``_decode`` of every item, in input order, and the decoder warnings of each.
+
+    Native decoders write warnings to file descriptor 2, which is process-wide: the chunks
+    are decoded in parallel under one capture, and only if anything was written are the
+    images decoded again one at a time, each under its own capture, to name its sample
+    (decoding is deterministic, so the second pass gives the same results)."""
+    cap = bfmt.StderrCapture()
+    try:
+        with cap:
+            futs = [pool.submit(_decode_chunk, datas[i:i + _DECODE_CHUNK])
+                    for i in range(0, len(datas), _DECODE_CHUNK)]
+            out = [r for f in futs for r in f.result()]
+        if not cap.size:
+            return out, [[] for _ in datas]
+        out, warnings = [], []
+        for d in datas:
+            with cap:
+                out.append(_decode(d))
+            warnings.append([w for w in cap.text.splitlines() if w.strip()])
+        return out, warnings
+    finally:
+        cap.close()
+
+
 class _Reader:
     """Reads and decodes the rows of one batch; a file named by several rows is read once,
     and content seen earlier in this batch is not decoded again (DUPLICATE_CONTENT)."""
@@ -320,69 +415,94 @@ class _Reader:
         self.root, self.n_classes, self.now = root, n_classes, now
         self.seen_ids: set[str] = set()
         self.seen_content: set[str] = set()
-        self.files: dict[Path, bytes] = {}
-        self.stderr = bfmt.StderrCapture()
-        self.real_root = os.path.realpath(root)
-        self.real_dirs: dict[str, str] = {}
+        self.files: dict[str, tuple[bytes, str]] = {}  # bytes and sha256 of each file read
+        self.resolve = bfmt.Resolver(root)
 
     def where(self, rel: str) -> Path | str:
-        """``batch.safe_path(root, rel)``, with each directory resolved once per batch: a
-        regular file (not a symlink) lies in its directory's real path; anything else
-        (symlinks, missing files, odd names) takes ``safe_path``'s full resolution."""
-        if not rel or os.path.isabs(rel) or ".." in Path(rel).parts:
-            return bfmt.safe_path(self.root, rel)
-        head, name = os.path.split(rel)
-        real = self.real_dirs.get(head)
-        if real is None:
-            real = self.real_dirs[head] = os.path.realpath(os.path.join(self.root, head))
-        if real != self.real_root and not real.startswith(self.real_root + os.sep):
-            return bfmt.safe_path(self.root, rel)
-        full = os.path.join(real, name)
-        try:
-            regular = S_ISREG(os.lstat(full).st_mode)
-        except OSError:
-            regular = False
-        return Path(full) if regular else bfmt.safe_path(self.root, rel)
+        """``batch.safe_path(root, rel)`` (see ``batch.Resolver``)."""
+        where, size = self.resolve(rel)
+        return Path(where) if size >= 0 else where
 
-    def sample(self, row: bfmt.IndexRow
-               ) -> tuple[list[str], bytes, np.ndarray | None, list[str]]:
-        """(reasons, image bytes, 32 x 32 RGB image or None, decoder warnings) of one row."""
-        from cloud_train.ingest.screens import check_image, to_feature_size, validate_row
+    def check(self, row: bfmt.IndexRow) -> _Sample:
+        """Every check of one row up to decoding its image, in the order the gate runs them."""
+        from cloud_train.ingest.screens import validate_row
 
         if row.parse_error:
-            return [row.parse_error.split(":")[0]], b"", None, []
+            return _Sample(row, [row.parse_error.split(":")[0]])
         f = row.fields
         if row.sample_id in self.seen_ids:
-            return ["DUPLICATE_ID"], b"", None, []
+            return _Sample(row, ["DUPLICATE_ID"])
         self.seen_ids.add(row.sample_id)
-        where = self.where(str(f.get("file", "")))
-        if isinstance(where, str):
-            return [where], b"", None, []
-        if where.stat().st_size > MAX_FILE_BYTES:
-            return ["FILE_TOO_LARGE"], b"", None, []
-        data = self.files.get(where)
-        if data is None:
-            data = self.files[where] = where.read_bytes()
-        digest = sha256_hex(data)
+        where, size = self.resolve(str(f.get("file", "")))
+        if size < 0:
+            return _Sample(row, [where])
+        if size > MAX_FILE_BYTES:
+            return _Sample(row, ["FILE_TOO_LARGE"])
+        cached = self.files.get(where)
+        if cached is None:
+            with open(where, "rb") as fh:
+                data = fh.read()
+            cached = self.files[where] = (data, sha256_hex(data))
+        data, digest = cached
         if digest != str(f.get("sha256", "")).lower():
-            return ["HASH_MISMATCH"], data, None, []
+            return _Sample(row, ["HASH_MISMATCH"], data, digest)
         reasons = validate_row(f, self.n_classes, self.now, bfmt.INDEX_FIELDS)
         if digest in self.seen_content:  # a second row with the same bytes: never decoded
-            return reasons + ["DUPLICATE_CONTENT"], data, None, []
+            return _Sample(row, reasons + ["DUPLICATE_CONTENT"], data, digest)
         self.seen_content.add(digest)
-        with self.stderr:
-            img = bfmt.decode_image(data, MAX_PIXELS)
-        warnings = [w for w in self.stderr.text.splitlines() if w.strip()]
-        if isinstance(img, str):
-            return reasons + [img], data, None, warnings
-        reasons += check_image(img)
-        return reasons, data, (None if reasons else to_feature_size(img)), warnings
+        return _Sample(row, reasons, data, digest, decode=True)
+
+    def read(self, rows: Sequence[bfmt.IndexRow], pool: ThreadPoolExecutor | _InlinePool
+             ) -> list[tuple[Any, ...]]:
+        """(row, reasons, image bytes, 32 x 32 RGB image or None, decoder warnings, sha256)
+        per row, in index order."""
+        return self.decode([self.check(row) for row in rows], pool)
+
+    def decode(self, checked: list[_Sample], pool: ThreadPoolExecutor | _InlinePool
+               ) -> list[tuple[Any, ...]]:
+        """``read``'s rows from ``check``'s: the images to decode are decoded in parallel
+        chunks, the results gathered in index order."""
+        todo = [c for c in checked if c.decode]
+        decoded, warnings = _decode_all([c.data for c in todo], pool)
+        self.files.clear()
+        images: dict[int, tuple[Any, list[str]]] = {
+            id(c): (d, w) for c, d, w in zip(todo, decoded, warnings, strict=True)}
+        out = []
+        for c in checked:
+            if not c.decode:
+                out.append((c.row, c.reasons, c.data, None, [], c.digest))
+                continue
+            (img, size, small), warn = images[id(c)]
+            if isinstance(img, str):
+                out.append((c.row, c.reasons + [img], c.data, None, warn, c.digest))
+                continue
+            reasons = c.reasons + size
+            out.append((c.row, reasons, c.data, None if reasons else small, warn, c.digest))
+        return out
 
 
-def _screen(ref: Reference, checked: Sequence[tuple[Any, ...]]
+def _index_labels(rows: Sequence[bfmt.IndexRow]) -> list[int]:
+    """The integer labels the index gives: the classes the trigger screen will most likely
+    see, to prepare its reference side while the rows are checked."""
+    out = []
+    for row in rows:
+        label = row.fields.get("label")
+        if isinstance(label, int) and not isinstance(label, bool):
+            out.append(label)
+        elif isinstance(label, str) and label.strip().isdigit():
+            out.append(int(label))  # CSV carries numbers as text
+    return out
+
+
+def _screen(ref: Reference, checked: Sequence[tuple[Any, ...]],
+            pool: ThreadPoolExecutor | _InlinePool
             ) -> tuple[dict[str, Any], dict[str, Any], dict[int, list[str]]]:
-    """The screens over the decodable samples of ``checked`` (rows as ``_Reader.sample``
-    gives them): (KS result, trigger screen report, screen reason codes by row position)."""
+    """The screens over the decodable samples of ``checked`` (rows as ``_Reader.read``
+    gives them): (KS result, trigger screen report, screen reason codes by row position).
+    The label screen, the trigger screen and half of the features run on the pool while
+    this thread computes the other half, the KS test, the Isolation Forest and the range
+    screen; each is a function of the batch alone, so the result does not depend on the
+    timing."""
     import numpy as np
 
     from cloud_train.ingest.batch_screens import REASON as TRIGGER_REASON
@@ -395,11 +515,20 @@ def _screen(ref: Reference, checked: Sequence[tuple[Any, ...]]
     if not good:
         return stat, trigger, screens
     small = np.stack([checked[i][3] for i in good])
-    feats = image_features(small)
     labels = np.array([row_label(checked[i][0].fields) for i in good])
+    agree = pool.submit(ref.label_scores, small, labels)
+    triggered = pool.submit(ref.trigger_screen, small, labels)
+    # the features of the second half of the batch go to whichever worker is free first;
+    # each image's features are computed alone, so the halves join to the same array
+    cut = len(small) // 2
+    rest = pool.submit(image_features, small[cut:]) if cut else None
+    feats = image_features(small[:cut]) if cut else image_features(small)
+    if rest is not None:
+        feats = np.concatenate([feats, rest.result()])
     stat = ref.batch_shift(feats, labels)
-    trig_held, trigger = ref.trigger_screen(small, labels)
-    for i, reasons, t in zip(good, ref.screen(feats, labels, small), trig_held, strict=True):
+    per_sample = ref.screen(feats, labels, small, agree=agree.result)
+    trig_held, trigger = triggered.result()
+    for i, reasons, t in zip(good, per_sample, trig_held, strict=True):
         screens[i] = (reasons + ([TRIGGER_REASON] if t else [])
                       + (["BATCH_DISTRIBUTION_SHIFT"] if stat["shifted"] else []))
     return stat, trigger, screens
@@ -408,12 +537,14 @@ def _screen(ref: Reference, checked: Sequence[tuple[Any, ...]]
 def ingest(batch_path: str | os.PathLike[str], store: str | os.PathLike[str],
            class_names: Sequence[str] = SYNTHETIC_CLASSES,
            now: datetime | None = None, reference: Reference | None = None,
-           max_rows: int = bfmt.MAX_BATCH_ROWS, max_bytes: int = bfmt.MAX_BATCH_BYTES
-           ) -> dict[str, Any]:
+           max_rows: int = bfmt.MAX_BATCH_ROWS, max_bytes: int = bfmt.MAX_BATCH_BYTES,
+           workers: int | None = None) -> dict[str, Any]:
     """Run the gate on one batch folder or tar; returns the summary (see ``_summary``).
 
     ``reference`` skips loading (and refitting) the store's screening reference.
-    ``max_rows`` / ``max_bytes`` are the per-batch caps (see FORMAT.md).
+    ``max_rows`` / ``max_bytes`` are the per-batch caps (see FORMAT.md). ``workers``: threads
+    for decoding and screening (default: one per usable core, at most 4; 1 runs everything
+    in this thread); the decisions, the journal and the stored objects do not depend on it.
     """
     p = store_paths(store)
     now = now or datetime.now(timezone.utc)
@@ -434,37 +565,46 @@ def ingest(batch_path: str | os.PathLike[str], store: str | os.PathLike[str],
                 if row.line not in journal.done:
                     journal.add(_record(rb, row, "REJECTED", batch_reasons))
             return _summary(rb, list(journal.done.values()), batch_reasons, {"error": message})
+        from cloud_train.ingest.batch_screens import single_thread_blas
         from cloud_train.ingest.reference import Reference
 
-        ref = reference or Reference.load(p["reference"])
-        stored = _stored_objects(p, rb.index_sha256)
-        reader = _Reader(src, len(class_names), now)
+        pool, background = _pool(workers), _pool(1 if workers == 1 else 2)
         try:
-            checked = [(row, *reader.sample(row)) for row in rb.rows]
+            # the reference loads (file reads and hashes, mostly outside the GIL) while this
+            # thread checks the rows; it is ready before any image is decoded, so nothing
+            # it might log lands in the decoders' stderr capture
+            loading = background.submit(lambda: reference or Reference.load(p["reference"]))
+            labels = _index_labels(rb.rows)
+            warm = background.submit(lambda: loading.result().prepare_trigger(labels))
+            reader = _Reader(src, len(class_names), now)
+            rows = [reader.check(row) for row in rb.rows]
+            ref = loading.result()
+            stored_f = background.submit(_stored_objects, p, rb.index_sha256)
+            background.submit(ref.embed_ready)
+            checked = reader.decode(rows, pool)
+            warm.result()  # the trigger screen reads what it computed
+            with single_thread_blas():  # small matrices: extra BLAS threads only wait
+                stat, trigger, screens = _screen(ref, checked, pool)
+            stored = stored_f.result()
         finally:
-            reader.stderr.close()
-        reader.files.clear()
-        from cloud_train.ingest.batch_screens import single_thread_blas
-
-        with single_thread_blas():  # small matrices: extra BLAS threads only wait
-            stat, trigger, screens = _screen(ref, checked)
+            pool.shutdown()
+            background.shutdown()
         # objects of this batch's finished rows (a rerun after a crash) are stored already
         for rec in journal.done.values():
             if rec.get("pack"):
                 stored.setdefault(rec["object"], _where(rec))
         pack = _Pack(p["objects"] / f"{rb.index_sha256}.pack")
         try:
-            for i, (row, reasons, data, _, warnings) in enumerate(checked):
+            for i, (row, reasons, data, _, warnings, digest) in enumerate(checked):
                 if row.line in journal.done:
                     continue
                 reasons = reasons + screens.get(i, [])
                 obj, first = None, ""
                 if data:  # each distinct content is stored once, in the store as a whole
-                    digest = sha256_hex(data)
                     if digest in stored:
                         obj, first = _where(stored[digest]), stored[digest].get("first", "")
                     else:
-                        obj = stored[digest] = pack.add(data)
+                        obj = stored[digest] = pack.add(data, digest)
                 rec = _record(rb, row, "QUARANTINED" if reasons else "ACCEPTED", reasons, obj)
                 if first:  # the same bytes came in an earlier batch: judged again, flagged
                     rec["duplicate_of"] = first

@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -215,13 +216,23 @@ class Reference:
     def _z(self, feats: np.ndarray) -> np.ndarray:
         return (np.asarray(feats, np.float32) - self.mu) / self.sd
 
+    def embed_ready(self) -> None:
+        """Start the label screen's network (import its runtime, build the session) ahead
+        of the first ``embed``."""
+        self._embed.ready()
+
+    def embed(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(features, softmax) of the label screen's network for n x 32 x 32 x 3 uint8 RGB
+        images (``embed.Embedder``)."""
+        return self._embed(_check_images(images))
+
     def label_scores(self, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Agreement with the given label in [0, 1] per image: the mean of the kNN share
         and the CNN posterior (n x 32 x 32 x 3 uint8 RGB images, n labels)."""
         labels = np.asarray(labels, np.int64)
         if not len(labels):
             return np.zeros(0)
-        emb, post = self._embed(_check_images(images))
+        emb, post = self.embed(images)
         with single_thread_blas():  # one small matmul: extra BLAS threads only wait
             share = (self.fit_labels[self._neighbours(emb)] == labels[:, None]).mean(axis=1)
         ok = (labels >= 0) & (labels < post.shape[1])
@@ -287,11 +298,13 @@ class Reference:
         return {"shifted": bool(shifted), "max_ks": round(worst_d, 4), "p": worst_p,
                 "feature": f"pc{worst_j}", "class_conditional": weights is not None}
 
-    def screen(self, feats: np.ndarray, labels: np.ndarray,
-               images: np.ndarray) -> list[list[str]]:
+    def screen(self, feats: np.ndarray, labels: np.ndarray, images: np.ndarray,
+               agree: Callable[[], np.ndarray] | None = None) -> list[list[str]]:
         """Reason codes per sample: OUTLIER (Isolation Forest), OUT_OF_RANGE (global stats
         outside the reference's range), LABEL_INCONSISTENT (learned neighbours and posterior
-        disagree with the label). ``feats`` from ``image_features(images)``."""
+        disagree with the label). ``feats`` from ``image_features(images)``; ``agree``
+        (optional): a function giving ``label_scores(images, labels)``, asked only after
+        the other two screens (a future's ``result`` while the network runs elsewhere)."""
         out: list[list[str]] = [[] for _ in range(len(labels))]
         if not len(labels):
             return out
@@ -300,15 +313,21 @@ class Reference:
         span = self.hi - self.lo
         outside = (stats < self.lo - 0.05 * span) | (stats > self.hi + 0.05 * span)
         off: np.ndarray = np.asarray(outside.any(axis=1))
-        agree = self.label_scores(images, labels)
+        scores = agree() if agree is not None else self.label_scores(images, labels)
         for i in range(len(labels)):
             if iso[i] < self.if_threshold:
                 out[i].append("OUTLIER")
             if off[i]:
                 out[i].append("OUT_OF_RANGE")
-            if agree[i] < self.label_threshold or agree[i] == 0.0:
+            if scores[i] < self.label_threshold or scores[i] == 0.0:
                 out[i].append("LABEL_INCONSISTENT")
         return out
+
+    def prepare_trigger(self, labels: np.ndarray) -> None:
+        """Compute the reference side of the trigger screen for a batch with these labels
+        ahead of it (``TriggerScreen.prepare``); nothing when the screen is off."""
+        if self.trigger_null.get("k") is not None:
+            self.trigger.prepare(labels)
 
     def trigger_screen(self, images: np.ndarray, labels: np.ndarray
                        ) -> tuple[np.ndarray, dict[str, Any]]:

@@ -9,6 +9,7 @@ Forest, range, KS, label consistency) live in ``cloud_train.ingest.reference``.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from datetime import datetime, timedelta, timezone
@@ -50,19 +51,26 @@ def validate_row(fields: dict[str, Any], n_classes: int, now: datetime,
             reasons.append("BAD_LABEL_TYPE")
         elif not 0 <= label < n_classes:
             reasons.append("LABEL_OUT_OF_RANGE")
-    t = fields.get("capture_time")
     if "capture_time" not in missing:
-        try:
-            ts = datetime.fromisoformat(str(t).replace("Z", "+00:00"))
-            if ts.tzinfo is None or ts.utcoffset() != timedelta(0):
-                reasons.append("CAPTURE_TIME_NOT_UTC")
-            elif ts > now + skew:
-                reasons.append("CAPTURE_TIME_FUTURE")
-            elif ts < EARLIEST_CAPTURE:
-                reasons.append("CAPTURE_TIME_TOO_OLD")
-        except ValueError:
-            reasons.append("CAPTURE_TIME_UNPARSABLE")
+        code = _capture_time_reason(str(fields.get("capture_time")), now, skew)
+        if code:
+            reasons.append(code)
     return reasons
+
+
+@functools.lru_cache(maxsize=256)  # a batch's rows mostly share a few capture times
+def _capture_time_reason(text: str, now: datetime, skew: timedelta) -> str:
+    try:
+        ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return "CAPTURE_TIME_UNPARSABLE"
+    if ts.tzinfo is None or ts.utcoffset() != timedelta(0):
+        return "CAPTURE_TIME_NOT_UTC"
+    if ts > now + skew:
+        return "CAPTURE_TIME_FUTURE"
+    if ts < EARLIEST_CAPTURE:
+        return "CAPTURE_TIME_TOO_OLD"
+    return ""
 
 
 def row_label(fields: dict[str, Any]) -> int:
