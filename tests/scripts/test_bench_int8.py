@@ -3,21 +3,18 @@ sane figures, and a clear refusal of bad input before any work."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from pathlib import Path
 from types import ModuleType
-from unittest import mock
 
 import pytest
 import torch
+from script_loader import load_script
 from toy_data import toy_shapes, used_model
 
 from cloud_train import gtsrb
 from cloud_train.checkpoint import save_checkpoint
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_int8.py"
 NAMES = ["red_disc", "blue_square", "green_triangle", "yellow_cross"]
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -25,12 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_int8", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    with mock.patch.dict(os.environ):  # the script sets thread variables when imported
-        spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_int8")
 
 
 @pytest.fixture(scope="module")

@@ -3,25 +3,15 @@ says so (the model with the highest robust accuracy need not be one of them)."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from pathlib import Path
 from types import ModuleType
-from unittest import mock
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_robust_training.py"
+from script_loader import load_script
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_robust_training", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    with mock.patch.dict(os.environ):  # the script sets thread variables when imported
-        spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_robust_training")
 
 
 def row(trainer: str, clean: float, robust: float, sane: bool = True) -> dict:
