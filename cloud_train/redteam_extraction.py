@@ -55,7 +55,8 @@ JACOBIAN_LAMBDA = 0.1  # Papernot et al. 2017's step
 JACOBIAN_TAU = 3  # rounds between flips of the step's sign
 WATERMARK_QUERIES = 200
 # seeds of the rendered crops, apart from the victim's training seed (``seed``)
-POOL_SEED, EVAL_SEED, INDEPENDENT_SEED, BENIGN_SEED = 70_000, 80_000, 90_000, 100_000
+POOL_SEED, EVAL_SEED, INDEPENDENT_SEED, BENIGN_SEED, COST_SEED = (70_000, 80_000, 90_000,
+                                                                  100_000, 110_000)
 BENIGN_BATCH = 10  # a benign client's crops per request: PRADA tests every 10 images
 
 
@@ -66,7 +67,8 @@ class Scale:
     first_queries: the first point of the schedule and the Jacobian seeds (a multiple of
     14); max_queries: an unlimited attacker's plan; budget / rate / burst: the limited
     keys' budget (images), refill (images/s) and bucket; the benign clients each send
-    ``budget`` crops under the same budget; batch: images per attacker request."""
+    ``budget`` crops under the same budget; batch: images per attacker request;
+    cost_crops: the crops on which the watermark's cost is measured offline."""
 
     victim_arch: str
     victim_per_class: int
@@ -81,6 +83,7 @@ class Scale:
     burst: float
     batch: int
     benign_clients: int
+    cost_crops: int
     clone_arch: str
     epochs: int
     wall_cap_s: float
@@ -91,11 +94,13 @@ SCALES = {
     "tiny": Scale(victim_arch="signnet_tiny", victim_per_class=30, victim_epochs=12,
                   victim_batch=32, pool_per_class=8, eval_per_class=8, first_queries=28,
                   max_queries=112, budget=48, rate=40.0, burst=32.0, batch=16,
-                  benign_clients=3, clone_arch="signnet_tiny", epochs=6, wall_cap_s=60.0),
+                  benign_clients=3, cost_crops=500, clone_arch="signnet_tiny", epochs=6,
+                  wall_cap_s=60.0),
     "quick": Scale(victim_arch="signnet", victim_per_class=300, victim_epochs=8,
                    victim_batch=128, pool_per_class=160, eval_per_class=40, first_queries=140,
                    max_queries=2240, budget=500, rate=20.0, burst=64.0, batch=64,
-                   benign_clients=10, clone_arch="signnet_tiny", epochs=12, wall_cap_s=300.0),
+                   benign_clients=10, cost_crops=20_000,
+                   clone_arch="signnet_tiny", epochs=12, wall_cap_s=300.0),
 }
 
 
@@ -285,6 +290,32 @@ def _benign(svc: Any, info: Any, victim_predict: Any, sc: Scale, budget: int,
     return rows
 
 
+def _watermark_sample(folder: Path, predict: Any, info: Any, rate: float, n: int,
+                      seed: int) -> dict[str, Any]:
+    """The watermark's cost on ``n`` fresh crops of random classes: the selection and the
+    wrong label come from the same function and key as the service's answers, so this is
+    what honest users would be served, measured on more crops than the benign clients send
+    (their own answers scatter by about sqrt(rate / answers) around the rate)."""
+    from cloud_train.render import render_sign
+    from serve.cli import read_watermark_key
+    from serve.watermark import quantise, wrong_label
+
+    key = read_watermark_key(str(folder / "secrets.json"))
+    rng = np.random.default_rng((COST_SEED, seed))
+    truth = rng.integers(len(info.class_names), size=n)
+    crops = np.stack([render_sign(int(c), rng, info.input_size) for c in truth])
+    own = _labels_of(predict, crops)
+    served = own.copy()
+    for i, crop in enumerate(crops.transpose(0, 3, 1, 2).astype(np.float32) / 255.0):
+        w = wrong_label(key, info.input_size, quantise(crop), int(own[i]),
+                        len(info.class_names), rate)
+        if w is not None:
+            served[i] = w
+    return {"crops": n, "seed": [COST_SEED, seed], "marked": int((served != own).sum()),
+            "correct_victim": int((own == truth).sum()),
+            "correct_served": int((served == truth).sum())}
+
+
 def _export(model: Any, class_names: Any, path: Path) -> Path:
     from distill.export import export_onnx
 
@@ -383,6 +414,9 @@ def _run(out: Path, scale: str, sc: Scale, seed: int, victim: str | None, budget
                         rows.append(row)
                         tick(f"{d.name} / {mode}: {100 * row['agreement']:.0f} % agreement")
                 benign = _benign(svcs["prada"], info, predict, sc, budget, seed)
+                rate = config_from_dict(specs[1].settings).watermark_rate
+                cost_sample = _watermark_sample(work / "serve" / "prada", predict, info, rate,
+                                                sc.cost_crops, seed)
                 tick("benign clients")
         indep = Clone(CloneRecipe(sc.clone_arch, sc.epochs),
                       len(info.class_names), seed + 1)
@@ -420,7 +454,7 @@ def _run(out: Path, scale: str, sc: Scale, seed: int, victim: str | None, budget
                      for s in specs},
         "jacobian": {"lambda": JACOBIAN_LAMBDA, "tau": JACOBIAN_TAU,
                      "seeds": int(len(world["seeds"]))},
-        "watermark_rate": config_from_dict(specs[1].settings).watermark_rate,
+        "watermark_rate": rate, "watermark_sample": cost_sample,
         "runs": rows, "benign": benign,
         "independent": {"onnx": str(indep_onnx), "agreement": round(ind_agree, 4),
                         "accuracy": round(ind_acc, 4), "train_crops": int(len(world["indep"]))}}

@@ -13,8 +13,9 @@ The issue's targets, as ``check_targets`` reads them:
 - watermark: each stolen clone (an undefended run that reached 90 %; without one, the
   undefended clone of the highest agreement) is recognised with p < 1e-6 in <= 200
   queries, the independent model on the same rows is not (p > 0.01), and the watermark
-  costs the benign clients <= 0.5 points of clean accuracy (their answers' accuracy
-  against the victim's own on the same crops).
+  costs honest users <= 0.5 points of clean accuracy: measured on the offline sample of
+  fresh crops (``watermark_sample``: what the service's key and rate would serve, against
+  the victim's own labels), with the benign clients' answers through the service beside it.
 """
 
 from __future__ import annotations
@@ -140,7 +141,9 @@ def _watermark(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def watermark_cost(result: dict[str, Any]) -> dict[str, Any]:
-    """Clean accuracy of the benign clients' answers and of the victim on the same crops."""
+    """The watermark's cost to honest users in points of clean accuracy: on the offline
+    sample of fresh crops (``watermark_sample``, the target's figure) and on the benign
+    clients' own answers through the service (fewer answers, so it scatters more)."""
     benign = result["benign"]
     n = sum(b["answered"] for b in benign)
     served = sum(b["correct_served"] for b in benign)
@@ -148,13 +151,19 @@ def watermark_cost(result: dict[str, Any]) -> dict[str, Any]:
     changed = sum(b["changed"] for b in benign)
     points = 100.0 * (own - served) / n if n else None
     # what the rate predicts: a watermarked answer costs a point only where the victim
-    # was right; the measured figure scatters around it (the selection is a keyed hash)
+    # was right
     rate = result.get("watermark_rate")
     expected = None if rate is None or not n else round(100.0 * rate * own / n, 3)
+    sample = result.get("watermark_sample") or {}
+    m = sample.get("crops", 0)
+    sample_points = (100.0 * (sample["correct_victim"] - sample["correct_served"]) / m
+                     if m else None)
     return {"answers": n, "accuracy_served": served / n if n else None,
             "accuracy_victim": own / n if n else None, "changed": changed,
-            "cost_points": None if points is None else round(points, 3),
-            "expected_points": expected}
+            "benign_points": None if points is None else round(points, 3),
+            "expected_points": expected, "sample_crops": m,
+            "sample_marked": sample.get("marked"),
+            "cost_points": None if sample_points is None else round(sample_points, 3)}
 
 
 def check_targets(result: dict[str, Any]) -> None:
@@ -168,11 +177,12 @@ def check_targets(result: dict[str, Any]) -> None:
                {"name": f"watermark costs honest users <= {WATERMARK_COST_POINTS} points",
                 "met": cost["cost_points"] is not None
                 and cost["cost_points"] <= WATERMARK_COST_POINTS,
-                "text": f"benign answers {_pct(cost['accuracy_served'])} % correct, the "
-                        f"victim {_pct(cost['accuracy_victim'])} % on the same "
-                        f"{cost['answers']} crops: {cost['cost_points']} points "
-                        f"({cost['changed']} answers changed; the watermark's rate predicts "
-                        f"{cost['expected_points']})"}]
+                "text": f"{cost['cost_points']} points on {cost['sample_crops']} fresh crops "
+                        f"({cost['sample_marked']} marked); the benign clients' answers "
+                        f"{_pct(cost['accuracy_served'])} % correct against the victim's "
+                        f"{_pct(cost['accuracy_victim'])} % on the same {cost['answers']} "
+                        f"crops: {cost['benign_points']} points ({cost['changed']} answers "
+                        f"changed; the rate predicts {cost['expected_points']})"}]
     result["targets"] = targets
     result["missed"] = [f"{t['name']}: {t['text']}" for t in targets if not t["met"]]
     result["all_targets_met"] = not result["missed"]

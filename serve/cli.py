@@ -234,6 +234,7 @@ def watermark_verify(args: argparse.Namespace) -> int:
         print(f"watermark queries replayed  {verdict.queries}\n"
               f"suspect gave the wrong label {verdict.agree}\n"
               f"suspect gave the true label  {verdict.agree_true}\n"
+              f"images tested (not the true) {verdict.tested}\n"
               f"chance agreement (1/(C-1))   {verdict.chance:.4f}\n"
               f"p-value                      {verdict.p_value:.3g}")
     return 0

@@ -146,25 +146,30 @@ class Service:
                 return self._strike(fresh, n, now)
             prada = self._prada_state(record.key_id) if cfg.prada_enabled else None
             update = prada.observe(images_u8, predicted) if prada is not None else None
-            cut = None
-            if update is not None and update.test is not None and update.test[2] \
-                    and not prada.alarm:  # type: ignore[union-attr]
-                cut = cfg.prada_on_alarm
-                log.warning("PRADA alarm for key %s after %d queries (W = %.3f): cut to %s",
-                            record.key_id, update.test[0], update.test[1], cut)
-            charge = Charge(
-                cost=n, bucket=ratelimit.take(fresh.bucket, n, now),
-                request_id=request.request_id,
-                points=update.points if update else (), first_seq=update.first_seq
-                if update else 0, distances=update.distances if update else (),
-                test=update.test if update else None, cut=cut,
-                watermark=[watermark_row(size, u8, y, w) for u8, y, w
-                           in zip(images_u8, predicted, wrong, strict=True) if w is not None])
-            why = self.store.charge(record.key_id, charge, now, replay_since)
+            try:  # PRADA has advanced: keep it only if the store kept the same update
+                cut = None
+                if update is not None and update.test is not None and update.test[2] \
+                        and not prada.alarm:  # type: ignore[union-attr]
+                    cut = cfg.prada_on_alarm
+                    log.warning("PRADA alarm for key %s after %d queries (W = %.3f): cut to %s",
+                                record.key_id, update.test[0], update.test[1], cut)
+                charge = Charge(
+                    cost=n, bucket=ratelimit.take(fresh.bucket, n, now),
+                    request_id=request.request_id,
+                    points=update.points if update else (), first_seq=update.first_seq
+                    if update else 0, distances=update.distances if update else (),
+                    test=update.test if update else None, cut=cut,
+                    watermark=[watermark_row(size, u8, y, w) for u8, y, w
+                               in zip(images_u8, predicted, wrong, strict=True) if w is not None])
+                why = self.store.charge(record.key_id, charge, now, replay_since)
+            except BaseException:
+                if prada is not None and update is not None:
+                    prada.revert(update)
+                raise
+            if prada is not None and update is not None:
+                (prada.revert if why else prada.apply)(update)
             if why:
                 return self._late_refusal(why)
-            if prada is not None and update is not None:
-                prada.apply(update)
             self._answered += 1
             if self._answered % PRUNE_EVERY == 0:  # forget request ids past the window
                 self.store.prune_request_ids(replay_since)
@@ -186,10 +191,10 @@ class Service:
     def _prada_state(self, key_id: str) -> PradaState:
         state = self._prada.get(key_id)
         if state is None:
-            points, distances = self.store.prada_history(key_id)
+            points, _ = self.store.prada_history(key_id)
             alarm = any(a for _, _, a in self.store.prada_tests(key_id))
             cfg = self.config
-            state = PradaState.from_history(points, distances, alarm, delta=cfg.prada_delta,
+            state = PradaState.from_history(points, alarm, delta=cfg.prada_delta,
                                             min_distances=cfg.prada_min_distances,
                                             test_every=cfg.prada_test_every)
             self._prada[key_id] = state

@@ -10,9 +10,10 @@ The service stores (key id, sha256(u), shape, u, y, w) in its ``watermark`` tabl
 
 Verification replays the stored images against a suspect model and counts how many it
 labels w. For a model made without the watermark key, w is uniform over the classes other
-than y and independent of the model, so P(suspect says w) <= 1 / (C - 1) for every image:
-the p-value is the binomial tail P(X >= k), X ~ Binomial(n, 1 / (C - 1)), a conservative
-bound whatever the suspect's own error rate. A clone trained on the service's answers
+than y and independent of the model's answer s: on an image where s != y, P(s == w) is
+exactly 1 / (C - 1); where s == y it is 0. With m the images where the suspect did not say
+y, the p-value is the binomial tail P(X >= k), X ~ Binomial(m, 1 / (C - 1)), exact
+whatever the suspect's own error rate. A clone trained on the service's answers
 learned w for those images and agrees far more often.
 """
 
@@ -61,14 +62,16 @@ class Verdict:
     """Result of replaying the watermark against a suspect.
 
     queries: watermark images replayed; agree: the suspect said the wrong label w;
-    agree_true: it said the victim's own label y; chance: the null agreement 1/(C-1);
-    p_value: P(X >= agree), X ~ Binomial(queries, chance); skipped: stored rows the key
-    does not reproduce (another key, or altered rows), left out.
+    agree_true: it said the victim's own label y; tested: the images where it said
+    anything but y (only there can it say w); chance: the null agreement 1/(C-1) on each
+    of those; p_value: P(X >= agree), X ~ Binomial(tested, chance); skipped: stored rows
+    the key does not reproduce (another key, or altered rows), left out.
     """
 
     queries: int
     agree: int
     agree_true: int
+    tested: int
     chance: float
     p_value: float
     skipped: int
@@ -115,12 +118,16 @@ def verify(rows: Sequence[tuple[str, str, str, bytes, int, int]], key: bytes, nu
         wrongs.append(w)
         trues.append(y)
     if not images:
-        return Verdict(0, 0, 0, 1.0 / (num_classes - 1), 1.0, skipped)
+        return Verdict(0, 0, 0, 0, 1.0 / (num_classes - 1), 1.0, skipped)
     stack = np.stack(images)
     labels = np.concatenate([np.asarray(predict(stack[i:i + batch])).reshape(-1)
                              for i in range(0, len(stack), batch)])
     agree = int((labels == np.asarray(wrongs)).sum())
     agree_true = int((labels == np.asarray(trues)).sum())
+    # w is uniform over the classes other than y and, for a model made without the key,
+    # independent of its answer: where it says s != y, P(s == w) is exactly 1/(C-1), and
+    # where it says y it cannot say w
+    tested = len(images) - agree_true
     chance = 1.0 / (num_classes - 1)
-    return Verdict(len(images), agree, agree_true, chance,
-                   binomial_tail(agree, len(images), chance), skipped)
+    return Verdict(len(images), agree, agree_true, tested, chance,
+                   binomial_tail(agree, tested, chance), skipped)

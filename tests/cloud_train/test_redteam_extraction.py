@@ -120,7 +120,8 @@ def _fake(**over):
         next(r for r in runs if r["key"] == key).update(fields)
     benign = [{"answered": 500, "correct_served": 490, "correct_victim": 491, "changed": 2,
                "prada": {"alarm_at": None, "min_w": 0.93}} for _ in range(10)]
-    return {"runs": runs, "benign": benign}
+    sample = {"crops": 20_000, "marked": 80, "correct_victim": 19_000, "correct_served": 18_925}
+    return {"runs": runs, "benign": benign, "watermark_sample": sample}
 
 
 def test_every_target_met_and_each_miss_named():
@@ -148,11 +149,22 @@ def test_every_target_met_and_each_miss_named():
     flagged = _fake()
     flagged["benign"][3]["prada"] = {"alarm_at": 130, "min_w": 0.88}
     costly = copy.deepcopy(_fake())
-    for b in costly["benign"]:
-        b["correct_served"] = 480
+    costly["watermark_sample"]["correct_served"] = 18_890  # 0.55 points
     for res, name in ((flagged, "never flags the benign"), (costly, "costs honest users")):
         check_targets(res)
         assert [m for m in res["missed"] if name in m] and len(res["missed"]) == 1
+    # the benign clients' own answers are reported beside the sample, not judged
+    scattered = _fake()
+    for b in scattered["benign"]:
+        b["correct_served"] = 480
+    check_targets(scattered)
+    assert scattered["all_targets_met"]
+    assert scattered["watermark_cost"]["benign_points"] == 2.2
+    assert scattered["watermark_cost"]["cost_points"] == 0.375
+    unmeasured = _fake()
+    del unmeasured["watermark_sample"]
+    check_targets(unmeasured)
+    assert [m for m in unmeasured["missed"] if "costs honest users" in m]
 
 
 def test_bad_input_is_a_clear_error_before_any_work(tmp_path: Path, tiny_onnx: Path):

@@ -152,3 +152,81 @@ def test_alarm_can_switch_the_key_off(make_service):
         if r.status_code != 200:
             break
     assert statuses[-1] == 403 and r.json() == {"error": "forbidden"}
+
+
+def _vec(value: float) -> bytes:
+    return quantise(np.full((3, 4, 4), value, np.float32))
+
+
+def test_a_query_within_the_class_threshold_is_measured_but_not_kept():
+    state = PradaState()
+    state.apply(state.observe([_vec(0.0), _vec(0.5), _vec(1.0)], [0, 0, 0]))
+    grown = state.classes[0]
+    # kept: 0 (founds the set), 128 (d1 to 0 over 48 values), 255 (d2 to 128); D_G = [0, d1, d2]
+    set_distances = [0.0, np.sqrt(48) * 128 / 255, np.sqrt(48) * 127 / 255]
+    assert grown.points.n == 3
+    np.testing.assert_allclose(grown.threshold, np.mean(set_distances) - np.std(set_distances),
+                               rtol=1e-6)
+    near = state.observe([_vec(0.52)], [0])  # closer to 0.5 than the threshold
+    state.apply(near)
+    assert near.distances[0][1] < grown.threshold
+    assert grown.points.n == 3 and state.class_distances[0][-1] == near.distances[0][1]
+    far = state.observe([quantise(np.zeros((3, 4, 4), np.float32) + np.eye(4)[None])], [1])
+    state.apply(far)
+    assert state.classes[1].points.n == 1 and far.distances == []
+
+
+def test_the_test_sample_drops_outliers_and_waits_for_small_classes():
+    from serve.prada import test_sample
+
+    rng = np.random.default_rng(0)
+    normal = list(rng.normal(5.0, 0.1, 200))
+    sample = test_sample([normal + [50.0], [1.0] * 9], class_min=10)
+    assert len(sample) == 200 and 50.0 not in sample and 1.0 not in sample
+    assert len(test_sample([[2.0] * 120], class_min=10)) == 120  # equal values: none dropped
+
+
+def test_revert_puts_the_state_back_exactly():
+    stream = benign_stream(160, seed=3)
+    classes = np.random.default_rng(3).integers(0, 3, len(stream))
+    images = [quantise(x) for x in stream]
+    state = PradaState()
+    state.apply(state.observe(images[:120], list(classes[:120])))
+    before = (state.seq, list(state.distances), {c: (s.points.n, list(s.set_distances),
+                                                     s.threshold)
+                                                 for c, s in state.classes.items()})
+    first = state.observe(images[120:], list(classes[120:]))
+    state.revert(first)
+    after = (state.seq, list(state.distances), {c: (s.points.n, list(s.set_distances),
+                                                    s.threshold)
+                                                for c, s in state.classes.items()})
+    assert after == before
+    again = state.observe(images[120:], list(classes[120:]))
+    assert again == first and again.test is not None
+
+
+def test_a_request_the_store_refuses_or_fails_leaves_prada_as_it_was(make_service,
+                                                                     monkeypatch):
+    service = make_service(watermark_rate=0.0)
+    client = client_for(service)
+    headers = {"X-API-Key": add_key(service, "k", policy="softmax")}
+    stream = benign_stream(60, seed=5)
+    url = "/v2/models/roadsign/infer"
+    assert client.post(url, json=infer_body(stream[:20]), headers=headers).status_code == 200
+    seen = service.prada_status("k")
+    kept = service.store.charge
+    # the store's late refusal (a race on the budget), then a failing commit
+    monkeypatch.setattr(service.store, "charge", lambda *a, **k: "budget")
+    assert client.post(url, json=infer_body(stream[20:40]), headers=headers).status_code == 429
+    assert service.prada_status("k") == seen
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(service.store, "charge", broken)
+    with pytest.raises(OSError):  # TestClient re-raises what the server would answer as 500
+        client.post(url, json=infer_body(stream[20:40]), headers=headers)
+    assert service.prada_status("k") == seen
+    monkeypatch.setattr(service.store, "charge", kept)
+    assert client.post(url, json=infer_body(stream[20:40]), headers=headers).status_code == 200
+    assert service.prada_status("k")["queries"] == 40

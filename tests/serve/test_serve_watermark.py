@@ -76,6 +76,11 @@ def test_verify_recognises_the_clone_and_not_an_independent_model(
         make_service, state_dir, tiny, tiny_model, tmp_path, capsys):
     import torch
 
+    # a fixed key: which of the fixed queries are marked is then fixed too (a fresh key
+    # marks 20.5 of 4096 on average and, about once in a hundred, fewer than 10)
+    secrets_file = state_dir / "secrets.json"
+    doc = json.loads(secrets_file.read_text())
+    secrets_file.write_text(json.dumps({**doc, "watermark_key": "5a" * 32}))
     service = make_service(watermark_rate=0.005, prada_enabled=False)
     client = client_for(service)
     token = add_key(service, "thief", policy="label", budget=100_000, burst=100_000)
@@ -136,3 +141,24 @@ def test_verify_skips_rows_another_key_did_not_make():
     assert verdict.queries == 0 and verdict.skipped == 5 and verdict.p_value == 1.0
     verdict = verify(rows, key, 3, lambda x: np.zeros(len(x), int))
     assert verdict.queries == 5 and verdict.agree == 0 and verdict.agree_true == 5
+
+
+def test_the_p_value_counts_only_the_images_where_the_suspect_did_not_say_y():
+    key = b"k" * 32
+    rng = np.random.default_rng(2)
+    rows = []
+    while len(rows) < 12:
+        u = rng.integers(0, 256, 3 * 4 * 4, dtype=np.uint8).tobytes()
+        w = wrong_label(key, 4, u, 1, 5, 0.005)
+        if w is not None:
+            rows.append(("c", str(len(rows)), "[3, 4, 4]", u, 1, w))
+    wrongs = np.array([r[5] for r in rows])
+    # 6 answers w, 4 answer y (where w cannot be said), 2 answer another wrong class
+    answers = np.concatenate([wrongs[:6], [1] * 4, [(w + 1) % 5 or 2 for w in wrongs[10:]]])
+    answers[10:] = [c if c not in (1, w) else (c + 2) % 5 for c, w in zip(answers[10:],
+                                                                             wrongs[10:])]
+    assert all(a != 1 and a != w for a, w in zip(answers[10:], wrongs[10:]))
+    verdict = verify(rows, key, 5, lambda x: answers[:len(x)] if len(x) == 12 else None,
+                     batch=64)
+    assert (verdict.queries, verdict.agree, verdict.agree_true, verdict.tested) == (12, 6, 4, 8)
+    assert verdict.p_value == pytest.approx(binomial_tail(6, 8, 0.25))
