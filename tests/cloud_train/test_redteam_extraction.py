@@ -47,6 +47,16 @@ def test_the_tiny_run_writes_its_report_and_every_defence_meets_both_attacks(run
     assert "undefended" in markdown(result) and "MISSED" in text_table(result)
 
 
+def test_the_watermark_cost_sample_is_measured_and_reported(run):
+    _, result = run
+    sample = result["watermark_sample"]
+    assert sample["crops"] == X.SCALES["tiny"].cost_crops
+    # a marked answer is wrong, so it can only lower the served accuracy, by at most one each
+    lost = sample["correct_victim"] - sample["correct_served"]
+    assert 0 <= lost <= sample["marked"]
+    assert result["watermark_cost"]["cost_points"] == round(100 * lost / sample["crops"], 3)
+
+
 def test_the_service_counted_what_each_attacker_was_answered(run):
     _, result = run
     budget = result["budget"]
