@@ -98,7 +98,7 @@ SCALES = {
                   wall_cap_s=60.0),
     "quick": Scale(victim_arch="signnet", victim_per_class=300, victim_epochs=8,
                    victim_batch=128, pool_per_class=160, eval_per_class=40, first_queries=140,
-                   max_queries=2240, budget=300, rate=20.0, burst=64.0, batch=64,
+                   max_queries=2240, budget=256, rate=20.0, burst=64.0, batch=64,
                    benign_clients=10, cost_crops=20_000,
                    clone_arch="signnet_tiny", epochs=12, wall_cap_s=300.0),
 }
