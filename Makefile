@@ -20,6 +20,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e '.[cpu,cloud,dev,serve]'
 	$(PY) -m pip install --quiet --no-deps $(TRT_STUBS_SPEC)
+	# byte-code for the project's own modules, as pip writes it for every other package:
+	# where PYTHONDONTWRITEBYTECODE is set, each command would otherwise compile them anew
+	$(PY) -m compileall -q roadshield roadshield_base cloud_train distill edge_runtime actuator kernels serve > /dev/null
 	touch $@
 
 demo: $(VENV)/.installed

@@ -481,6 +481,24 @@ class _Reader:
         return out
 
 
+def _store_objects(pack: _Pack, checked: Sequence[tuple[Any, ...]], done: dict[int, Any],
+                   stored: dict[str, dict[str, Any]]
+                   ) -> dict[int, tuple[dict[str, Any], str]]:
+    """Append the bytes of every unfinished row to ``pack``, each distinct content once in
+    the store as a whole; returns per row position (object location, the record that
+    first stored those bytes in an earlier batch, or "")."""
+    out: dict[int, tuple[dict[str, Any], str]] = {}
+    for i, (row, _, data, _, _, digest) in enumerate(checked):
+        if row.line in done or not data:
+            continue
+        if digest in stored:
+            out[i] = (_where(stored[digest]), stored[digest].get("first", ""))
+        else:
+            out[i] = (pack.add(data, digest), "")
+            stored[digest] = out[i][0]
+    return out
+
+
 def _index_labels(rows: Sequence[bfmt.IndexRow]) -> list[int]:
     """The integer labels the index gives: the classes the trigger screen will most likely
     see, to prepare its reference side while the rows are checked."""
@@ -569,6 +587,7 @@ def ingest(batch_path: str | os.PathLike[str], store: str | os.PathLike[str],
         from cloud_train.ingest.reference import Reference
 
         pool, background = _pool(workers), _pool(1 if workers == 1 else 2)
+        pack = _Pack(p["objects"] / f"{rb.index_sha256}.pack")
         try:
             # the reference loads (file reads and hashes, mostly outside the GIL) while this
             # thread checks the rows; it is ready before any image is decoded, so nothing
@@ -582,37 +601,32 @@ def ingest(batch_path: str | os.PathLike[str], store: str | os.PathLike[str],
             stored_f = background.submit(_stored_objects, p, rb.index_sha256)
             background.submit(ref.embed_ready)
             checked = reader.decode(rows, pool)
+            stored = stored_f.result()
+            # objects of this batch's finished rows (a rerun after a crash) are stored already
+            for rec in journal.done.values():
+                if rec.get("pack"):
+                    stored.setdefault(rec["object"], _where(rec))
+            # the image bytes go to the pack while the screens run; decisions follow them
+            objects = background.submit(_store_objects, pack, checked, journal.done, stored)
             warm.result()  # the trigger screen reads what it computed
             with single_thread_blas():  # small matrices: extra BLAS threads only wait
                 stat, trigger, screens = _screen(ref, checked, pool)
-            stored = stored_f.result()
+            where = objects.result()
         finally:
             pool.shutdown()
             background.shutdown()
-        # objects of this batch's finished rows (a rerun after a crash) are stored already
-        for rec in journal.done.values():
-            if rec.get("pack"):
-                stored.setdefault(rec["object"], _where(rec))
-        pack = _Pack(p["objects"] / f"{rb.index_sha256}.pack")
-        try:
-            for i, (row, reasons, data, _, warnings, digest) in enumerate(checked):
-                if row.line in journal.done:
-                    continue
-                reasons = reasons + screens.get(i, [])
-                obj, first = None, ""
-                if data:  # each distinct content is stored once, in the store as a whole
-                    if digest in stored:
-                        obj, first = _where(stored[digest]), stored[digest].get("first", "")
-                    else:
-                        obj = stored[digest] = pack.add(data, digest)
-                rec = _record(rb, row, "QUARANTINED" if reasons else "ACCEPTED", reasons, obj)
-                if first:  # the same bytes came in an earlier batch: judged again, flagged
-                    rec["duplicate_of"] = first
-                if warnings:
-                    rec["decoder_warnings"] = warnings
-                journal.add(rec)
-        finally:
             pack.close()
+        for i, (row, reasons, _, _, warnings, _) in enumerate(checked):
+            if row.line in journal.done:
+                continue
+            reasons = reasons + screens.get(i, [])
+            obj, first = where.get(i, (None, ""))
+            rec = _record(rb, row, "QUARANTINED" if reasons else "ACCEPTED", reasons, obj)
+            if first:  # the same bytes came in an earlier batch: judged again, flagged
+                rec["duplicate_of"] = first
+            if warnings:
+                rec["decoder_warnings"] = warnings
+            journal.add(rec)
         return _summary(rb, list(journal.done.values()), [], {"ks": stat,
                                                               "trigger_screen": trigger})
     finally:
