@@ -128,15 +128,21 @@ def test_verify_recognises_the_clone_and_not_an_independent_model(
     assert verdicts["clone"]["chance"] == pytest.approx(1 / (len(tiny.classes) - 1))
 
 
+def marked_rows(key: bytes, n: int, y: int, classes: int, seed: int) -> list[tuple]:
+    """``n`` stored-row tuples of random 4 x 4 images that ``key`` marks, model label ``y``."""
+    rng = np.random.default_rng(seed)
+    rows: list[tuple] = []
+    while len(rows) < n:
+        u = rng.integers(0, 256, 3 * 4 * 4, dtype=np.uint8).tobytes()
+        w = wrong_label(key, 4, u, y, classes, 0.005)
+        if w is not None:
+            rows.append(("c", str(len(rows)), "[3, 4, 4]", u, y, w))
+    return rows
+
+
 def test_verify_skips_rows_another_key_did_not_make():
     key = b"a" * 32
-    rng = np.random.default_rng(1)
-    rows = []
-    while len(rows) < 5:
-        u = rng.integers(0, 256, 3 * 4 * 4, dtype=np.uint8).tobytes()
-        w = wrong_label(key, 4, u, 0, 3, 0.005)
-        if w is not None:
-            rows.append(("c", str(len(rows)), "[3, 4, 4]", u, 0, w))
+    rows = marked_rows(key, 5, y=0, classes=3, seed=1)
     verdict = verify(rows, b"b" * 32, 3, lambda x: np.zeros(len(x), int))
     assert verdict.queries == 0 and verdict.skipped == 5 and verdict.p_value == 1.0
     verdict = verify(rows, key, 3, lambda x: np.zeros(len(x), int))
@@ -145,13 +151,7 @@ def test_verify_skips_rows_another_key_did_not_make():
 
 def test_the_p_value_counts_only_the_images_where_the_suspect_did_not_say_y():
     key = b"k" * 32
-    rng = np.random.default_rng(2)
-    rows = []
-    while len(rows) < 12:
-        u = rng.integers(0, 256, 3 * 4 * 4, dtype=np.uint8).tobytes()
-        w = wrong_label(key, 4, u, 1, 5, 0.005)
-        if w is not None:
-            rows.append(("c", str(len(rows)), "[3, 4, 4]", u, 1, w))
+    rows = marked_rows(key, 12, y=1, classes=5, seed=2)
     wrongs = np.array([r[5] for r in rows])
     # 6 answers w, 4 answer y (where w cannot be said), 2 answer another wrong class
     other = [min({0, 2, 3} - {int(w)}) for w in wrongs[10:]]
