@@ -6,14 +6,15 @@ Usage: python scripts/bench_distill.py --out runs/bench_distill [--data GTSRB_DI
            [--teacher CKPT | --teacher-trainer fast_at --teacher-epochs 10]
            [--student signnet_mobile] [--methods rslad,ard,kd] [--alone fast_at,pgd_at]
            [--epochs 10] [--eps 8/255] [--per-class 300] [--n-eval 200]
-           [--apgd-steps 20] [--square-queries 200] [--seed 0]
+           [--apgd-steps 20] [--square-queries 200] [--seed 0] [--warm-start]
 
 Without --data it renders the synthetic signs (``--per-class`` train images per class) into
 OUT/data; without --teacher it trains one (signnet, --teacher-trainer). Every student
-starts from the same seed and sees the same data order and schedule. Per model: parameters,
-seconds per training epoch, clean accuracy on the whole test split, and on a seeded
-``--n-eval`` subset the PGD-10 accuracy and the strong evaluation's worst case over APGD-CE,
-APGD-DLR and Square at ``--eps`` with its sanity checks. Writes OUT/distill.json and
+starts from the same seed and sees the same data order and schedule; with --warm-start
+the distilled students instead start from the weights of the student trained alone. Per
+model: parameters, seconds per training epoch, clean accuracy on the whole test split, and
+on a seeded ``--n-eval`` subset the PGD-10 accuracy and the strong evaluation's worst case
+over APGD-CE, APGD-DLR and Square at ``--eps`` with its sanity checks. Writes OUT/distill.json and
 OUT/distill.md and prints the table. A finished model is kept (OUT/<name>.safetensors) and
 not retrained when the script runs again. Threads: OMP_NUM_THREADS (default 2).
 """
@@ -42,7 +43,7 @@ def _eps(text: str) -> float:
 
 
 def _train(name: str, out: Path, data: Path, arch: str, trainer: str, args: argparse.Namespace,
-           teacher: Path | None = None) -> tuple[Path, float]:
+           teacher: Path | None = None, init: Path | None = None) -> tuple[Path, float]:
     """Train (or reuse) OUT/<name>.safetensors; return it and its seconds per epoch."""
     from cloud_train import pipeline
 
@@ -64,7 +65,7 @@ def _train(name: str, out: Path, data: Path, arch: str, trainer: str, args: argp
                                        device="cpu", state_path=state,
                                        resume=state if state.is_file() else None,
                                        trainer_options=options, teacher=teacher,
-                                       progress=False)
+                                       init=init, progress=False)
     seconds = float(result.history["seconds_per_epoch"])
     record.write_text(json.dumps({"seconds_per_epoch": seconds, "trainer": trainer}))
     return ckpt, seconds
@@ -121,6 +122,9 @@ def main() -> int:
     parser.add_argument("--apgd-steps", type=int, default=20)
     parser.add_argument("--square-queries", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warm-start", action="store_true",
+                        help="each distilled student starts from the same student trained "
+                             "alone with the first --alone trainer (named student_M_warm)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
@@ -147,15 +151,22 @@ def main() -> int:
     else:
         teacher, secs = _train("teacher", out, data, "signnet", args.teacher_trainer, args)
         runs.append(("teacher", teacher, args.teacher_trainer, secs))
-    for method in filter(None, args.methods.split(",")):
-        ckpt, secs = _train(f"student_{method}", out, data, args.student, method, args, teacher)
-        runs.append((f"student_{method}", ckpt, method, secs))
+    alone = []
     for trainer in filter(None, args.alone.split(",")):
         ckpt, secs = _train(f"alone_{trainer}", out, data, args.student, trainer, args)
-        runs.append((f"alone_{trainer}", ckpt, trainer, secs))
+        alone.append((f"alone_{trainer}", ckpt, trainer, secs))
+    if args.warm_start and not alone:
+        parser.error("--warm-start needs a student trained alone (--alone)")
+    init, suffix = (alone[0][1], "_warm") if args.warm_start else (None, "")
+    for method in filter(None, args.methods.split(",")):
+        name = f"student_{method}{suffix}"
+        ckpt, secs = _train(name, out, data, args.student, method, args, teacher, init)
+        runs.append((name, ckpt, method, secs))
+    runs += alone
     rows = [_measure(name, ckpt, trainer, secs, data, args) for name, ckpt, trainer, secs in runs]
     table = _table(rows, args.eps)
     report = {"rows": rows, "eps": args.eps, "epochs": args.epochs, "seed": args.seed,
+              "warm_start": args.warm_start,
               "data": str(data), "seconds": time.time() - start}
     (out / "distill.json").write_text(json.dumps(report, indent=2))
     (out / "distill.md").write_text(table + "\n")
