@@ -200,7 +200,7 @@ def extract_tar(tar_path: str | os.PathLike[str], dest: str | os.PathLike[str]) 
 
 
 def batch_limits(root: Path, rows: Sequence[IndexRow], max_rows: int = MAX_BATCH_ROWS,
-                 max_bytes: int = MAX_BATCH_BYTES) -> str:
+                 max_bytes: int = MAX_BATCH_BYTES, resolve: Resolver | None = None) -> str:
     """'' if the batch is within the caps, else a message saying which cap and by how much.
 
     Bytes are the sizes of the distinct files the rows name (as ``safe_path`` resolves them),
@@ -210,7 +210,7 @@ def batch_limits(root: Path, rows: Sequence[IndexRow], max_rows: int = MAX_BATCH
         return (f"batch {root} has {len(rows)} index rows, over the cap of {max_rows} per "
                 f"batch; split it into batches of at most {max_rows} rows")
     files: dict[str, int] = {}
-    resolve = Resolver(root)
+    resolve = resolve or Resolver(root)
     for row in rows:
         if row.parse_error:
             continue
@@ -222,6 +222,23 @@ def batch_limits(root: Path, rows: Sequence[IndexRow], max_rows: int = MAX_BATCH
         return (f"batch {root} names {total} bytes of images in {len(files)} files, over the "
                 f"cap of {max_bytes} bytes per batch; split it into smaller batches")
     return ""
+
+
+def read_capped(path: str, limit: int) -> bytes:
+    """The bytes of the file at ``path``, at most ``limit + 1`` of them (a file that grew
+    past ``limit`` after its size was checked is read no further)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks, left = [], limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def safe_path(root: Path, rel: str) -> Path | str:
@@ -247,16 +264,23 @@ class Resolver:
     (symlinks, missing files, odd names) takes ``safe_path``'s full resolution.
 
     ``resolve(rel)`` returns (the file's real path as a string, its size in bytes), or
-    (``safe_path``'s reason code, -1). Strings, not ``Path`` objects: building a ``Path``
-    costs more than the ``lstat``.
+    (``safe_path``'s reason code, -1), the same answer each time a batch asks for ``rel``.
+    Strings, not ``Path`` objects: building a ``Path`` costs more than the ``lstat``.
     """
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.real_root = os.path.realpath(root)
         self.real_dirs: dict[str, str] = {}
+        self.known: dict[str, tuple[str, int]] = {}  # the caps and the reader ask alike
 
     def __call__(self, rel: str) -> tuple[str, int]:
+        found = self.known.get(rel)
+        if found is None:
+            found = self.known[rel] = self._resolve(rel)
+        return found
+
+    def _resolve(self, rel: str) -> tuple[str, int]:
         if not rel or os.path.isabs(rel) or ".." in rel.split("/"):
             return self._slow(rel)
         head, name = os.path.split(rel)

@@ -240,8 +240,8 @@ def _ledger(p: dict[str, Path], source: str, batch_id: str) -> dict[str, Any] | 
     return None
 
 
-def _batch_check(rb: bfmt.RawBatch, p: dict[str, Path], max_rows: int, max_bytes: int
-                 ) -> tuple[list[str], str]:
+def _batch_check(rb: bfmt.RawBatch, p: dict[str, Path], max_rows: int, max_bytes: int,
+                 resolve: bfmt.Resolver) -> tuple[list[str], str]:
     """Source allow-list, signature, caps and replay: any reason rejects the whole batch.
 
     Returns (reason codes, a message naming the file, source and key involved).
@@ -282,7 +282,7 @@ def _batch_check(rb: bfmt.RawBatch, p: dict[str, Path], max_rows: int, max_bytes
         return ["SOURCE_MISMATCH"], (f"{index_file}: rows name sources "
                                      f"{sorted(map(str, row_sources - {src.name}))}, the "
                                      f"signature {src.name!r}")
-    over = bfmt.batch_limits(rb.root, rb.rows, max_rows, max_bytes)
+    over = bfmt.batch_limits(rb.root, rb.rows, max_rows, max_bytes, resolve)
     if over:
         return ["BATCH_TOO_LARGE"], over
     first = _ledger(p, src.name, rb.batch_id)
@@ -411,12 +411,12 @@ class _Reader:
     """Reads and decodes the rows of one batch; a file named by several rows is read once,
     and content seen earlier in this batch is not decoded again (DUPLICATE_CONTENT)."""
 
-    def __init__(self, root: Path, n_classes: int, now: datetime) -> None:
-        self.root, self.n_classes, self.now = root, n_classes, now
+    def __init__(self, resolve: bfmt.Resolver, n_classes: int, now: datetime) -> None:
+        self.root, self.n_classes, self.now = resolve.root, n_classes, now
         self.seen_ids: set[str] = set()
         self.seen_content: set[str] = set()
         self.files: dict[str, tuple[bytes, str]] = {}  # bytes and sha256 of each file read
-        self.resolve = bfmt.Resolver(root)
+        self.resolve = resolve
 
     def where(self, rel: str) -> Path | str:
         """``batch.safe_path(root, rel)`` (see ``batch.Resolver``)."""
@@ -440,8 +440,9 @@ class _Reader:
             return _Sample(row, ["FILE_TOO_LARGE"])
         cached = self.files.get(where)
         if cached is None:
-            with open(where, "rb") as fh:
-                data = fh.read()
+            data = bfmt.read_capped(where, MAX_FILE_BYTES)
+            if len(data) > MAX_FILE_BYTES:  # it grew after the size check
+                return _Sample(row, ["FILE_TOO_LARGE"])
             cached = self.files[where] = (data, sha256_hex(data))
         data, digest = cached
         if digest != str(f.get("sha256", "")).lower():
@@ -576,8 +577,9 @@ def ingest(batch_path: str | os.PathLike[str], store: str | os.PathLike[str],
     except DatasetError as err:
         return _summary(None, [], ["BATCH_UNREADABLE"], {"error": str(err)})
     journal = _Journal(p["journal"] / f"{rb.index_sha256}.jsonl")
+    resolve = bfmt.Resolver(src)  # one lstat per file, shared by the caps and the reader
     try:
-        batch_reasons, message = _batch_check(rb, p, max_rows, max_bytes)
+        batch_reasons, message = _batch_check(rb, p, max_rows, max_bytes, resolve)
         if batch_reasons:
             for row in rb.rows:
                 if row.line not in journal.done:
@@ -595,7 +597,7 @@ def ingest(batch_path: str | os.PathLike[str], store: str | os.PathLike[str],
             loading = background.submit(lambda: reference or Reference.load(p["reference"]))
             labels = _index_labels(rb.rows)
             warm = background.submit(lambda: loading.result().prepare_trigger(labels))
-            reader = _Reader(src, len(class_names), now)
+            reader = _Reader(resolve, len(class_names), now)
             rows = [reader.check(row) for row in rb.rows]
             ref = loading.result()
             stored_f = background.submit(_stored_objects, p, rb.index_sha256)

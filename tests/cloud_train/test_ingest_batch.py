@@ -102,7 +102,7 @@ def test_the_gates_reader_confines_files_exactly_as_safe_path(tmp_path):
     (root / "images" / "inner.png").symlink_to(root / "images" / "a.png")
     (root / "escape").symlink_to(tmp_path / "out")  # a directory leading out
     (root / "inside").symlink_to(root / "images")  # a directory staying in
-    reader = _Reader(root, 14, datetime.now(timezone.utc))
+    reader = _Reader(bfmt.Resolver(root), 14, datetime.now(timezone.utc))
     names = ["images/a.png", "images/sub/b.png", "images/./a.png", "images/link.png",
              "images/inner.png", "escape/secret", "inside/a.png", "images/missing.png",
              "images", "images/sub", "../out/secret", str(tmp_path / "out" / "secret"), "",
@@ -213,3 +213,19 @@ def test_parse_index_never_crashes_or_drops_lines():
             assert isinstance(r.fields, dict) and isinstance(r.sample_id, str)
 
     check()
+
+
+def test_read_capped_stops_one_byte_past_the_limit(tmp_path):
+    f = tmp_path / "grown.png"
+    f.write_bytes(b"a" * 3000)
+    assert bfmt.read_capped(str(f), 5000) == b"a" * 3000
+    assert bfmt.read_capped(str(f), 3000) == b"a" * 3000
+    assert bfmt.read_capped(str(f), 1000) == b"a" * 1001  # over: the caller refuses it
+
+
+def test_the_caps_and_the_reader_share_one_resolution_per_file(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x" * 10)
+    resolve = bfmt.Resolver(tmp_path)
+    first = resolve("a.png")
+    (tmp_path / "a.png").write_bytes(b"x" * 20)  # the answer stays the one the caps saw
+    assert resolve("a.png") == first == (str(tmp_path / "a.png"), 10)
