@@ -26,8 +26,9 @@ clone and on an independent model (the clone's architecture trained on the true 
 separate crops), both replayed by the code behind ``roadshield watermark verify`` on the
 watermark rows of that run's key (at most 200 queries). The benign clients (ten at the
 quick scale) send crops of the synthetic world to the PRADA service: their false alarms,
-and the clean accuracy of their answers against the victim's own (the watermark's cost to
-honest users).
+and the clean accuracy of their answers against the victim's own. The watermark's cost to
+honest users is also measured offline on ``cost_crops`` fresh crops with the service's key,
+rate and labelling function (``watermark_sample``).
 
 Targets (``cloud_train.redteam_extraction_report.check_targets``) and their reading are in
 that module; exit 3 names each missed one.

@@ -78,7 +78,8 @@ class _Points:
         return float(np.sqrt(diff @ diff))
 
 
-def test_sample(class_distances: Iterable[Sequence[float]], class_min: int) -> np.ndarray:
+def shapiro_sample(class_distances: Iterable[Sequence[float]], class_min: int
+                   ) -> np.ndarray:
     """Step 4's sample: the distances of classes with at least ``class_min`` of them, less
     those 3 standard deviations or more from the mean."""
     kept = [d for d in class_distances if len(d) >= class_min]
@@ -176,7 +177,7 @@ class PradaState:
             crossed = crossed or (first + i + 1) % self.test_every == 0
         test = None
         if crossed:
-            sample = test_sample(self.class_distances.values(), self.class_min)
+            sample = shapiro_sample(self.class_distances.values(), self.class_min)
             if len(sample) >= self.min_distances:
                 w = shapiro_w(sample)
                 test = (self.seq, w, w < self.delta)

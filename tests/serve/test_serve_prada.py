@@ -177,13 +177,13 @@ def test_a_query_within_the_class_threshold_is_measured_but_not_kept():
 
 
 def test_the_test_sample_drops_outliers_and_waits_for_small_classes():
-    from serve.prada import test_sample
+    from serve.prada import shapiro_sample
 
     rng = np.random.default_rng(0)
     normal = list(rng.normal(5.0, 0.1, 200))
-    sample = test_sample([normal + [50.0], [1.0] * 9], class_min=10)
+    sample = shapiro_sample([normal + [50.0], [1.0] * 9], class_min=10)
     assert len(sample) == 200 and 50.0 not in sample and 1.0 not in sample
-    assert len(test_sample([[2.0] * 120], class_min=10)) == 120  # equal values: none dropped
+    assert len(shapiro_sample([[2.0] * 120], class_min=10)) == 120  # equal values: none dropped
 
 
 def test_revert_puts_the_state_back_exactly():
