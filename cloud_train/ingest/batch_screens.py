@@ -64,7 +64,7 @@ from roadshield_base.errors import ConfigError, DatasetError
 
 REASON = "TRIGGER_CLUSTER"
 SIDE = 32
-_CHUNK = 42  # images per blur call: 3 channels each, OpenCV's limit is 128
+_PAD = 2  # rows of reflected border each image gets in the blur stack
 
 
 @dataclass
@@ -100,16 +100,22 @@ def residuals(images: np.ndarray) -> np.ndarray:
     if x.ndim != 4 or x.shape[1:] != (SIDE, SIDE, 3):
         raise DatasetError(f"the trigger screen needs n x 32 x 32 x 3 images, got {x.shape}",
                            "resize with screens.to_feature_size() first")
-    out = np.empty(x.shape, np.float32)
-    # OpenCV blurs up to 128 channels at once: 42 images side by side as channels is one
-    # call instead of 42 (same pixels as a loop over cv2.GaussianBlur)
-    for s in range(0, len(x), _CHUNK):
-        part = np.ascontiguousarray(x[s:s + _CHUNK].transpose(1, 2, 0, 3)).reshape(
-            SIDE, SIDE, -1).astype(np.float32)
-        blur = cv2.GaussianBlur(part, (5, 5), 1.0, borderType=cv2.BORDER_REFLECT_101)
-        out[s:s + _CHUNK] = (part - blur).reshape(SIDE, SIDE, -1, 3).transpose(2, 0, 1, 3)
-    r = out.reshape(len(x), -1)
-    r /= np.linalg.norm(r, axis=1, keepdims=True) + 1e-6
+    n = len(x)
+    # the images stacked vertically, each with its own two reflected rows above and below:
+    # one blur of the stack gives each image's own blur (a 5-tap kernel reaches 2 rows),
+    # the same pixels as cv2.GaussianBlur on each image alone, in one call
+    tall = np.empty((n, SIDE + 2 * _PAD, SIDE, 3), np.float32)
+    tall[:, _PAD:_PAD + SIDE] = x
+    for k in range(1, _PAD + 1):  # BORDER_REFLECT_101: rows 2, 1 above, 29, 30 below
+        tall[:, _PAD - k] = x[:, k]
+        tall[:, _PAD + SIDE - 1 + k] = x[:, SIDE - 1 - k]
+    if not n:
+        return np.zeros((0, SIDE * SIDE * 3), np.float32)
+    blur = cv2.GaussianBlur(tall.reshape(-1, SIDE, 3), (5, 5), 1.0,
+                            borderType=cv2.BORDER_REFLECT_101).reshape(tall.shape)
+    inner = slice(_PAD, _PAD + SIDE)
+    r = np.subtract(tall[:, inner], blur[:, inner]).reshape(n, -1)
+    r /= (np.sqrt(np.einsum("ij,ij->i", r, r)) + 1e-6)[:, None]
     return r
 
 
@@ -148,18 +154,27 @@ def _subspace(b: np.ndarray, cfg: TriggerScreenConfig) -> np.ndarray:
     return q
 
 
-def single_thread_blas() -> Any:
-    """A context holding BLAS to one thread. The screens' matrices are small (a few thousand
-    rows at most), and on a shared machine OpenBLAS's waiting threads cost far more than
-    they give (measured on 2 busy cores: a 3,072 x 64 QR took 2 s with two threads, 5 ms
-    with one; a 2,016-image batch through the gate 4.5 CPU s against 1.4)."""
+def single_thread_native() -> Any:
+    """A context holding BLAS and OpenCV to one thread each. The screens' matrices and
+    images are small (a few thousand rows at most), the gate already runs them side by side
+    on its own threads, and on a shared machine native helper threads cost far more than
+    they give (measured on 2 busy cores: a 3,072 x 64 QR took 2 s with two BLAS threads,
+    5 ms with one; a 2,016-image batch through the gate 4.5 CPU s against 1.4)."""
+    import contextlib
+
+    import cv2
+
+    stack = contextlib.ExitStack()
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # scikit-learn's dependency; without it BLAS keeps its own setting
-        import contextlib
-
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
+        pass
+    else:
+        stack.enter_context(threadpool_limits(1, user_api="blas"))
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    stack.callback(cv2.setNumThreads, before)
+    return stack
 
 
 def _ref_subset(ref_labels: np.ndarray, c: int, cfg: TriggerScreenConfig) -> np.ndarray:
@@ -181,7 +196,7 @@ def calibrate(ref_images: np.ndarray, ref_labels: np.ndarray,
     """
     cfg = cfg or TriggerScreenConfig()
     cfg.check()
-    with single_thread_blas():
+    with single_thread_native():
         return _calibrate(ref_images, np.asarray(ref_labels, np.int64), cfg)
 
 
@@ -247,7 +262,7 @@ class TriggerScreen:
         labels = np.asarray(labels, np.int64).reshape(-1)
         counts = np.bincount(labels[(labels >= 0) & (labels < len(ref_counts))],
                              minlength=len(ref_counts))
-        with single_thread_blas():
+        with single_thread_native():
             for c in np.flatnonzero((counts >= self.cfg.min_class)
                                     & (ref_counts >= 2 * self.cfg.min_class)):
                 self._reference(int(c))
@@ -258,7 +273,7 @@ class TriggerScreen:
         reference's images of that class. Returns (held: bool per image, report with
         "classes" (lambda, threshold, images held, trigger box per screened class),
         "flagged" (the classes found carrying a trigger) and "null_k")."""
-        with single_thread_blas():
+        with single_thread_native():
             return self._screen(images, labels)
 
     def _screen(self, images: np.ndarray, labels: np.ndarray

@@ -585,7 +585,7 @@ def ingest(batch_path: str | os.PathLike[str], store: str | os.PathLike[str],
                 if row.line not in journal.done:
                     journal.add(_record(rb, row, "REJECTED", batch_reasons))
             return _summary(rb, list(journal.done.values()), batch_reasons, {"error": message})
-        from cloud_train.ingest.batch_screens import single_thread_blas
+        from cloud_train.ingest.batch_screens import single_thread_native
         from cloud_train.ingest.reference import Reference
 
         pool, background = _pool(workers), _pool(1 if workers == 1 else 2)
@@ -611,7 +611,7 @@ def ingest(batch_path: str | os.PathLike[str], store: str | os.PathLike[str],
             # the image bytes go to the pack while the screens run; decisions follow them
             objects = background.submit(_store_objects, pack, checked, journal.done, stored)
             warm.result()  # the trigger screen reads what it computed
-            with single_thread_blas():  # small matrices: extra BLAS threads only wait
+            with single_thread_native():  # small matrices: extra threads only wait
                 stat, trigger, screens = _screen(ref, checked, pool)
             where = objects.result()
         finally:

@@ -43,7 +43,7 @@ from cloud_train.ingest.batch_screens import (
     TriggerScreen,
     TriggerScreenConfig,
     calibrate,
-    single_thread_blas,
+    single_thread_native,
 )
 from cloud_train.ingest.embed import (
     EMBED_NAME,
@@ -233,18 +233,19 @@ class Reference:
         if not len(labels):
             return np.zeros(0)
         emb, post = self.embed(images)
-        with single_thread_blas():  # one small matmul: extra BLAS threads only wait
+        with single_thread_native():  # one small matmul: extra threads only wait
             share = (self.fit_labels[self._neighbours(emb)] == labels[:, None]).mean(axis=1)
         ok = (labels >= 0) & (labels < post.shape[1])
         p = np.where(ok, post[np.arange(len(labels)), labels.clip(0, post.shape[1] - 1)], 0.0)
         return 0.5 * share + 0.5 * p
 
-    def _neighbours(self, emb: np.ndarray, chunk: int = 1024, block: int = 32) -> np.ndarray:
+    def _neighbours(self, emb: np.ndarray, chunk: int = 256, block: int = 32) -> np.ndarray:
         """Indices (n, k) of the k most cosine-similar fit samples (unit vectors: a matmul).
 
         Exact, in two steps: the fit samples in blocks of ``block``; every one of a row's k
         best lies in one of the k blocks with the highest maxima, so only those blocks are
-        searched (about a tenth of the work of a full partial sort)."""
+        searched (about a tenth of the work of a full partial sort). Batch rows go in
+        chunks of ``chunk``, so each chunk's similarities (a few MB) stay in cache."""
         k = min(self.cfg.k, len(self.fit_labels))
         n_fit = len(self.fit_emb)
         nb = -(-n_fit // block)
@@ -393,7 +394,7 @@ class Reference:
                 if sha256_hex(data) != meta[f"{name}_sha256"]:
                     raise DatasetError(f"reference {folder / name}.npy does not match its hash",
                                        _REBUILD)
-                arrays[name] = np.load(io.BytesIO(data), allow_pickle=False)
+                arrays[name] = _npy_view(data)
             cfg = ScreenConfig.from_dict(meta["config"])
             n_classes = int(meta["n_classes"])
         except (OSError, KeyError, ValueError, TypeError) as err:
@@ -460,8 +461,6 @@ def _read_state(folder: Path, meta: dict[str, Any]
                 ) -> tuple[dict[str, np.ndarray], bytes | None] | None:
     """(screens.npz arrays, embed.onnx bytes or None) when every file matches the hashes in
     ``meta`` and ``meta`` names what they were fitted from; else None (refit)."""
-    import io
-
     try:
         if meta.get("derived_of") != _derived_digest(meta):
             return None
@@ -484,17 +483,30 @@ def _read_state(folder: Path, meta: dict[str, Any]
     return (state, onnx) if needed <= set(state) else None
 
 
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
-    import io
+def _npy_view(data: bytes) -> np.ndarray:
+    """The array in .npy ``data`` as a read-only view of those bytes (no copy: the
+    reference's images are tens of MB); object arrays are refused (no pickles)."""
+    buf = io.BytesIO(data)
+    version = np.lib.format.read_magic(buf)
+    header = {(1, 0): np.lib.format.read_array_header_1_0,
+              (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    if header is None:
+        raise ValueError(f"unsupported .npy format version {version}")
+    shape, fortran, dtype = header(buf)
+    if dtype.hasobject:
+        raise ValueError("the .npy holds Python objects")
+    count = int(np.prod(shape, dtype=np.int64))
+    arr = np.frombuffer(data, dtype, count=count, offset=buf.tell())
+    return arr.reshape(shape, order="F" if fortran else "C")
 
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
     return buf.getvalue()
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
-    import io
-
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()

@@ -138,7 +138,7 @@ def test_contrast_recovers_a_direction_shared_by_some_rows(max_exact):
         + planted * np.sqrt(d)  # the shared part is about 2/3 of those rows' energy
     r = unit(rng.standard_normal((200, d)))
     cfg = S.TriggerScreenConfig(max_exact=max_exact, subspace=64)
-    with S.single_thread_blas():
+    with S.single_thread_native():
         lam, v = S.contrast(unit(b), r, cfg)
         lam0, _ = S.contrast(unit(rng.standard_normal((120, d))), r, cfg)
     assert abs(float(v @ planted)) > 0.95
