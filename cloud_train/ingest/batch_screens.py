@@ -54,7 +54,10 @@ signature per class) but not their code, which imports torch. NumPy and OpenCV o
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -154,14 +157,35 @@ def _subspace(b: np.ndarray, cfg: TriggerScreenConfig) -> np.ndarray:
     return q
 
 
-def single_thread_native() -> Any:
+_native_lock = threading.Lock()
+_native_holder: list[threading.Thread] = []  # the thread whose context holds the settings
+
+
+@contextlib.contextmanager
+def single_thread_native() -> Iterator[None]:
     """A context holding BLAS and OpenCV to one thread each. The screens' matrices and
     images are small (a few thousand rows at most), the gate already runs them side by side
     on its own threads, and on a shared machine native helper threads cost far more than
     they give (measured on 2 busy cores: a 3,072 x 64 QR took 2 s with two BLAS threads,
-    5 ms with one; a 2,016-image batch through the gate 4.5 CPU s against 1.4)."""
-    import contextlib
+    5 ms with one; a 2,016-image batch through the gate 4.5 CPU s against 1.4).
 
+    The settings are process-wide, and threadpoolctl lets only one thread at a time change
+    OpenBLAS's: while one thread's context holds them, a context opened in any thread does
+    nothing (the gate opens one around all its threaded work)."""
+    with _native_lock:
+        stack = None if _native_holder else _hold_native_threads()
+        if stack is not None:
+            _native_holder.append(threading.current_thread())
+    try:
+        yield
+    finally:
+        if stack is not None:
+            with _native_lock:
+                stack.close()
+                _native_holder.clear()
+
+
+def _hold_native_threads() -> contextlib.ExitStack:
     import cv2
 
     stack = contextlib.ExitStack()
@@ -171,9 +195,8 @@ def single_thread_native() -> Any:
         pass
     else:
         stack.enter_context(threadpool_limits(1, user_api="blas"))
-    before = cv2.getNumThreads()
+    stack.callback(cv2.setNumThreads, cv2.getNumThreads())
     cv2.setNumThreads(1)
-    stack.callback(cv2.setNumThreads, before)
     return stack
 
 

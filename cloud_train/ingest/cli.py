@@ -132,12 +132,35 @@ def _print(obj: Any, as_json: bool, text: str) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True) if as_json else text)
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
+
+
+def _keep_freed_memory() -> None:
+    """Have glibc's malloc keep memory it frees for the next allocation. The gate allocates
+    and drops arrays of tens of MB on several threads; by default each thread gets its own
+    heap and every large block goes back to the kernel when freed, so the next one is
+    faulted in page by page again. Here: one heap, large blocks from it up to glibc's
+    32 MiB limit, no trimming. The process ends with the batch, so nothing is held for
+    long. Elsewhere than glibc: nothing."""
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 32 << 20),
+                         (_M_TRIM_THRESHOLD, 1 << 30), (_M_TOP_PAD, 64 << 20)):
+        mallopt(param, value)
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     import sys
 
     from cloud_train.ingest import batch as bfmt
     from cloud_train.ingest.gate import ingest
 
+    _keep_freed_memory()
     s = ingest(args.batch, args.store,
                max_rows=args.max_rows if args.max_rows is not None else bfmt.MAX_BATCH_ROWS,
                max_bytes=args.max_bytes if args.max_bytes is not None else bfmt.MAX_BATCH_BYTES)

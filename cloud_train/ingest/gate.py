@@ -50,11 +50,10 @@ from cloud_train.ingest.registry import REGISTRY_NAME, load_registry
 from cloud_train.signs import SYNTHETIC_CLASSES
 
 if TYPE_CHECKING:  # NumPy, OpenCV, the screens, threads: loaded once a batch passes its checks
-    from concurrent.futures import Future, ThreadPoolExecutor
-
     import numpy as np
 
     from cloud_train.ingest.reference import Reference, ScreenConfig
+    from cloud_train.ingest.workers import Pool
 from roadshield_base.errors import DatasetError
 from roadshield_base.fileio import atomic_write_bytes, atomic_write_json
 from roadshield_base.trust import TrustError, load_public_key, sha256_hex, verify
@@ -319,39 +318,6 @@ def _where(rec: dict[str, Any]) -> dict[str, Any]:
     return {k: rec[k] for k in _WHERE}
 
 
-class _InlinePool:
-    """The one-worker path: each task runs at once, in the calling thread."""
-
-    def submit(self, fn: Any, *args: Any) -> Future:
-        from concurrent.futures import Future
-
-        fut: Future = Future()
-        try:
-            fut.set_result(fn(*args))
-        except BaseException as err:  # handed to whoever asks for the result, as a pool does
-            fut.set_exception(err)
-        return fut
-
-    def shutdown(self, wait: bool = True) -> None:
-        pass
-
-
-def _pool(workers: int | None) -> ThreadPoolExecutor | _InlinePool:
-    """Threads for the per-image decoding and the screens, one per usable core (at most 4)
-    unless ``workers`` says; one worker runs everything in the calling thread."""
-    if workers is None:
-        try:
-            workers = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            workers = os.cpu_count() or 1
-    workers = max(1, min(int(workers), 4))
-    if workers == 1:
-        return _InlinePool()
-    from concurrent.futures import ThreadPoolExecutor
-
-    return ThreadPoolExecutor(workers)
-
-
 class _Sample:
     """What the reader knows of one row before its image is decoded."""
 
@@ -381,7 +347,7 @@ def _decode_chunk(datas: list[bytes]) -> list[tuple[Any, list[str], Any]]:
     return [_decode(d) for d in datas]
 
 
-def _decode_all(datas: list[bytes], pool: ThreadPoolExecutor | _InlinePool
+def _decode_all(datas: list[bytes], pool: Pool
                 ) -> tuple[list[tuple[Any, list[str], Any]], list[list[str]]]:
     """``_decode`` of every item, in input order, and the decoder warnings of each.
 
@@ -453,13 +419,13 @@ class _Reader:
         self.seen_content.add(digest)
         return _Sample(row, reasons, data, digest, decode=True)
 
-    def read(self, rows: Sequence[bfmt.IndexRow], pool: ThreadPoolExecutor | _InlinePool
+    def read(self, rows: Sequence[bfmt.IndexRow], pool: Pool
              ) -> list[tuple[Any, ...]]:
         """(row, reasons, image bytes, 32 x 32 RGB image or None, decoder warnings, sha256)
         per row, in index order."""
         return self.decode([self.check(row) for row in rows], pool)
 
-    def decode(self, checked: list[_Sample], pool: ThreadPoolExecutor | _InlinePool
+    def decode(self, checked: list[_Sample], pool: Pool
                ) -> list[tuple[Any, ...]]:
         """``read``'s rows from ``check``'s: the images to decode are decoded in parallel
         chunks, the results gathered in index order."""
@@ -513,19 +479,24 @@ def _index_labels(rows: Sequence[bfmt.IndexRow]) -> list[int]:
     return out
 
 
-def _screen(ref: Reference, checked: Sequence[tuple[Any, ...]],
-            pool: ThreadPoolExecutor | _InlinePool
+_SCREEN_CHUNK = 256  # images per features or label-screen task: small enough to balance
+
+
+def _screen(ref: Reference, checked: Sequence[tuple[Any, ...]], pool: Pool
             ) -> tuple[dict[str, Any], dict[str, Any], dict[int, list[str]]]:
     """The screens over the decodable samples of ``checked`` (rows as ``_Reader.read``
     gives them): (KS result, trigger screen report, screen reason codes by row position).
-    The label screen, the trigger screen and half of the features run on the pool while
-    this thread computes the other half, the KS test, the Isolation Forest and the range
-    screen; each is a function of the batch alone, so the result does not depend on the
-    timing."""
+
+    One list of tasks, worked through by this thread and the pool's (``Tasks.run``),
+    longest first: the trigger screen (the batch by class), then per chunk of images their
+    features with the Isolation Forest and range flags, the KS test once every chunk's
+    features are there, then per chunk the label screen. Each image's features, flags and
+    label score are its own, so chunks give what the whole batch at once would."""
     import numpy as np
 
     from cloud_train.ingest.batch_screens import REASON as TRIGGER_REASON
     from cloud_train.ingest.screens import image_features, row_label
+    from cloud_train.ingest.workers import Tasks
 
     good = [i for i, c in enumerate(checked) if c[3] is not None]
     stat: dict[str, Any] = {"shifted": False}
@@ -535,18 +506,26 @@ def _screen(ref: Reference, checked: Sequence[tuple[Any, ...]],
         return stat, trigger, screens
     small = np.stack([checked[i][3] for i in good])
     labels = np.array([row_label(checked[i][0].fields) for i in good])
-    agree = pool.submit(ref.label_scores, small, labels)
-    triggered = pool.submit(ref.trigger_screen, small, labels)
-    # the features of the second half of the batch go to whichever worker is free first;
-    # each image's features are computed alone, so the halves join to the same array
-    cut = len(small) // 2
-    rest = pool.submit(image_features, small[cut:]) if cut else None
-    feats = image_features(small[:cut]) if cut else image_features(small)
-    if rest is not None:
-        feats = np.concatenate([feats, rest.result()])
-    stat = ref.batch_shift(feats, labels)
-    per_sample = ref.screen(feats, labels, small, agree=agree.result)
-    trig_held, trigger = triggered.result()
+    spans = [slice(s, s + _SCREEN_CHUNK) for s in range(0, len(small), _SCREEN_CHUNK)]
+
+    def features(part: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        feats = image_features(small[part])
+        return (feats, *ref.sample_flags(feats))
+
+    tasks = Tasks()
+    trig = tasks.add(lambda: ref.trigger_screen(small, labels))
+    feat = [tasks.add(lambda part=part: features(part)) for part in spans]
+    ks = tasks.add(lambda: ref.batch_shift(np.concatenate([tasks.result(i)[0] for i in feat]),
+                                           labels))
+    agree = [tasks.add(lambda part=part: ref.label_scores(small[part], labels[part]))
+             for part in spans]
+    tasks.run(pool)
+    trig_held, trigger = tasks.result(trig)
+    stat = tasks.result(ks)
+    flags = [tasks.result(i) for i in feat]
+    per_sample = ref.reasons(np.concatenate([f[1] for f in flags]),
+                             np.concatenate([f[2] for f in flags]),
+                             np.concatenate([tasks.result(i) for i in agree]))
     for i, reasons, t in zip(good, per_sample, trig_held, strict=True):
         screens[i] = (reasons + ([TRIGGER_REASON] if t else [])
                       + (["BATCH_DISTRIBUTION_SHIFT"] if stat["shifted"] else []))
@@ -587,33 +566,35 @@ def ingest(batch_path: str | os.PathLike[str], store: str | os.PathLike[str],
             return _summary(rb, list(journal.done.values()), batch_reasons, {"error": message})
         from cloud_train.ingest.batch_screens import single_thread_native
         from cloud_train.ingest.reference import Reference
+        from cloud_train.ingest.workers import make_pool
 
-        pool, background = _pool(workers), _pool(1 if workers == 1 else 2)
+        pool, background = make_pool(workers), make_pool(1 if workers == 1 else 2)
         pack = _Pack(p["objects"] / f"{rb.index_sha256}.pack")
         try:
-            # the reference loads (file reads and hashes, mostly outside the GIL) while this
-            # thread checks the rows; it is ready before any image is decoded, so nothing
-            # it might log lands in the decoders' stderr capture
-            loading = background.submit(lambda: reference or Reference.load(p["reference"]))
-            labels = _index_labels(rb.rows)
-            warm = background.submit(lambda: loading.result().prepare_trigger(labels))
-            reader = _Reader(resolve, len(class_names), now)
-            rows = [reader.check(row) for row in rb.rows]
-            ref = loading.result()
-            stored_f = background.submit(_stored_objects, p, rb.index_sha256)
-            background.submit(ref.embed_ready)
-            checked = reader.decode(rows, pool)
-            stored = stored_f.result()
-            # objects of this batch's finished rows (a rerun after a crash) are stored already
-            for rec in journal.done.values():
-                if rec.get("pack"):
-                    stored.setdefault(rec["object"], _where(rec))
-            # the image bytes go to the pack while the screens run; decisions follow them
-            objects = background.submit(_store_objects, pack, checked, journal.done, stored)
-            warm.result()  # the trigger screen reads what it computed
-            with single_thread_native():  # small matrices: extra threads only wait
+            # one native thread per task: the gate's own threads fill the cores
+            with single_thread_native():
+                # the reference loads (file reads and hashes, mostly outside the GIL) while this
+                # thread checks the rows; it is ready before any image is decoded, so nothing
+                # it might log lands in the decoders' stderr capture
+                loading = background.submit(lambda: reference or Reference.load(p["reference"]))
+                labels = _index_labels(rb.rows)
+                warm = background.submit(lambda: loading.result().prepare_trigger(labels))
+                reader = _Reader(resolve, len(class_names), now)
+                rows = [reader.check(row) for row in rb.rows]
+                ref = loading.result()
+                stored_f = background.submit(_stored_objects, p, rb.index_sha256)
+                background.submit(ref.embed_ready)
+                checked = reader.decode(rows, pool)
+                stored = stored_f.result()
+                # objects of this batch's finished rows (a rerun after a crash) are stored already
+                for rec in journal.done.values():
+                    if rec.get("pack"):
+                        stored.setdefault(rec["object"], _where(rec))
+                # the image bytes go to the pack while the screens run; decisions follow them
+                objects = background.submit(_store_objects, pack, checked, journal.done, stored)
+                warm.result()  # the trigger screen reads what it computed
                 stat, trigger, screens = _screen(ref, checked, pool)
-            where = objects.result()
+                where = objects.result()
         finally:
             pool.shutdown()
             background.shutdown()

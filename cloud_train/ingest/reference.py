@@ -31,7 +31,6 @@ from __future__ import annotations
 import io
 import json
 import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -299,30 +298,38 @@ class Reference:
         return {"shifted": bool(shifted), "max_ks": round(worst_d, 4), "p": worst_p,
                 "feature": f"pc{worst_j}", "class_conditional": weights is not None}
 
-    def screen(self, feats: np.ndarray, labels: np.ndarray, images: np.ndarray,
-               agree: Callable[[], np.ndarray] | None = None) -> list[list[str]]:
-        """Reason codes per sample: OUTLIER (Isolation Forest), OUT_OF_RANGE (global stats
-        outside the reference's range), LABEL_INCONSISTENT (learned neighbours and posterior
-        disagree with the label). ``feats`` from ``image_features(images)``; ``agree``
-        (optional): a function giving ``label_scores(images, labels)``, asked only after
-        the other two screens (a future's ``result`` while the network runs elsewhere)."""
-        out: list[list[str]] = [[] for _ in range(len(labels))]
-        if not len(labels):
-            return out
+    def sample_flags(self, feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(OUTLIER, OUT_OF_RANGE) per sample from its ``image_features``: the Isolation
+        Forest's score under its threshold; a global statistic outside the reference's
+        range (with a 5 % margin). Each sample is judged alone, so chunks of a batch give
+        the same flags as the whole."""
+        if not len(feats):
+            return np.zeros(0, bool), np.zeros(0, bool)
         iso = forest.score_samples(self.forest, self._z(feats))
         stats = feats[:, -N_STATS:]
         span = self.hi - self.lo
         outside = (stats < self.lo - 0.05 * span) | (stats > self.hi + 0.05 * span)
-        off: np.ndarray = np.asarray(outside.any(axis=1))
-        scores = agree() if agree is not None else self.label_scores(images, labels)
-        for i in range(len(labels)):
-            if iso[i] < self.if_threshold:
-                out[i].append("OUTLIER")
-            if off[i]:
-                out[i].append("OUT_OF_RANGE")
-            if scores[i] < self.label_threshold or scores[i] == 0.0:
-                out[i].append("LABEL_INCONSISTENT")
+        return iso < self.if_threshold, np.asarray(outside.any(axis=1))
+
+    def reasons(self, outlier: np.ndarray, off: np.ndarray, scores: np.ndarray
+                ) -> list[list[str]]:
+        """Reason codes per sample from ``sample_flags`` and ``label_scores``."""
+        out: list[list[str]] = []
+        for o, r, a in zip(outlier.tolist(), off.tolist(), np.asarray(scores).tolist(),
+                           strict=True):
+            out.append((["OUTLIER"] if o else []) + (["OUT_OF_RANGE"] if r else [])
+                       + (["LABEL_INCONSISTENT"] if a < self.label_threshold or a == 0.0
+                          else []))
         return out
+
+    def screen(self, feats: np.ndarray, labels: np.ndarray, images: np.ndarray
+               ) -> list[list[str]]:
+        """Reason codes per sample: OUTLIER (Isolation Forest), OUT_OF_RANGE (global stats
+        outside the reference's range), LABEL_INCONSISTENT (learned neighbours and posterior
+        disagree with the label). ``feats`` from ``image_features(images)``."""
+        if not len(labels):
+            return []
+        return self.reasons(*self.sample_flags(feats), self.label_scores(images, labels))
 
     def prepare_trigger(self, labels: np.ndarray) -> None:
         """Compute the reference side of the trigger screen for a batch with these labels
