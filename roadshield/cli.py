@@ -31,14 +31,31 @@ def _handler(module: str, func: str) -> Handler:
 # each tier registers its own verbs; its add_parsers imports argparse only
 TIER_PARSERS = ("cloud_train.cli", "distill.cli", "edge_runtime.cli", "actuator.cli",
                 "serve.cli")
+# the verbs each tier's add_parsers registers (tests/roadshield/test_cli.py holds them to it)
+TIER_VERBS = {"cloud_train.cli": ("data", "train", "eval", "attack", "redteam"),
+              "distill.cli": ("distill",), "edge_runtime.cli": ("edge",),
+              "actuator.cli": ("actuator",), "serve.cli": ("serve", "watermark")}
 
 
-def _add_tiers(sub: argparse._SubParsersAction) -> None:
-    """Add every installed tier's verbs; a tier whose package is not installed (a device
-    install without the cloud tier) simply offers none."""
+def _verb(argv: Sequence[str] | None) -> str | None:
+    """The verb a command line names (its first word that is not an option), if it is
+    ``demo`` or a tier registers it; None for no verb or an unknown one."""
+    for word in argv or ():
+        if not word.startswith("-"):
+            known = word == "demo" or any(word in verbs for verbs in TIER_VERBS.values())
+            return word if known else None
+    return None
+
+
+def _add_tiers(sub: argparse._SubParsersAction, verb: str | None = None) -> None:
+    """Add the verbs of every installed tier, or with ``verb`` only of the tier that
+    registers it; a tier whose package is not installed (a device install without the
+    cloud tier) simply offers none."""
     import importlib
 
     for module in TIER_PARSERS:
+        if verb is not None and verb not in TIER_VERBS.get(module, ()):
+            continue
         package = module.split(".")[0]
         try:
             tier = importlib.import_module(module)
@@ -61,20 +78,29 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=_handler("roadshield.demo", "main"))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line; given the words of one, only the tier that owns its verb is
+    added (each tier's parsers take tens of milliseconds to build), and every tier when
+    the verb is missing or unknown, so help and argparse's errors list all of them."""
     parser = argparse.ArgumentParser(
         prog="roadshield",
         description="Road-sign classifier from robust cloud training to a Jetson and its actuator.")
     parser.add_argument("--version", action="version", version=f"roadshield {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_tiers(sub)
-    _add_demo(sub)
+    verb = _verb(argv)
+    if verb != "demo":
+        _add_tiers(sub, verb)
+    if verb in (None, "demo"):
+        _add_demo(sub)
+    if verb is not None and verb not in sub.choices:  # its tier is not installed here
+        return build_parser()
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(words).parse_args(words)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
