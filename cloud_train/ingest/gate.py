@@ -391,7 +391,7 @@ class _Reader:
 
     def check(self, row: bfmt.IndexRow) -> _Sample:
         """Every check of one row up to decoding its image, in the order the gate runs them."""
-        from cloud_train.ingest.screens import validate_row
+        from cloud_train.ingest.rows import validate_row
 
         if row.parse_error:
             return _Sample(row, [row.parse_error.split(":")[0]])
@@ -495,7 +495,8 @@ def _screen(ref: Reference, checked: Sequence[tuple[Any, ...]], pool: Pool
     import numpy as np
 
     from cloud_train.ingest.batch_screens import REASON as TRIGGER_REASON
-    from cloud_train.ingest.screens import image_features, row_label
+    from cloud_train.ingest.rows import row_label
+    from cloud_train.ingest.screens import image_features
     from cloud_train.ingest.workers import Tasks
 
     good = [i for i, c in enumerate(checked) if c[3] is not None]

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from cloud_train.ingest import batch as bfmt
-from cloud_train.ingest.screens import image_features, ks_2samp, validate_row
+from cloud_train.ingest.rows import validate_row
+from cloud_train.ingest.screens import image_features, ks_2samp
 from roadshield_base.trust import generate_private_key
 
 NOW = datetime(2026, 6, 1, tzinfo=timezone.utc)
