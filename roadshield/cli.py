@@ -103,14 +103,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser(words).parse_args(words)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    args.command_line = argv is None  # a process of its own: a handler may tune it
     try:
-        return args.func(args)
+        code = args.func(args)
     except RoadshieldError as err:
         print(f"roadshield: error: {err}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("roadshield: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    if argv is None and getattr(args, "skip_teardown", False):
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """End the process without tearing the interpreter down, for a command (it sets
+    ``skip_teardown``) that has written, synced and closed everything it keeps: freeing
+    every module and a few hundred MB of arrays one object at a time takes longer than
+    some commands' own work (measured: about a tenth of ``data ingest``'s wall time on a
+    2,016-image batch). Only for a command-line run (``argv`` None), never in a caller's
+    process."""
+    import os
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

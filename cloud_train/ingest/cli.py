@@ -32,7 +32,8 @@ def add_ingest_parsers(data_subparsers: argparse._SubParsersAction) -> None:
                      help="per-batch cap on index rows (default 10000)")
     ing.add_argument("--max-bytes", type=int, default=None,
                      help="per-batch cap on image bytes (default 268435456, 256 MiB)")
-    ing.set_defaults(func=cmd_ingest)
+    # everything the gate keeps is synced before it returns: no interpreter teardown
+    ing.set_defaults(func=cmd_ingest, skip_teardown=True)
 
     src = data_subparsers.add_parser("sources", help="the signed allow-list of data providers")
     ssub = src.add_subparsers(dest="sources_cmd", required=True)
@@ -158,21 +159,18 @@ def _one_blas_thread() -> None:
     """Start OpenBLAS (NumPy's and OpenCV's, loaded after this) with no helper threads
     unless the environment says otherwise: the gate holds BLAS to one thread in all its
     work, and each helper thread OpenBLAS starts spins for about 0.1 CPU s before it
-    sleeps (measured: 0.10 to 0.15 s per run on this gate). Only in a process that has
-    not loaded NumPy yet (a command-line run): elsewhere it would change nothing here and
-    only reach child processes."""
+    sleeps (measured: 0.10 to 0.15 s per run on this gate)."""
     import os
-    import sys
 
-    if "numpy" not in sys.modules:
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     import sys
 
-    _one_blas_thread()  # before anything imports NumPy
-    _keep_freed_memory()
+    if getattr(args, "command_line", False):  # a process of its own, NumPy not loaded yet
+        _one_blas_thread()
+        _keep_freed_memory()
 
     from cloud_train.ingest import batch as bfmt
     from cloud_train.ingest.gate import ingest

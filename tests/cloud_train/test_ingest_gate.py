@@ -203,6 +203,23 @@ def test_kill_9_mid_batch_then_rerun_balances(world, tmp_path):
     assert ingest(b.path, world["store"], reference=world["ref"]) == s
 
 
+def test_the_command_line_prints_everything_and_keeps_every_decision(world, tmp_path):
+    """A command-line run ends without the interpreter's teardown: its summary, exit code
+    and journal must all be whole; called in a process, ``main`` returns instead."""
+    from roadshield.cli import main
+
+    b = A.clean(tmp_path / "b", world["imgs"], world["labels"], "acme", world["prov"], "cli-x")
+    proc = subprocess.run([sys.executable, "-m", "roadshield.cli", "-q", "data", "ingest",
+                           str(b.path), "--store", str(world["store"]), "--json"],
+                          capture_output=True, text=True, timeout=120)
+    s = json.loads(proc.stdout)
+    assert proc.returncode == s["exit_code"] and s["received"] == len(world["labels"])
+    done = [r for r in read_journal(world["store"]) if r["batch_id"] == "cli-x"]
+    assert len(done) == s["received"]
+    again = main(["-q", "data", "ingest", str(b.path), "--store", str(world["store"])])
+    assert again == s["exit_code"]  # the same batch again: every decision found, none redone
+
+
 def test_quarantine_list_show_release_never_deletes(world, tmp_path):
     store = world["store"]
     imgs, labels = world["imgs"][:14].copy(), world["labels"][:14].copy()
