@@ -50,6 +50,8 @@ from cloud_train.ingest.registry import REGISTRY_NAME, load_registry
 from cloud_train.signs import SYNTHETIC_CLASSES
 
 if TYPE_CHECKING:  # NumPy, OpenCV, the screens, threads: loaded once a batch passes its checks
+    from concurrent.futures import Future
+
     import numpy as np
 
     from cloud_train.ingest.reference import Reference, ScreenConfig
@@ -123,6 +125,9 @@ def read_records(path: Path) -> dict[int, dict[str, Any]]:
     return done
 
 
+_encode = json.JSONEncoder(sort_keys=True).encode  # json.dumps(rec, sort_keys=True), one encoder
+
+
 class _Journal:
     """Append-only decision lines; a torn last line (crash mid-write) is ignored on read."""
 
@@ -137,7 +142,7 @@ class _Journal:
             os.write(self.fd, b"\n")
 
     def add(self, rec: dict[str, Any]) -> None:
-        os.write(self.fd, json.dumps(rec, sort_keys=True).encode() + b"\n")  # one write per line
+        os.write(self.fd, _encode(rec).encode() + b"\n")  # one write per line
         self.done[int(rec["line"])] = rec
 
     def close(self) -> None:
@@ -163,6 +168,9 @@ class _Pack:
         os.write(self.fd, data)
         return {"object": digest or sha256_hex(data), "pack": self.name, "offset": offset,
                 "length": len(data)}
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
 
     def close(self) -> None:
         os.fsync(self.fd)  # the bytes reach the disk before the journal is synced
@@ -463,6 +471,7 @@ def _store_objects(pack: _Pack, checked: Sequence[tuple[Any, ...]], done: dict[i
         else:
             out[i] = (pack.add(data, digest), "")
             stored[digest] = out[i][0]
+    pack.sync()  # on disk before any decision that points at them is written
     return out
 
 
@@ -482,7 +491,8 @@ def _index_labels(rows: Sequence[bfmt.IndexRow]) -> list[int]:
 _SCREEN_CHUNK = 256  # images per features or label-screen task: small enough to balance
 
 
-def _screen(ref: Reference, checked: Sequence[tuple[Any, ...]], pool: Pool
+def _screen(ref: Reference, checked: Sequence[tuple[Any, ...]], pool: Pool,
+            trigger_ready: Future[Any] | None = None
             ) -> tuple[dict[str, Any], dict[str, Any], dict[int, list[str]]]:
     """The screens over the decodable samples of ``checked`` (rows as ``_Reader.read``
     gives them): (KS result, trigger screen report, screen reason codes by row position).
@@ -491,7 +501,9 @@ def _screen(ref: Reference, checked: Sequence[tuple[Any, ...]], pool: Pool
     longest first: the trigger screen (the batch by class), then per chunk of images their
     features with the Isolation Forest and range flags, the KS test once every chunk's
     features are there, then per chunk the label screen. Each image's features, flags and
-    label score are its own, so chunks give what the whole batch at once would."""
+    label score are its own, so chunks give what the whole batch at once would. The
+    trigger screen first waits for ``trigger_ready`` (its reference side, computed ahead)
+    while the other threads start on the features."""
     import numpy as np
 
     from cloud_train.ingest.batch_screens import REASON as TRIGGER_REASON
@@ -514,7 +526,12 @@ def _screen(ref: Reference, checked: Sequence[tuple[Any, ...]], pool: Pool
         return (feats, *ref.sample_flags(feats))
 
     tasks = Tasks()
-    trig = tasks.add(lambda: ref.trigger_screen(small, labels))
+    def trigger_screen() -> tuple[np.ndarray, dict[str, Any]]:
+        if trigger_ready is not None:
+            trigger_ready.result()
+        return ref.trigger_screen(small, labels)
+
+    trig = tasks.add(trigger_screen)
     feat = [tasks.add(lambda part=part: features(part)) for part in spans]
     ks = tasks.add(lambda: ref.batch_shift(np.concatenate([tasks.result(i)[0] for i in feat]),
                                            labels))
@@ -593,8 +610,7 @@ def ingest(batch_path: str | os.PathLike[str], store: str | os.PathLike[str],
                         stored.setdefault(rec["object"], _where(rec))
                 # the image bytes go to the pack while the screens run; decisions follow them
                 objects = background.submit(_store_objects, pack, checked, journal.done, stored)
-                warm.result()  # the trigger screen reads what it computed
-                stat, trigger, screens = _screen(ref, checked, pool)
+                stat, trigger, screens = _screen(ref, checked, pool, trigger_ready=warm)
                 where = objects.result()
         finally:
             pool.shutdown()
