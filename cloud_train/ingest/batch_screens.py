@@ -307,7 +307,6 @@ class TriggerScreen:
         report: dict[str, Any] = {"classes": [], "flagged": [], "null_k": round(self.k, 4)}
         if not len(labels):
             return held, report
-        res = residuals(images)
         ref_counts = np.bincount(self.ref_labels, minlength=int(labels.max()) + 1)
         for c in np.unique(labels):
             idx = np.flatnonzero(labels == c)
@@ -315,7 +314,9 @@ class TriggerScreen:
             # run), or a class the reference lacks (the label screen holds those)
             if len(idx) < cfg.min_class or c < 0 or ref_counts[c] < 2 * cfg.min_class:
                 continue
-            b, r = res[idx], self._reference(int(c))
+            # one class at a time: each image's residual is its own, and a class's arrays
+            # are a few MB where the whole batch's would be tens
+            b, r = residuals(images[idx]), self._reference(int(c))
             lam, v = contrast(b, r, cfg)
             thr = cfg.margin * null_lambda(self.k, len(idx))
             row: dict[str, Any] = {"class": int(c), "n": len(idx), "lambda": round(lam, 3),
