@@ -144,11 +144,14 @@ def _keep_freed_memory() -> None:
     faulted in page by page again. Here: one heap, large blocks from it up to glibc's
     32 MiB limit, no trimming (measured on a 2,016-image batch: system time 0.41 s to
     0.29 s, medians of 20 runs). The process ends with the batch, so nothing is held for
-    long. Elsewhere than glibc: nothing."""
+    long. Elsewhere than Linux: nothing."""
     import ctypes
+    import sys
 
+    if not sys.platform.startswith("linux"):
+        return
     try:
-        mallopt = ctypes.CDLL(None).mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # glibc's, or musl's (which ignores it)
     except (OSError, AttributeError):
         return
     for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_THRESHOLD, 32 << 20),
