@@ -161,6 +161,7 @@ class Reference:
         self.onnx = export_onnx(self._embedding) if have_onnxruntime() else None
         self._embed = Embedder(self.onnx, lambda: self._embedding)
         self.fit_emb, _ = self._embed(self.images[~hold])
+        self._fit_pad: np.ndarray | None = None
         self.fit_labels = fit_y
 
         held_x, held_y = self.features[hold], self.labels[hold]
@@ -250,9 +251,7 @@ class Reference:
         nb = -(-n_fit // block)
         if nb <= k:
             block, nb = n_fit, 1  # too few blocks to gain anything: one partial sort
-        # fit embeddings padded to whole blocks; the padding scores -inf
-        fit = np.zeros((nb * block, self.fit_emb.shape[1]), np.float32)
-        fit[:n_fit] = self.fit_emb
+        fit = self._padded_fit(nb * block)  # whole blocks; the padding scores -inf
         out = []
         for i in range(0, len(emb), chunk):
             sims = emb[i:i + chunk] @ fit.T
@@ -266,6 +265,16 @@ class Reference:
             top = np.argpartition(-cand, k - 1, axis=1)[:, :k]
             out.append(best[np.arange(len(sims))[:, None], top // block] * block + top % block)
         return np.concatenate(out) if out else np.zeros((0, k), np.int64)
+
+    def _padded_fit(self, rows: int) -> np.ndarray:
+        """The fit embeddings padded with zero rows to ``rows``, made once (the gate asks
+        for neighbours chunk by chunk)."""
+        fit = self._fit_pad
+        if fit is None or len(fit) != rows:
+            fit = np.zeros((rows, self.fit_emb.shape[1]), np.float32)
+            fit[:len(self.fit_emb)] = self.fit_emb
+            self._fit_pad = fit
+        return fit
 
     def batch_shift(self, feats: np.ndarray, labels: np.ndarray | None = None
                     ) -> dict[str, Any]:
@@ -435,6 +444,7 @@ class Reference:
         ref._features = None
         for name in _STATE:
             setattr(ref, name, state[name])
+        ref._fit_pad = None
         ref.forest = {k: state[k] for k in forest.KEYS}
         ref.if_threshold = float(state["if_threshold"])
         ref.label_threshold = float(state["label_threshold"])
